@@ -1,0 +1,1 @@
+"""The kquant operator: watches QuantizedModel resources and drives builds and serving."""

@@ -1,0 +1,1 @@
+"""The kquant quantizer: fetch, convert, calibrate, quantize, evaluate and publish GGUF variants."""
