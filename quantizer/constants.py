@@ -90,11 +90,11 @@ TENSOR_TYPES: dict[TensorType, TensorTypeInfo] = {
     TensorType.Q6_K: TensorTypeInfo(14, 256, 210),
     TensorType.IQ2_XXS: TensorTypeInfo(16, 256, 66, needs_imatrix=True),
     TensorType.IQ2_XS: TensorTypeInfo(17, 256, 74, needs_imatrix=True),
-    TensorType.IQ3_XXS: TensorTypeInfo(18, 256, 98),
+    TensorType.IQ3_XXS: TensorTypeInfo(18, 256, 98, needs_imatrix=True),
     TensorType.IQ1_S: TensorTypeInfo(19, 256, 50, needs_imatrix=True),
     TensorType.IQ4_NL: TensorTypeInfo(20, 32, 18),
     TensorType.IQ3_S: TensorTypeInfo(21, 256, 110),
-    TensorType.IQ2_S: TensorTypeInfo(22, 256, 82),
+    TensorType.IQ2_S: TensorTypeInfo(22, 256, 82, needs_imatrix=True),
     TensorType.IQ4_XS: TensorTypeInfo(23, 256, 136),
     TensorType.IQ1_M: TensorTypeInfo(29, 256, 56, needs_imatrix=True),
     TensorType.BF16: TensorTypeInfo(30, 1, 2),
@@ -104,6 +104,37 @@ TENSOR_TYPES: dict[TensorType, TensorTypeInfo] = {
 }
 
 TENSOR_TYPE_BY_CODE: dict[int, TensorType] = {info.code: t for t, info in TENSOR_TYPES.items()}
+
+TENSOR_TYPE_FALLBACK: dict[TensorType, TensorType] = {
+    TensorType.IQ1_S: TensorType.IQ4_NL,
+    TensorType.IQ1_M: TensorType.IQ4_NL,
+    TensorType.IQ2_XXS: TensorType.IQ4_NL,
+    TensorType.IQ2_XS: TensorType.IQ4_NL,
+    TensorType.IQ2_S: TensorType.IQ4_NL,
+    TensorType.IQ3_XXS: TensorType.IQ4_NL,
+    TensorType.IQ3_S: TensorType.IQ4_NL,
+    TensorType.IQ4_XS: TensorType.IQ4_NL,
+    TensorType.Q2_K: TensorType.Q4_0,
+    TensorType.Q3_K: TensorType.Q4_0,
+    TensorType.TQ1_0: TensorType.Q4_0,
+    TensorType.TQ2_0: TensorType.Q4_0,
+    TensorType.Q4_K: TensorType.Q5_0,
+    TensorType.Q5_K: TensorType.Q5_1,
+    TensorType.Q6_K: TensorType.Q8_0,
+}
+"""What llama.cpp stores when a row's length is not a multiple of a 256-block type's block size
+(``tensor_type_fallback`` in ``src/llama-quant.cpp``): a 32-block type of at least as many bits.
+When even that does not divide the row, llama.cpp uses F16; :func:`fallback_type` does both steps."""
+
+
+def fallback_type(wanted: TensorType, row_length: int) -> TensorType:
+    """The type llama.cpp really stores for a row of ``row_length`` weights asked to be ``wanted``."""
+    if row_length % TENSOR_TYPES[wanted].block_size == 0:
+        return wanted
+    demoted = TENSOR_TYPE_FALLBACK.get(wanted, wanted)
+    if row_length % TENSOR_TYPES[demoted].block_size == 0:
+        return demoted
+    return TensorType.F16
 
 
 class FileType(enum.StrEnum):

@@ -1,0 +1,134 @@
+"""Small random-weight GGUF models for the quantizer's tests and benchmarks.
+
+Widths are multiples of 256 so every K- and IQ-type applies (SmolLM2's 576-wide rows make them
+fall back). The weights are random but not featureless: norm weights are log-normal per channel,
+so some input columns carry far more energy than others, as in trained models; that is what an
+importance matrix exists to capture. The MoE variant is llama.cpp's Mixtral layout (llama
+architecture with ``ffn_*_exps`` tensors and a router), which llama.cpp loads and quantizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import gguf
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomModel:
+    n_embd: int = 256
+    n_ff: int = 512
+    n_layer: int = 4
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_vocab: int = 512
+    n_expert: int = 0
+    n_expert_used: int = 0
+    seed: int = 0
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def _tokens(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-style vocabulary: specials, the 256 byte tokens, then filler pieces."""
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
+    types = [2, 3, 3] + [6] * 256  # unknown, control, control, byte
+    while len(tokens) < n_vocab:
+        tokens.append(f"\u2581t{len(tokens)}")
+        types.append(1)
+    scores = [0.0] * 3 + [0.0] * 256 + [-float(i) for i in range(n_vocab - 259)]
+    return tokens[:n_vocab], scores[:n_vocab], types[:n_vocab]
+
+
+def _write_header(writer: gguf.GGUFWriter, spec: RandomModel) -> None:
+    writer.add_name("kquant-random")
+    writer.add_context_length(512)
+    writer.add_embedding_length(spec.n_embd)
+    writer.add_block_count(spec.n_layer)
+    writer.add_feed_forward_length(spec.n_ff)
+    writer.add_head_count(spec.n_head)
+    writer.add_head_count_kv(spec.n_head_kv)
+    writer.add_rope_dimension_count(spec.head_dim)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(1)
+    if spec.n_expert:
+        writer.add_expert_count(spec.n_expert)
+        writer.add_expert_used_count(spec.n_expert_used)
+    tokens, scores, types = _tokens(spec.n_vocab)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+
+
+def write_random_llama(path: Path, spec: RandomModel = RandomModel()) -> Path:
+    """Write an f16 llama-architecture GGUF (Mixtral-style MoE when ``spec.n_expert``) to ``path``."""
+    rng = np.random.default_rng(spec.seed)
+
+    def matrix(*shape: int) -> npt.NDArray[np.float16]:
+        # numpy shape is (..., rows, cols); ggml stores it reversed, cols first
+        return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float16)
+
+    def norm() -> npt.NDArray[np.float32]:
+        return rng.lognormal(0.0, 0.6, spec.n_embd).astype(np.float32)
+
+    writer = gguf.GGUFWriter(path, "llama")
+    _write_header(writer, spec)
+    kv = spec.n_head_kv * spec.head_dim
+    writer.add_tensor(
+        "token_embd.weight", (rng.standard_normal((spec.n_vocab, spec.n_embd))).astype(np.float16)
+    )
+    for i in range(spec.n_layer):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", norm())
+        writer.add_tensor(f"blk.{i}.attn_q.weight", matrix(spec.n_embd, spec.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", matrix(kv, spec.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", matrix(kv, spec.n_embd))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", matrix(spec.n_embd, spec.n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm())
+        if spec.n_expert:
+            writer.add_tensor(
+                f"blk.{i}.ffn_gate_inp.weight", matrix(spec.n_expert, spec.n_embd).astype(np.float32)
+            )
+            writer.add_tensor(f"blk.{i}.ffn_gate_exps.weight", matrix(spec.n_expert, spec.n_ff, spec.n_embd))
+            writer.add_tensor(f"blk.{i}.ffn_up_exps.weight", matrix(spec.n_expert, spec.n_ff, spec.n_embd))
+            writer.add_tensor(f"blk.{i}.ffn_down_exps.weight", matrix(spec.n_expert, spec.n_embd, spec.n_ff))
+        else:
+            writer.add_tensor(f"blk.{i}.ffn_gate.weight", matrix(spec.n_ff, spec.n_embd))
+            writer.add_tensor(f"blk.{i}.ffn_up.weight", matrix(spec.n_ff, spec.n_embd))
+            writer.add_tensor(f"blk.{i}.ffn_down.weight", matrix(spec.n_embd, spec.n_ff))
+    writer.add_tensor("output_norm.weight", norm())
+    writer.add_tensor("output.weight", (3 * matrix(spec.n_vocab, spec.n_embd)).astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def synthetic_imatrix_values(path: Path, seed: int = 1) -> dict[str, tuple[npt.NDArray[np.float32], int]]:
+    """Plausible imatrix vectors for every 2-D weight of a GGUF: log-normal per column, one vector
+    per expert for ``_exps`` tensors. Returns name -> (values, number of matrices)."""
+    rng = np.random.default_rng(seed)
+    reader = gguf.GGUFReader(path)
+    out: dict[str, tuple[npt.NDArray[np.float32], int]] = {}
+    for tensor in reader.tensors:
+        shape = [int(n) for n in tensor.shape]
+        if (
+            len(shape) < 2
+            or "norm" in tensor.name
+            or "gate_inp" in tensor.name
+            or tensor.name == "token_embd.weight"
+        ):
+            continue
+        n_mat = shape[2] if len(shape) > 2 else 1
+        out[tensor.name] = (rng.lognormal(0.0, 1.0, shape[0] * n_mat).astype(np.float32), n_mat)
+    return out

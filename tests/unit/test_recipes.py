@@ -1,0 +1,259 @@
+"""Pure recipe planning on synthetic tensor lists: no GGUF file, no llama.cpp."""
+
+from __future__ import annotations
+
+import re
+
+import pydantic
+import pytest
+from kquant.quantizer import constants, recipes
+
+T = constants.TensorType
+
+
+def dense_model(
+    width: int = 256, ff: int = 512, layers: int = 4, vocab: int = 1024
+) -> list[recipes.TensorSpec]:
+    tensors = [recipes.TensorSpec("token_embd.weight", (width, vocab), T.F16)]
+    for i in range(layers):
+        tensors += [
+            recipes.TensorSpec(f"blk.{i}.attn_norm.weight", (width,), T.F32),
+            recipes.TensorSpec(f"blk.{i}.attn_q.weight", (width, width), T.F16),
+            recipes.TensorSpec(f"blk.{i}.attn_k.weight", (width, width // 2), T.F16),
+            recipes.TensorSpec(f"blk.{i}.attn_v.weight", (width, width // 2), T.F16),
+            recipes.TensorSpec(f"blk.{i}.attn_output.weight", (width, width), T.F16),
+            recipes.TensorSpec(f"blk.{i}.ffn_norm.weight", (width,), T.F32),
+            recipes.TensorSpec(f"blk.{i}.ffn_gate.weight", (width, ff), T.F16),
+            recipes.TensorSpec(f"blk.{i}.ffn_up.weight", (width, ff), T.F16),
+            recipes.TensorSpec(f"blk.{i}.ffn_down.weight", (ff, width), T.F16),
+        ]
+    tensors += [
+        recipes.TensorSpec("output_norm.weight", (width,), T.F32),
+        recipes.TensorSpec("output.weight", (width, vocab), T.F16),
+    ]
+    return tensors
+
+
+def moe_model(
+    width: int = 512, ff: int = 256, layers: int = 4, experts: int = 16
+) -> list[recipes.TensorSpec]:
+    tensors = [recipes.TensorSpec("token_embd.weight", (width, 2048), T.F16)]
+    for i in range(layers):
+        tensors += [
+            recipes.TensorSpec(f"blk.{i}.attn_q.weight", (width, width), T.F16),
+            recipes.TensorSpec(f"blk.{i}.attn_v.weight", (width, width), T.F16),
+            recipes.TensorSpec(f"blk.{i}.ffn_gate_inp.weight", (width, experts), T.F32),
+            recipes.TensorSpec(f"blk.{i}.ffn_gate_exps.weight", (width, ff, experts), T.F16),
+            recipes.TensorSpec(f"blk.{i}.ffn_up_exps.weight", (width, ff, experts), T.F16),
+            recipes.TensorSpec(f"blk.{i}.ffn_down_exps.weight", (ff, width, experts), T.F16),
+        ]
+    tensors.append(recipes.TensorSpec("output.weight", (width, 2048), T.F16))
+    return tensors
+
+
+def plan(
+    tensors: list[recipes.TensorSpec],
+    budget: int,
+    *,
+    base: constants.TensorType = T.Q4_K,
+    importance: dict[str, float] | None = None,
+    pinned: dict[str, constants.TensorType] | None = None,
+    has_imatrix: bool = True,
+) -> recipes.DynamicChoice:
+    roles = {t.name: recipes.classify(t.name, len(t.shape)) for t in tensors}
+    fixed = {t.name: t.type for t in tensors if roles[t.name] is recipes.Role.KEPT} | (pinned or {})
+    return recipes.plan_dynamic(
+        tensors,
+        base=base,
+        budget_bytes=budget,
+        pinned=fixed,
+        roles=roles,
+        importance=importance or {},
+        has_imatrix=has_imatrix,
+        budget_label="targetSizeGiB 1",
+    )
+
+
+def bits(tensor: recipes.TensorSpec, tensor_type: constants.TensorType) -> float:
+    return constants.TENSOR_TYPES[tensor_type].bits_per_weight
+
+
+@pytest.mark.parametrize(
+    ("name", "dims", "role"),
+    [
+        ("token_embd.weight", 2, recipes.Role.TOKEN_EMBD),
+        ("output.weight", 2, recipes.Role.OUTPUT),
+        ("output_norm.weight", 1, recipes.Role.KEPT),
+        ("blk.3.attn_k.weight", 2, recipes.Role.ATTN_QK),
+        ("blk.3.attn_v.weight", 2, recipes.Role.ATTN_V),
+        ("blk.3.attn_kv_b.weight", 2, recipes.Role.ATTN_OTHER),
+        ("blk.0.ffn_down.weight", 2, recipes.Role.FFN_DOWN),
+        ("blk.0.ffn_up.weight", 2, recipes.Role.FFN_GATE_UP),
+        ("blk.9.ffn_down_exps.weight", 3, recipes.Role.EXPERT_DOWN),
+        ("blk.9.ffn_gate_exps.weight", 3, recipes.Role.EXPERT_GATE_UP),
+        ("blk.9.ffn_up_shexp.weight", 2, recipes.Role.SHARED_EXPERT),
+        ("blk.9.ffn_gate_inp.weight", 2, recipes.Role.KEPT),
+    ],
+)
+def test_classify(name: str, dims: int, role: recipes.Role) -> None:
+    assert recipes.classify(name, dims) is role
+
+
+def test_leave_output_tensor_keeps_output() -> None:
+    assert recipes.classify("output.weight", 2, leave_output_tensor=True) is recipes.Role.KEPT
+
+
+def test_fallback_matches_llama_cpp_rules() -> None:
+    assert constants.fallback_type(T.Q4_K, 576) is T.Q5_0
+    assert constants.fallback_type(T.Q6_K, 576) is T.Q8_0
+    assert constants.fallback_type(T.IQ2_XS, 576) is T.IQ4_NL
+    assert constants.fallback_type(T.Q4_K, 1536) is T.Q4_K
+    assert constants.fallback_type(T.Q4_K, 100) is T.F16
+
+
+def test_576_wide_rows_never_get_256_block_types() -> None:
+    tensor = recipes.TensorSpec("blk.0.ffn_up.weight", (576, 1536), T.F16)
+    found = recipes.candidates_for(tensor, recipes.Role.FFN_GATE_UP, T.Q4_K, has_imatrix=True)
+    assert found, "a 576-wide tensor must still have candidates"
+    assert all(constants.TENSOR_TYPES[t].block_size == 32 for t in found)
+    assert T.IQ4_NL in found and T.Q8_0 in found
+
+
+def test_imatrix_types_need_an_imatrix() -> None:
+    tensor = recipes.TensorSpec("blk.0.ffn_up_exps.weight", (256, 256, 8), T.F16)
+    without = recipes.candidates_for(tensor, recipes.Role.EXPERT_GATE_UP, T.IQ1_S, has_imatrix=False)
+    with_ = recipes.candidates_for(tensor, recipes.Role.EXPERT_GATE_UP, T.IQ1_S, has_imatrix=True)
+    assert T.IQ1_S in with_
+    assert not any(constants.TENSOR_TYPES[t].needs_imatrix for t in without)
+
+
+def test_plan_fits_budget_and_spends_it() -> None:
+    tensors = dense_model()
+    uniform_q4k = sum(t.nbytes(T.Q4_K) if t.type is not T.F32 else t.nbytes(T.F32) for t in tensors)
+    choice = plan(tensors, uniform_q4k)
+    assert choice.total_bytes <= uniform_q4k
+    assert choice.total_bytes > 0.97 * uniform_q4k
+
+
+def test_sensitive_tensors_keep_more_bits_than_experts() -> None:
+    tensors = moe_model()
+    by_name = {t.name: t for t in tensors}
+    cheapest = plan(tensors, 10**12, base=T.IQ1_S).total_bytes  # everything maxed out
+    choice = plan(tensors, int(sum(t.n_elements for t in tensors) * 2.2 / 8), base=T.IQ1_S)
+    assert choice.total_bytes <= cheapest
+    expert_bits = max(bits(by_name[n], t) for n, t in choice.types.items() if "_exps" in n)
+    attention_bits = min(bits(by_name[n], t) for n, t in choice.types.items() if ".attn_" in n)
+    assert attention_bits >= 4.0
+    assert expert_bits < attention_bits
+    assert bits(by_name["output.weight"], choice.types["output.weight"]) >= 5.0
+    down = min(bits(by_name[n], t) for n, t in choice.types.items() if "ffn_down_exps" in n)
+    assert down >= 2.0
+
+
+def test_budget_below_the_smallest_mix_names_both() -> None:
+    tensors = moe_model()
+    with pytest.raises(
+        recipes.RecipeError, match=r"targetSizeGiB 1 is .* smallest mix this recipe allows is"
+    ):
+        plan(tensors, 1000, base=T.IQ1_S)
+
+
+def test_more_budget_never_predicts_more_loss() -> None:
+    tensors = dense_model()
+    total16 = sum(t.nbytes(T.F16) for t in tensors)
+    losses = [plan(tensors, int(total16 * f)).predicted_loss for f in (0.30, 0.35, 0.45, 0.6)]
+    assert losses == sorted(losses, reverse=True)
+    assert losses[-1] < losses[0]
+
+
+def test_pinned_tensors_keep_their_type() -> None:
+    tensors = dense_model()
+    choice = plan(tensors, 10**9, pinned={"blk.1.ffn_up.weight": T.Q2_K})
+    assert choice.types["blk.1.ffn_up.weight"] is T.Q2_K
+
+
+def test_imatrix_energy_buys_bits() -> None:
+    tensors = dense_model(layers=8)
+    importance = {t.name: 1.0 for t in tensors}
+    importance["blk.3.ffn_down.weight"] = 50.0
+    total16 = sum(t.nbytes(T.F16) for t in tensors)
+    choice = plan(tensors, int(total16 * 0.33), importance=importance)
+    hot = bits(tensors[0], choice.types["blk.3.ffn_down.weight"])
+    cold = bits(tensors[0], choice.types["blk.4.ffn_down.weight"])
+    assert hot > cold
+
+
+def test_generated_rules_reproduce_the_plan() -> None:
+    tensors = moe_model()
+    choice = plan(tensors, int(sum(t.n_elements for t in tensors) * 2.5 / 8), base=T.IQ1_S)
+    kept = {t.name for t in tensors if recipes.classify(t.name, len(t.shape)) is recipes.Role.KEPT}
+    rules = recipes.overrides_for(choice.types, kept)
+    assert len(rules) < len(choice.types)
+    for name, tensor_type in choice.types.items():
+        if name in kept:
+            assert recipes.first_match(name, rules) is None
+        else:
+            assert recipes.first_match(name, rules) is tensor_type
+    assert all(re.fullmatch(r"\^.*\$", pattern) for pattern, _ in rules)
+
+
+def test_lower_hull_drops_dominated_and_concave_points() -> None:
+    points = [
+        (100, 1.0, T.Q2_K),
+        (150, 1.5, T.Q3_K),
+        (200, 0.2, T.Q4_K),
+        (210, 0.195, T.Q5_K),
+        (400, 0.0, T.Q8_0),
+    ]
+    hull = recipes._lower_hull(points)
+    assert [p[2] for p in hull] == [T.Q2_K, T.Q4_K, T.Q8_0]
+
+
+def test_variant_recipe_parses_the_manifest_spelling() -> None:
+    variant = recipes.VariantRecipe.model_validate(
+        {
+            "name": "ud-iq1s",
+            "type": "IQ1_S",
+            "recipe": "dynamic",
+            "overrides": [{"pattern": r"blk\.[0-2]\..*", "type": "Q6_K"}],
+            "targetSizeGiB": 131,
+            "outputTensorType": "Q6_K",
+            "tokenEmbeddingType": "Q8_0",
+        }
+    )
+    assert variant.target_size_gib == 131
+    assert variant.overrides[0].type is T.Q6_K
+    assert recipes.base_job(variant).overrides == ((r"blk\.[0-2]\..*", T.Q6_K),)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"targetSizeGiB": 1, "targetBitsPerWeight": 2}, "targetSizeGiB"),
+        ({"type": "F16", "recipe": "dynamic"}, "dynamic mix needs a quantized base type"),
+        ({"overrides": [{"pattern": "blk.(", "type": "Q4_K"}]}, "not a valid regular expression"),
+        ({"type": "Q9_K"}, "type"),
+        ({"targetSizeGiB": -1}, "targetSizeGiB"),
+    ],
+)
+def test_variant_recipe_rejects(body: dict[str, object], message: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match=message):
+        recipes.VariantRecipe.model_validate({"name": "v", "type": "Q4_K_M"} | body)
+
+
+def test_render_lists_every_tensor_and_the_total() -> None:
+    tensors = dense_model(layers=1)
+    types = {t.name: (t.type if len(t.shape) == 1 else T.Q4_K) for t in tensors}
+    plan_ = recipes.RecipePlan(
+        variant="v",
+        recipe="uniform",
+        job=recipes.base_job(recipes.VariantRecipe(name="v", type=constants.FileType.Q4_K_M)),
+        rows=recipes.rows_for(tensors, types),
+        total_bytes=sum(t.nbytes(types[t.name]) for t in tensors),
+        n_elements=sum(t.n_elements for t in tensors),
+        predicted_loss=0.5,
+    )
+    text = plan_.render()
+    assert all(t.name in text for t in tensors)
+    assert f"{plan_.total_bytes:,} bytes" in text
+    assert "bits per weight" in text
