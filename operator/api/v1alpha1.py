@@ -1,0 +1,1360 @@
+"""QuantizedModel, version v1alpha1 of the kquant.dev API group.
+
+These models are the one definition of the API. ``hack/gen_crds.py`` turns them into the CRD
+(descriptions come from the docstrings and ``Field`` descriptions here, and the CEL rules the API
+server runs are declared next to the fields they guard), and the operator parses every watched
+object with ``QuantizedModel.model_validate(body)``. The pydantic validators repeat each CEL rule,
+so a manifest that the API server refuses is also refused here, and code that builds specs in
+Python (tests, the CLI) meets the same rules without a cluster.
+
+Conventions, so that the CRD is friendly to ``kubectl explain`` and to GitOps tools:
+
+* field names are camelCase as a user writes them (``alias_generator``), acronyms in capitals
+  (``targetSizeGiB``, ``predictedGPUBytes``), and Python code may use the snake_case names;
+* unknown fields are refused (``extra="forbid"``): a typo must not silently drop a setting;
+* defaults live here and not in the CRD, so the stored object is what its author wrote (no
+  server-side defaulting noise in Git diffs) and a later operator may improve a default;
+  descriptions say what the default is.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Annotated, Any, ClassVar, Literal, Self
+
+import pydantic
+import pydantic.alias_generators
+
+from kquant.quantizer import constants
+
+GROUP = "kquant.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "QuantizedModel"
+PLURAL = "quantizedmodels"
+SINGULAR = "quantizedmodel"
+SHORT_NAMES = ("qm",)
+CATEGORIES = ("kquant", "llm")
+
+MAX_VARIANTS = 16
+MAX_OVERRIDES = 64
+MAX_PATTERN_LENGTH = 256
+MAX_NAME_LENGTH = 40
+"""Longest QuantizedModel name: derived names (``<name>-<variant>-<digest>`` Jobs, Services)
+must stay within the 63 characters of a DNS label."""
+MAX_VARIANT_NAME_LENGTH = 12
+"""Longest variant name, for the same reason: 40 + 1 + 12 + 1 + 8 (digest) = 62."""
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_1035_LABEL = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+CONFIG_KEY = r"^[-._a-zA-Z0-9]+$"
+HF_REPO = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
+REVISION = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$"
+QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
+POSITIVE_SIZE = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([kMGTPE]|[KMGTPE]i)?$"
+CONDITION_REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
+
+MANAGED_SERVER_FLAGS = (
+    "-m", "--model", "--host", "--port", "-c", "--ctx-size", "-np", "--parallel",
+    "-ngl", "--gpu-layers", "--n-gpu-layers", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
+    "-fa", "--flash-attn", "--temp", "--top-p", "--top-k", "--min-p", "-s", "--seed",
+)  # fmt: skip
+"""llama-server flags that the operator derives from the spec; ``extraArgs`` may not repeat them,
+because llama-server takes the last occurrence and the status would then lie."""
+
+_UNQUANTIZED_CACHE = (constants.CacheType.F32, constants.CacheType.F16, constants.CacheType.BF16)
+
+
+def _cel(
+    rule: str, message: str, field_path: str | None = None, message_expression: str | None = None
+) -> dict[str, str]:
+    """One ``x-kubernetes-validations`` entry; ``field_path`` makes the error name the field, and
+    ``message_expression`` (CEL) tells apart the ways one rule can fail."""
+    entry = {"rule": rule, "message": message}
+    if message_expression:
+        entry["messageExpression"] = message_expression
+    if field_path:
+        entry["fieldPath"] = field_path
+    return entry
+
+
+def _cel_list(*rules: dict[str, str]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+def _quoted(values: Iterable[str]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+class SpecRuleError(ValueError):
+    """A rule across fields failed; ``field`` is the path below the validated object."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+# --------------------------------------------------------------------------------------------
+# Enums. Names of llama.cpp types come from the one table in kquant.quantizer.constants.
+
+TensorType = constants.TensorType
+FileType = constants.FileType
+CacheType = constants.CacheType
+
+
+class Recipe(enum.StrEnum):
+    """How a variant picks the type of each tensor."""
+
+    UNIFORM = "uniform"
+    """llama.cpp's own rules for the file type (``llama-quantize`` with ``type``)."""
+    DYNAMIC = "dynamic"
+    """kquant's per-tensor mix: embeddings, output, attention, ``ffn_down`` and the first dense
+    layers keep more bits, MoE experts take ``type``; fitted to ``targetSizeGiB`` if set."""
+    PASSTHROUGH = "passthrough"
+    """Serve the downloaded GGUF as it is (only with ``source.gguf``): evaluate, never requantize."""
+
+
+class AccessMode(enum.StrEnum):
+    """PersistentVolumeClaim access modes."""
+
+    READ_WRITE_ONCE = "ReadWriteOnce"
+    READ_WRITE_MANY = "ReadWriteMany"
+    READ_ONLY_MANY = "ReadOnlyMany"
+    READ_WRITE_ONCE_POD = "ReadWriteOncePod"
+
+
+class TolerationOperator(enum.StrEnum):
+    EXISTS = "Exists"
+    EQUAL = "Equal"
+
+
+class TaintEffect(enum.StrEnum):
+    NO_SCHEDULE = "NoSchedule"
+    PREFER_NO_SCHEDULE = "PreferNoSchedule"
+    NO_EXECUTE = "NoExecute"
+
+
+class FlashAttention(enum.StrEnum):
+    """llama-server ``--flash-attn``: ``auto`` lets llama.cpp enable it where the backend can."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+class Phase(enum.StrEnum):
+    """Where a QuantizedModel is on its way from manifest to served model."""
+
+    PENDING = "Pending"
+    DOWNLOADING = "Downloading"
+    CONVERTING = "Converting"
+    CALIBRATING = "Calibrating"
+    QUANTIZING = "Quantizing"
+    EVALUATING = "Evaluating"
+    SERVING = "Serving"
+    READY = "Ready"
+    FAILED = "Failed"
+
+
+class ConditionStatus(enum.StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class ConditionType(enum.StrEnum):
+    """Condition types kquant writes. ``Ready``, ``Reconciling`` and ``Stalled`` follow kstatus, so
+    Flux and Argo CD judge health without a custom check; the others say which stage is done."""
+
+    READY = "Ready"
+    RECONCILING = "Reconciling"
+    STALLED = "Stalled"
+    DOWNLOADED = "Downloaded"
+    QUANTIZED = "Quantized"
+    EVALUATED = "Evaluated"
+    SERVING = "Serving"
+    SPEC_VALID = "SpecValid"
+
+
+# --------------------------------------------------------------------------------------------
+# Phase transitions (house rule 4): a table, and one function that checks a move against it.
+
+_FORWARD: dict[Phase, frozenset[Phase]] = {
+    Phase.PENDING: frozenset({Phase.DOWNLOADING}),
+    # A GGUF source skips conversion: it is requantized or evaluated as it is.
+    Phase.DOWNLOADING: frozenset({Phase.CONVERTING, Phase.QUANTIZING, Phase.EVALUATING}),
+    # Calibration is skipped when no variant benefits from an importance matrix.
+    Phase.CONVERTING: frozenset({Phase.CALIBRATING, Phase.QUANTIZING}),
+    Phase.CALIBRATING: frozenset({Phase.QUANTIZING}),
+    Phase.QUANTIZING: frozenset({Phase.EVALUATING}),
+    # Without spec.serving the walk ends at Ready straight after evaluation.
+    Phase.EVALUATING: frozenset({Phase.SERVING, Phase.READY}),
+    Phase.SERVING: frozenset({Phase.READY}),
+    # Promotion of another variant rolls out again.
+    Phase.READY: frozenset({Phase.SERVING}),
+    Phase.FAILED: frozenset(),
+}
+
+PHASE_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    # Staying put is no move; any phase may restart at Pending (a new generation) or fail.
+    phase: forward | {phase, Phase.PENDING, Phase.FAILED}
+    for phase, forward in _FORWARD.items()
+}
+
+
+class PhaseTransitionError(ValueError):
+    """A phase change that the transition table does not allow."""
+
+
+def check_transition(current: Phase | None, new: Phase) -> Phase:
+    """Return ``new`` if a QuantizedModel in phase ``current`` may move there, else raise.
+
+    ``current`` is None for an object without status, which can only start at Pending.
+    """
+    allowed = frozenset({Phase.PENDING}) if current is None else PHASE_TRANSITIONS[current]
+    if new not in allowed:
+        expected = ", ".join(p.value for p in Phase if p in allowed)
+        raise PhaseTransitionError(
+            f"status.phase cannot move from {current.value if current else '(none)'} to {new.value}: "
+            f"expected one of {expected}, got {new.value}"
+        )
+    return new
+
+
+# --------------------------------------------------------------------------------------------
+# Shared building blocks.
+
+
+class _Model(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(
+        extra="forbid",
+        alias_generator=pydantic.alias_generators.to_camel,
+        populate_by_name=True,
+        use_enum_values=False,
+        validate_default=False,
+    )
+
+
+def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{value} is negative; a resource quantity must be >= 0")
+        return value
+    if not re.fullmatch(QUANTITY, value) or value.startswith("-"):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity such as 500m, 2 or 16Gi")
+    return value
+
+
+Quantity = Annotated[
+    int | Annotated[str, pydantic.StringConstraints(max_length=64)],
+    pydantic.AfterValidator(_check_quantity),
+    pydantic.WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            # Bounds the string so the API server can bound the rule's cost.
+            "maxLength": 64,
+            **_cel_list(
+                _cel(
+                    "type(self) == int ? self >= 0 : (isQuantity(self) && !self.startsWith('-'))",
+                    "must be a non-negative Kubernetes quantity such as 500m, 2 or 16Gi",
+                )
+            ),
+        }
+    ),
+]
+"""A resource quantity as Kubernetes writes it: an integer or a string like ``16Gi``."""
+
+
+def _check_gpu_layers(value: int | str) -> int | str:
+    if value == "auto" or (isinstance(value, int) and 0 <= value <= 1024):
+        return value
+    raise ValueError(f"{value!r} is neither 'auto' nor a number of layers from 0 to 1024")
+
+
+GpuLayers = Annotated[
+    int | str,
+    pydantic.AfterValidator(_check_gpu_layers),
+    pydantic.WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            **_cel_list(
+                _cel(
+                    "type(self) == int ? (self >= 0 && self <= 1024) : self == 'auto'",
+                    "must be 'auto' or a number of layers from 0 to 1024",
+                )
+            ),
+        }
+    ),
+]
+
+LabelMap = Annotated[
+    dict[str, Annotated[str, pydantic.StringConstraints(max_length=63)]],
+    pydantic.Field(max_length=32),
+]
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the QuantizedModel's namespace."""
+
+    name: str = pydantic.Field(
+        min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the Secret."
+    )
+    key: str = pydantic.Field(
+        default="token",
+        min_length=1,
+        max_length=253,
+        pattern=CONFIG_KEY,
+        description="Key inside the Secret whose value is used. Defaults to `token`.",
+    )
+
+
+class ConfigMapKeyRef(_Model):
+    """A key of a ConfigMap in the QuantizedModel's namespace."""
+
+    name: str = pydantic.Field(
+        min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the ConfigMap."
+    )
+    key: str = pydantic.Field(
+        min_length=1, max_length=253, pattern=CONFIG_KEY, description="Key inside the ConfigMap."
+    )
+
+
+class Toleration(_Model):
+    """A toleration, as in a Pod spec, so the pod may run on tainted (GPU) nodes."""
+
+    key: str | None = pydantic.Field(
+        default=None, max_length=317, description="Taint key; empty with operator Exists matches all."
+    )
+    operator: TolerationOperator = pydantic.Field(
+        default=TolerationOperator.EQUAL, description="Exists or Equal. Defaults to Equal."
+    )
+    value: str | None = pydantic.Field(default=None, max_length=63, description="Taint value for Equal.")
+    effect: TaintEffect | None = pydantic.Field(
+        default=None, description="Taint effect to match; empty matches all effects."
+    )
+    toleration_seconds: int | None = pydantic.Field(
+        default=None, ge=0, le=86400 * 365, description="How long a NoExecute taint is tolerated."
+    )
+
+
+class ResourceRequirements(_Model):
+    """Compute resources of a container, as in a Pod spec."""
+
+    requests: dict[str, Quantity] | None = pydantic.Field(
+        default=None, max_length=16, description="Minimum resources the scheduler reserves."
+    )
+    limits: dict[str, Quantity] | None = pydantic.Field(
+        default=None, max_length=16, description="Maximum resources the container may use."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# spec.source
+
+
+class _HubSource(_Model):
+    model_config = pydantic.ConfigDict(
+        json_schema_extra=_cel_list(
+            _cel(
+                "!has(self.token)",
+                "never write a token into the spec: store it in a Secret and set tokenSecretRef",
+                ".token",
+            ),
+        )
+    )
+
+    repo: str = pydantic.Field(
+        pattern=HF_REPO,
+        max_length=193,
+        description="Repository id on the hub, `owner/name`, for example `deepseek-ai/DeepSeek-R1`.",
+    )
+    revision: str = pydantic.Field(
+        default="main",
+        pattern=REVISION,
+        max_length=255,
+        description="Branch, tag or commit. Pin a commit: the build digest includes it, and a moving "
+        "branch would rebuild every variant when it moves. Defaults to `main`.",
+    )
+    allow_patterns: list[Annotated[str, pydantic.StringConstraints(min_length=1, max_length=256)]] | None = (
+        pydantic.Field(
+            default=None,
+            max_length=32,
+            description="Glob patterns (huggingface_hub `allow_patterns`) of the files to fetch; "
+            "all files when unset.",
+        )
+    )
+    endpoint: str | None = pydantic.Field(
+        default=None,
+        max_length=2048,
+        description="Base URL of the hub API, for a mirror (a ModelScope-style or in-house hub). "
+        "Defaults to the quantizer's HF_ENDPOINT, normally https://huggingface.co.",
+        json_schema_extra=_cel_list(
+            _cel(
+                "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHost() != ''",
+                "must be an http(s) URL such as https://hf-mirror.example.com",
+            )
+        ),
+    )
+    token_secret_ref: SecretKeyRef | None = pydantic.Field(
+        default=None,
+        description="Secret holding a hub read token, for gated or private repositories. It is "
+        "mounted only into the download step.",
+    )
+    token: str | None = pydantic.Field(
+        default=None,
+        exclude=True,
+        max_length=4096,
+        description="Refused. Present only so that a token written here is rejected instead of "
+        "silently dropped; use tokenSecretRef.",
+    )
+
+    @pydantic.field_validator("token")
+    @classmethod
+    def _no_token(cls, value: str | None) -> None:
+        if value is not None:
+            raise ValueError("never write a token into the spec: store it in a Secret and set tokenSecretRef")
+
+    @pydantic.field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/:?#\s]+", value):
+            raise ValueError(f"{value!r} must be an http(s) URL such as https://hf-mirror.example.com")
+        return value
+
+
+class HuggingFaceSource(_HubSource):
+    """A Hugging Face repository with weights in 16 or 32 bits (safetensors), which kquant
+    converts to GGUF, calibrates and quantizes."""
+
+
+class GGUFSource(_HubSource):
+    """A hub repository with GGUF files that are already quantized (for example
+    `unsloth/DeepSeek-R1-GGUF`). Steps that need 16-bit weights are skipped: variants either
+    serve the file as it is (recipe `passthrough`) or requantize it (`allowRequantize`)."""
+
+    file: str | None = pydantic.Field(
+        default=None,
+        min_length=1,
+        max_length=512,
+        pattern=r"^[^/].*\.gguf$",
+        description="Path of the GGUF inside the repository; for a split model the first shard "
+        "(`...-00001-of-00003.gguf`), whose siblings are fetched with it. Unset: the one model "
+        "that allowPatterns selects.",
+    )
+
+
+_SOURCE_BOTH = "spec.source sets both huggingface and gguf: keep exactly one"
+_SOURCE_NONE = "spec.source sets neither huggingface nor gguf: set exactly one"
+
+
+class Source(_Model):
+    """Where the weights come from. Exactly one of `huggingface` or `gguf`."""
+
+    model_config = pydantic.ConfigDict(
+        json_schema_extra=_cel_list(
+            _cel(
+                "has(self.huggingface) != has(self.gguf)",
+                "exactly one of spec.source.huggingface or spec.source.gguf must be set",
+                message_expression="has(self.huggingface) ? '" + _SOURCE_BOTH + "' : '" + _SOURCE_NONE + "'",
+            )
+        )
+    )
+
+    huggingface: HuggingFaceSource | None = pydantic.Field(
+        default=None, description="A repository with unquantized weights to convert and quantize."
+    )
+    gguf: GGUFSource | None = pydantic.Field(
+        default=None, description="A repository with GGUF files that are already quantized."
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if self.huggingface is not None and self.gguf is not None:
+            raise ValueError(_SOURCE_BOTH)
+        if self.huggingface is None and self.gguf is None:
+            raise ValueError(_SOURCE_NONE)
+        return self
+
+    @property
+    def hub(self) -> HuggingFaceSource | GGUFSource:
+        """The one source that is set."""
+        source = self.huggingface or self.gguf
+        assert source is not None  # guaranteed by _exactly_one
+        return source
+
+
+# --------------------------------------------------------------------------------------------
+# spec.calibration, spec.variants, spec.evaluation
+
+
+class Calibration(_Model):
+    """How the importance matrix is computed: mean squared activations per weight column over a
+    calibration text, which tells the quantizer which weights matter."""
+
+    config_map_ref: ConfigMapKeyRef | None = pydantic.Field(
+        default=None,
+        description="ConfigMap key with the calibration text. Unset: the text the quantizer ships.",
+    )
+    chunks: int = pydantic.Field(
+        default=128, ge=1, le=100_000, description="Number of text chunks to run. Defaults to 128."
+    )
+    context_size: int = pydantic.Field(
+        default=512, ge=32, le=131_072, description="Tokens per chunk. Defaults to 512."
+    )
+
+
+class TensorOverride(_Model):
+    """A rule giving every tensor whose name matches `pattern` the type `type`."""
+
+    pattern: str = pydantic.Field(
+        min_length=1,
+        max_length=MAX_PATTERN_LENGTH,
+        description="Regular expression searched in GGUF tensor names (`blk.3.ffn_down_exps.weight`); "
+        "the first matching rule wins. Must be valid in RE2 and in C++ std::regex (ECMAScript): "
+        "no backreferences or look-arounds.",
+        json_schema_extra=_cel_list(
+            # A pattern that is not a literal is compiled when the rule runs: an invalid one makes
+            # matches() fail, and a rule that fails refuses the object. (Not `... || true`: CEL's
+            # `||` swallows an error when the other side is true.)
+            _cel("type(''.matches(self)) == bool", "must be a valid regular expression")
+        ),
+    )
+    type: TensorType = pydantic.Field(description="llama.cpp tensor type for the matching tensors.")
+
+    @pydantic.field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        error = pattern_error(value)
+        if error:
+            raise ValueError(f"{value!r} is not a valid regular expression: {error}")
+        return value
+
+
+class Variant(_Model):
+    """One quantized file built from the source and measured against it."""
+
+    model_config = pydantic.ConfigDict(
+        json_schema_extra=_cel_list(
+            _cel(
+                "has(self.type) || (has(self.recipe) && self.recipe == 'passthrough')",
+                "type is required unless recipe is passthrough",
+                ".type",
+            ),
+            _cel(
+                "!(has(self.targetSizeGiB) && has(self.targetBitsPerWeight))",
+                "set at most one of targetSizeGiB and targetBitsPerWeight",
+                ".targetBitsPerWeight",
+            ),
+            _cel(
+                "!((has(self.targetSizeGiB) || has(self.targetBitsPerWeight)) && "
+                "!(has(self.recipe) && self.recipe == 'dynamic'))",
+                "a size or bits-per-weight target needs recipe dynamic",
+                ".recipe",
+            ),
+            _cel(
+                "!(has(self.pure) && self.pure) || !((has(self.recipe) && self.recipe == 'dynamic') || "
+                "has(self.overrides) || has(self.outputTensorType) || has(self.tokenEmbeddingType))",
+                "pure gives every tensor the same type, so it excludes recipe dynamic, overrides, "
+                "outputTensorType and tokenEmbeddingType",
+                ".pure",
+            ),
+            _cel(
+                "!(has(self.leaveOutputTensor) && self.leaveOutputTensor && has(self.outputTensorType))",
+                "leaveOutputTensor keeps output.weight unquantized, so outputTensorType must be unset",
+                ".outputTensorType",
+            ),
+            _cel(
+                "!(has(self.recipe) && self.recipe == 'passthrough') || !(has(self.overrides) || "
+                "has(self.outputTensorType) || has(self.tokenEmbeddingType) || has(self.targetSizeGiB) "
+                "|| has(self.targetBitsPerWeight) || (has(self.pure) && self.pure) || "
+                "(has(self.leaveOutputTensor) && self.leaveOutputTensor) || "
+                "(has(self.allowRequantize) && self.allowRequantize) || (has(self.keepSplit) && self.keepSplit))",
+                "recipe passthrough serves the source file as it is, so it takes no quantization settings",
+                ".recipe",
+            ),
+        )
+    )
+
+    name: str = pydantic.Field(
+        min_length=1,
+        max_length=MAX_VARIANT_NAME_LENGTH,
+        pattern=DNS_LABEL,
+        description="Name of the variant, unique in the list; spec.serving.variant refers to it. "
+        "A DNS label of at most 12 characters, as it becomes part of Job and file names.",
+    )
+    type: FileType | None = pydantic.Field(
+        default=None,
+        description="llama.cpp file type (`llama-quantize` target) such as Q4_K_M or IQ1_S. With recipe "
+        "dynamic it is the type of the bulk of the weights (MoE experts). Optional only for recipe "
+        "passthrough, where it states the type the file is expected to have.",
+    )
+    recipe: Recipe = pydantic.Field(
+        default=Recipe.UNIFORM,
+        description="uniform: llama.cpp's rules for `type`; dynamic: kquant's per-tensor mix; "
+        "passthrough: the GGUF source as it is. Defaults to uniform.",
+    )
+    overrides: list[TensorOverride] | None = pydantic.Field(
+        default=None,
+        max_length=MAX_OVERRIDES,
+        description="Per-tensor rules, tried in order before the recipe's own; the first match wins.",
+    )
+    target_size_gib: float | None = pydantic.Field(
+        default=None,
+        alias="targetSizeGiB",
+        gt=0,
+        le=16384,
+        description="File size the dynamic mix must fit, in GiB (2^30 bytes).",
+    )
+    target_bits_per_weight: float | None = pydantic.Field(
+        default=None,
+        gt=1,
+        le=32,
+        description="Average bits per weight the dynamic mix must not exceed.",
+    )
+    output_tensor_type: TensorType | None = pydantic.Field(
+        default=None, description="Type of output.weight (`--output-tensor-type`)."
+    )
+    token_embedding_type: TensorType | None = pydantic.Field(
+        default=None, description="Type of token_embd.weight (`--token-embedding-type`)."
+    )
+    pure: bool = pydantic.Field(
+        default=False,
+        description="Give every tensor exactly `type`, without llama.cpp's per-tensor rules (`--pure`).",
+    )
+    leave_output_tensor: bool = pydantic.Field(
+        default=False, description="Leave output.weight unquantized (`--leave-output-tensor`)."
+    )
+    allow_requantize: bool = pydantic.Field(
+        default=False,
+        description="Allow quantizing tensors that are already quantized (`--allow-requantize`); "
+        "required for a variant built from a GGUF source, as it loses quality.",
+    )
+    keep_split: bool = pydantic.Field(
+        default=False,
+        description="Write the variant as shards like its split source (`--keep-split`), "
+        "instead of one file.",
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if self.type is None and self.recipe is not Recipe.PASSTHROUGH:
+            raise SpecRuleError("type", "type is required unless recipe is passthrough")
+        if self.target_size_gib is not None and self.target_bits_per_weight is not None:
+            raise SpecRuleError("targetBitsPerWeight", "set at most one of targetSizeGiB and targetBitsPerWeight")
+        has_target = self.target_size_gib is not None or self.target_bits_per_weight is not None
+        if has_target and self.recipe is not Recipe.DYNAMIC:
+            raise SpecRuleError("recipe", "a size or bits-per-weight target needs recipe dynamic")
+        per_tensor = (
+            self.recipe is Recipe.DYNAMIC
+            or self.overrides is not None
+            or self.output_tensor_type is not None
+            or self.token_embedding_type is not None
+        )
+        if self.pure and per_tensor:
+            raise SpecRuleError(
+                "pure",
+                "pure gives every tensor the same type, so it excludes recipe dynamic, overrides, "
+                "outputTensorType and tokenEmbeddingType",
+            )
+        if self.leave_output_tensor and self.output_tensor_type is not None:
+            raise SpecRuleError(
+                "outputTensorType",
+                "leaveOutputTensor keeps output.weight unquantized, so outputTensorType must be unset",
+            )
+        quantizes = per_tensor or has_target or self.pure or self.leave_output_tensor or self.allow_requantize
+        quantizes = quantizes or self.keep_split
+        if self.recipe is Recipe.PASSTHROUGH and quantizes:
+            raise SpecRuleError(
+                "recipe", "recipe passthrough serves the source file as it is, so it takes no quantization settings"
+            )
+        return self
+
+
+class Evaluation(_Model):
+    """The quality gate. Every variant is measured against the unquantized model on a held-out
+    text; a variant passes when every threshold that is set holds. Unset thresholds only record
+    the numbers. A GGUF source has no unquantized reference, so only maxPerplexity applies to
+    its passthrough variant."""
+
+    config_map_ref: ConfigMapKeyRef | None = pydantic.Field(
+        default=None,
+        description="ConfigMap key with the evaluation text. Unset: the held-out text the quantizer ships.",
+    )
+    chunks: int = pydantic.Field(default=16, ge=1, le=10_000, description="Chunks to score. Defaults to 16.")
+    context_size: int = pydantic.Field(
+        default=512, ge=32, le=131_072, description="Tokens per chunk. Defaults to 512."
+    )
+    max_kl_divergence: float | None = pydantic.Field(
+        default=None,
+        alias="maxKLDivergence",
+        ge=0,
+        le=100,
+        description="Highest mean KL divergence (nats per token) from the unquantized model's "
+        "next-token distribution. KL is less noisy than perplexity on short texts.",
+    )
+    max_perplexity_increase_percent: float | None = pydantic.Field(
+        default=None,
+        ge=0,
+        le=10_000,
+        description="Highest perplexity increase over the unquantized model, in percent.",
+    )
+    min_top1_agreement: float | None = pydantic.Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Lowest share of positions (0 to 1) where the variant's most likely next token "
+        "is the unquantized model's.",
+    )
+    max_perplexity: float | None = pydantic.Field(
+        default=None, gt=1, le=1e9, description="Highest absolute perplexity, for sources without a reference."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# spec.storage, spec.quantizer, spec.serving
+
+
+_PVC_BOTH = "spec.storage.pvc sets both claimName and size: an existing claim has its own size"
+_PVC_NONE = "spec.storage.pvc sets neither claimName nor size: name an existing claim or size a new one"
+
+
+class PVCStorage(_Model):
+    """The PersistentVolumeClaim that holds downloads and built variants. Either `claimName`
+    (an existing claim) or `size` (kquant creates `<name>-models`)."""
+
+    model_config = pydantic.ConfigDict(
+        json_schema_extra=_cel_list(
+            _cel(
+                "has(self.claimName) != has(self.size)",
+                "set either claimName (an existing claim) or size (a new claim), not both or neither",
+                message_expression="has(self.size) ? '" + _PVC_BOTH + "' : '" + _PVC_NONE + "'",
+            ),
+            _cel(
+                "!has(self.claimName) || !(has(self.storageClassName) || has(self.accessMode))",
+                "storageClassName and accessMode apply only to a claim kquant creates (size)",
+                ".claimName",
+            ),
+        )
+    )
+
+    claim_name: str | None = pydantic.Field(
+        default=None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN,
+        description="An existing PersistentVolumeClaim to use; kquant never deletes it.",
+    )
+    size: str | None = pydantic.Field(
+        default=None,
+        max_length=32,
+        pattern=POSITIVE_SIZE,
+        description="Size of the claim kquant creates, for example `200Gi`: room for the source, "
+        "its 16-bit GGUF and every variant.",
+        json_schema_extra=_cel_list(
+            _cel(
+                "isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))",
+                "must be a positive quantity such as 200Gi",
+            )
+        ),
+    )
+    storage_class_name: str | None = pydantic.Field(
+        default=None, max_length=253, description="StorageClass of the new claim; the cluster default when unset."
+    )
+    access_mode: AccessMode | None = pydantic.Field(
+        default=None,
+        description="Access mode of the new claim. ReadWriteMany lets serving replicas on several "
+        "nodes share it. Defaults to ReadWriteOnce.",
+    )
+    keep_on_delete: bool = pydantic.Field(
+        default=False,
+        description="Keep the claim kquant created when the QuantizedModel is deleted.",
+    )
+
+    @pydantic.field_validator("size")
+    @classmethod
+    def _positive(cls, value: str | None) -> str | None:
+        if value is not None and parse_quantity(value) <= 0:
+            raise ValueError(f"{value!r} must be a positive quantity such as 200Gi")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _one_claim(self) -> Self:
+        if self.claim_name is not None and self.size is not None:
+            raise SpecRuleError("size", _PVC_BOTH)
+        if self.claim_name is None and self.size is None:
+            raise SpecRuleError("size", _PVC_NONE)
+        if self.claim_name is not None and (self.storage_class_name or self.access_mode):
+            raise SpecRuleError(
+                "claimName", "storageClassName and accessMode apply only to a claim kquant creates (size)"
+            )
+        return self
+
+
+class Storage(_Model):
+    """Where downloads and variants live."""
+
+    pvc: PVCStorage = pydantic.Field(description="The PersistentVolumeClaim to use or create.")
+
+
+class PodSettings(_Model):
+    """Scheduling and resources shared by the quantizer Job and the serving Deployment."""
+
+    image: str | None = pydantic.Field(
+        default=None, min_length=1, max_length=512, description="Container image; see each section's default."
+    )
+    gpus: int = pydantic.Field(
+        default=1, ge=0, le=16, description="NVIDIA GPUs (`nvidia.com/gpu`) per pod. Defaults to 1."
+    )
+    node_selector: LabelMap | None = pydantic.Field(
+        default=None, description="Node labels the pod requires, for example a GPU product label."
+    )
+    tolerations: list[Toleration] | None = pydantic.Field(
+        default=None, max_length=16, description="Tolerations for tainted (GPU) nodes."
+    )
+    resources: ResourceRequirements | None = pydantic.Field(
+        default=None, description="CPU and memory; the GPU count comes from `gpus`."
+    )
+
+
+class Quantizer(PodSettings):
+    """The quantizer Job that downloads, converts, calibrates, quantizes and evaluates."""
+
+    image: str | None = pydantic.Field(
+        default=None,
+        min_length=1,
+        max_length=512,
+        description="Quantizer image. Defaults to the operator's own image, which carries kquant-quantize.",
+    )
+    backoff_limit: int = pydantic.Field(
+        default=2, ge=0, le=10, description="Retries of a failed build Job. Defaults to 2."
+    )
+    active_deadline_seconds: int | None = pydantic.Field(
+        default=None, ge=60, le=7 * 86400, description="Time limit of one build Job, in seconds."
+    )
+
+
+class Sampling(_Model):
+    """Default sampling parameters of the server; requests may override them."""
+
+    temperature: float | None = pydantic.Field(default=None, ge=0, le=5, description="`--temp`.")
+    top_p: float | None = pydantic.Field(default=None, ge=0, le=1, description="`--top-p`.")
+    top_k: int | None = pydantic.Field(default=None, ge=0, le=100_000, description="`--top-k`; 0 disables it.")
+    min_p: float | None = pydantic.Field(default=None, ge=0, le=1, description="`--min-p`.")
+    seed: int | None = pydantic.Field(
+        default=None, ge=-1, le=2**32 - 1, description="`--seed`; -1 picks a random seed."
+    )
+
+
+DEFAULT_SERVER_IMAGE = "ghcr.io/ggml-org/llama.cpp:server-cuda"
+
+
+class Serving(PodSettings):
+    """How the promoted variant is served: llama-server behind a Service. Promotion is a change
+    of `variant` (a one-line Git change); kquant refuses a variant that failed its gate."""
+
+    model_config = pydantic.ConfigDict(
+        json_schema_extra=_cel_list(
+            _cel(
+                "!has(self.cacheTypeV) || self.cacheTypeV in " + _quoted(_UNQUANTIZED_CACHE)
+                + " || !has(self.flashAttention) || self.flashAttention != 'off'",
+                "a quantized V cache needs flash attention: set flashAttention to auto or on",
+                ".cacheTypeV",
+            ),
+        )
+    )
+
+    variant: str = pydantic.Field(
+        min_length=1,
+        max_length=MAX_VARIANT_NAME_LENGTH,
+        pattern=DNS_LABEL,
+        description="Name of the variant to serve; must be one of spec.variants and must pass its gate.",
+    )
+    replicas: int = pydantic.Field(default=1, ge=0, le=64, description="Server replicas. Defaults to 1.")
+    image: str | None = pydantic.Field(
+        default=None,
+        min_length=1,
+        max_length=512,
+        description=f"llama-server image. Defaults to `{DEFAULT_SERVER_IMAGE}`.",
+    )
+    context_size: int = pydantic.Field(
+        default=4096,
+        ge=256,
+        le=4_194_304,
+        description="Context size in tokens, shared by all parallel slots (`-c`). Defaults to 4096.",
+    )
+    parallel: int = pydantic.Field(default=1, ge=1, le=256, description="Parallel slots (`-np`). Defaults to 1.")
+    cache_type_k: CacheType = pydantic.Field(
+        default=CacheType.F16, description="K cache type (`--cache-type-k`). Defaults to f16."
+    )
+    cache_type_v: CacheType = pydantic.Field(
+        default=CacheType.F16,
+        description="V cache type (`--cache-type-v`); a quantized one needs flash attention. Defaults to f16.",
+    )
+    flash_attention: FlashAttention = pydantic.Field(
+        default=FlashAttention.AUTO, description="`--flash-attn`. Defaults to auto."
+    )
+    gpu_layers: GpuLayers = pydantic.Field(
+        default="auto",
+        description="Layers on the GPU (`-ngl`): `auto` lets kquant's planner pick from the GGUF, "
+        "the node's GPU memory and the context; a number forces it. Defaults to auto.",
+    )
+    sampling: Sampling | None = pydantic.Field(default=None, description="Default sampling parameters.")
+    extra_args: list[Annotated[str, pydantic.StringConstraints(min_length=1, max_length=256)]] | None = (
+        pydantic.Field(
+            default=None,
+            max_length=32,
+            description="More llama-server arguments. Flags kquant sets from this spec are refused.",
+            json_schema_extra=_cel_list(
+                _cel(
+                    "self.all(a, !((a.contains('=') ? a.substring(0, a.indexOf('=')) : a) in "
+                    + _quoted(MANAGED_SERVER_FLAGS)
+                    + "))",
+                    "must not repeat a flag that kquant derives from spec.serving (model, host, port, "
+                    "context, parallel, gpu layers, cache types, flash attention, sampling)",
+                )
+            ),
+        )
+    )
+
+    @pydantic.field_validator("extra_args")
+    @classmethod
+    def _not_managed(cls, value: list[str] | None) -> list[str] | None:
+        for arg in value or ():
+            if arg.split("=", 1)[0] in MANAGED_SERVER_FLAGS:
+                raise ValueError(f"{arg!r} repeats a flag that kquant derives from spec.serving")
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _flash_for_quantized_v(self) -> Self:
+        if self.cache_type_v not in _UNQUANTIZED_CACHE and self.flash_attention is FlashAttention.OFF:
+            raise SpecRuleError(
+                "cacheTypeV", "a quantized V cache needs flash attention: set flashAttention to auto or on"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# spec
+
+
+class QuantizedModelSpec(_Model):
+    """What to download, which variants to build, how to judge them and which one to serve."""
+
+    model_config = pydantic.ConfigDict(
+        json_schema_extra=_cel_list(
+            _cel(
+                "!has(self.serving) || self.variants.exists(v, v.name == self.serving.variant)",
+                "spec.serving.variant must name one of spec.variants",
+                ".serving.variant",
+            ),
+            _cel(
+                "!has(self.source.huggingface) || "
+                "self.variants.all(v, !has(v.recipe) || v.recipe != 'passthrough')",
+                "recipe passthrough needs a gguf source; a huggingface source is always quantized",
+                ".variants",
+            ),
+            _cel(
+                "!has(self.source.gguf) || self.variants.all(v, (has(v.recipe) && v.recipe == 'passthrough') "
+                "|| (has(v.allowRequantize) && v.allowRequantize))",
+                "with a gguf source a variant is either recipe passthrough or sets allowRequantize",
+                ".variants",
+            ),
+            _cel(
+                "self.variants.filter(v, has(v.recipe) && v.recipe == 'passthrough').size() <= 1",
+                "at most one variant may be recipe passthrough: two would be the same file",
+                ".variants",
+            ),
+        )
+    )
+
+    source: Source = pydantic.Field(description="Where the weights come from.")
+    calibration: Calibration | None = pydantic.Field(
+        default=None, description="Importance-matrix calibration. Unset: the defaults below."
+    )
+    variants: list[Variant] = pydantic.Field(
+        min_length=1,
+        max_length=MAX_VARIANTS,
+        description="Variants to build, each measured by the quality gate. Names are unique.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    evaluation: Evaluation | None = pydantic.Field(
+        default=None, description="The quality gate. Unset: numbers are recorded, every variant passes."
+    )
+    storage: Storage = pydantic.Field(description="Where downloads and variants live.")
+    quantizer: Quantizer | None = pydantic.Field(default=None, description="The build Job's pod settings.")
+    serving: Serving | None = pydantic.Field(
+        default=None, description="The served variant. Unset: variants are built and evaluated only."
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _cross_field(self) -> Self:
+        names = [v.name for v in self.variants]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise SpecRuleError("variants", f"variant names must be unique; repeated: {', '.join(duplicates)}")
+        if self.serving is not None and self.serving.variant not in names:
+            raise SpecRuleError(
+                "serving.variant",
+                f"{self.serving.variant!r} must name one of spec.variants ({', '.join(names)})",
+            )
+        passthrough = [v.name for v in self.variants if v.recipe is Recipe.PASSTHROUGH]
+        if passthrough and self.source.huggingface is not None:
+            raise SpecRuleError(
+                "variants", "recipe passthrough needs a gguf source; a huggingface source is always quantized"
+            )
+        if self.source.gguf is not None:
+            bad = [v.name for v in self.variants if v.recipe is not Recipe.PASSTHROUGH and not v.allow_requantize]
+            if bad:
+                raise SpecRuleError(
+                    "variants",
+                    "with a gguf source a variant is either recipe passthrough or sets allowRequantize "
+                    f"({', '.join(bad)} does neither)",
+                )
+        if len(passthrough) > 1:
+            raise SpecRuleError("variants", "at most one variant may be recipe passthrough: two would be the same file")
+        return self
+
+    def variant(self, name: str) -> Variant:
+        """The variant called ``name``; KeyError if there is none."""
+        for variant in self.variants:
+            if variant.name == name:
+                return variant
+        raise KeyError(name)
+
+
+# --------------------------------------------------------------------------------------------
+# status
+
+
+class Condition(_Model):
+    """A kstatus-compatible condition (the shape of metav1.Condition)."""
+
+    type: str = pydantic.Field(
+        min_length=1, max_length=316, pattern=r"^[A-Za-z0-9]([-A-Za-z0-9_./]*[A-Za-z0-9])?$",
+        description="Condition type, CamelCase; see ConditionType for those kquant writes.",
+    )  # fmt: skip
+    status: ConditionStatus = pydantic.Field(description="True, False or Unknown.")
+    reason: str = pydantic.Field(
+        min_length=1, max_length=1024, pattern=CONDITION_REASON,
+        description="CamelCase reason for the last transition, for machines.",
+    )  # fmt: skip
+    message: str = pydantic.Field(default="", max_length=32768, description="Details for humans.")
+    last_transition_time: datetime.datetime = pydantic.Field(
+        description="When status last changed (RFC 3339)."
+    )
+    observed_generation: int | None = pydantic.Field(
+        default=None, ge=0, description="metadata.generation the condition was computed from."
+    )
+
+    @pydantic.field_validator("last_transition_time")
+    @classmethod
+    def _whole_seconds_utc(cls, value: datetime.datetime) -> datetime.datetime:
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.UTC)
+        return value.astimezone(datetime.UTC).replace(microsecond=0)
+
+
+def set_condition(conditions: Sequence[Condition], new: Condition) -> list[Condition]:
+    """Return ``conditions`` with ``new`` in place of the one of its type.
+
+    lastTransitionTime keeps its old value when the status did not change, as metav1 conditions
+    require; that is what lets kstatus and humans see how long a condition has held.
+    """
+    result: list[Condition] = []
+    replaced = False
+    for old in conditions:
+        if old.type != new.type:
+            result.append(old)
+            continue
+        replaced = True
+        if old.status == new.status:
+            new = new.model_copy(update={"last_transition_time": old.last_transition_time})
+        result.append(new)
+    if not replaced:
+        result.append(new)
+    return result
+
+
+class VariantStatus(_Model):
+    """What was built for one variant and how it measured."""
+
+    name: str = pydantic.Field(max_length=MAX_VARIANT_NAME_LENGTH, description="The variant's name.")
+    digest: str | None = pydantic.Field(
+        default=None, max_length=128,
+        description="Build digest: hash of source revision, recipe, calibration and quantizer version. "
+        "A variant is rebuilt when it changes.",
+    )  # fmt: skip
+    type: str | None = pydantic.Field(default=None, max_length=32, description="llama.cpp file type built.")
+    size_bytes: int | None = pydantic.Field(default=None, ge=0, description="Total bytes of the GGUF file(s).")
+    sha256: str | None = pydantic.Field(
+        default=None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the (first) GGUF file."
+    )
+    bits_per_weight: float | None = pydantic.Field(default=None, ge=0, description="Average bits per weight.")
+    kl_divergence: float | None = pydantic.Field(
+        default=None, alias="klDivergence", ge=0, description="Mean KL divergence from the unquantized model."
+    )
+    perplexity: float | None = pydantic.Field(default=None, ge=0, description="Perplexity on the evaluation text.")
+    top1_agreement: float | None = pydantic.Field(
+        default=None, ge=0, le=1, description="Share of positions with the unquantized model's top token."
+    )
+    gate_passed: bool | None = pydantic.Field(
+        default=None, description="Whether the quality gate passed; unset until evaluated."
+    )
+    path: str | None = pydantic.Field(
+        default=None, max_length=1024, description="Path of the GGUF (first shard) on the storage volume."
+    )
+    message: str | None = pydantic.Field(
+        default=None, max_length=4096, description="Why the build or the gate failed, if it did."
+    )
+
+
+class ServingStatus(_Model):
+    """What is served and why it was planned that way."""
+
+    variant: str | None = pydantic.Field(default=None, max_length=MAX_VARIANT_NAME_LENGTH, description="Served variant.")
+    size: str | None = pydantic.Field(
+        default=None, max_length=32, description="Size of the served GGUF for humans, such as `131.4GiB`."
+    )
+    gpu_layers: int | None = pydantic.Field(default=None, ge=0, description="`-ngl` passed to llama-server.")
+    total_layers: int | None = pydantic.Field(
+        default=None, ge=0, description="Layers in the model, counting the output layer."
+    )
+    predicted_gpu_bytes: int | None = pydantic.Field(
+        default=None, alias="predictedGPUBytes", ge=0, description="GPU memory the planner predicts per GPU."
+    )
+    node_gpu_bytes: int | None = pydantic.Field(
+        default=None, alias="nodeGPUBytes", ge=0, description="GPU memory per GPU on the planned node."
+    )
+    endpoint: str | None = pydantic.Field(
+        default=None, max_length=1024, description="In-cluster URL of the OpenAI-compatible API."
+    )
+    explanation: str | None = pydantic.Field(
+        default=None, max_length=8192, description="Why the planner chose this placement."
+    )
+    ready_replicas: int | None = pydantic.Field(default=None, ge=0, description="Ready server replicas.")
+
+
+class QuantizedModelStatus(_Model):
+    """Observed state, written by the operator only (status subresource)."""
+
+    observed_generation: int | None = pydantic.Field(
+        default=None, ge=0, description="metadata.generation this status describes."
+    )
+    phase: Phase | None = pydantic.Field(default=None, description="Overall phase; see conditions for details.")
+    progress: str | None = pydantic.Field(
+        default=None, max_length=256, description="Short progress note, such as `q4km 2/5 quantizing 63%`."
+    )
+    conditions: list[Condition] | None = pydantic.Field(
+        default=None,
+        max_length=32,
+        description="Standard conditions: Ready, Reconciling and Stalled (kstatus) and one per stage.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    variants: list[VariantStatus] | None = pydantic.Field(
+        default=None,
+        max_length=MAX_VARIANTS,
+        description="One entry per built variant.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    serving: ServingStatus | None = pydantic.Field(default=None, description="The served variant and its plan.")
+    kopf: dict[str, Any] | None = pydantic.Field(
+        default=None,
+        description="kopf's own bookkeeping (handler progress); not part of the API.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+
+    def condition(self, type_: str) -> Condition | None:
+        """The condition of type ``type_``, if present."""
+        return next((c for c in self.conditions or () if c.type == type_), None)
+
+    def to_patch(self) -> dict[str, Any]:
+        """The status as JSON for a merge patch of the status subresource (camelCase, no nulls)."""
+        body: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True)
+        return body
+
+
+# --------------------------------------------------------------------------------------------
+# The object
+
+
+class ObjectMeta(pydantic.BaseModel):
+    """The part of metadata kquant reads; the rest is kept as it is."""
+
+    model_config = pydantic.ConfigDict(extra="allow", alias_generator=pydantic.alias_generators.to_camel,
+                                       populate_by_name=True)  # fmt: skip
+
+    name: str = pydantic.Field(min_length=1, max_length=253)
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    resource_version: str | None = None
+    labels: dict[str, str] | None = None
+    annotations: dict[str, str] | None = None
+
+
+class QuantizedModel(_Model):
+    """A model to download, quantize into variants, measure, and serve.
+
+    ``QuantizedModel.model_validate(body)`` accepts a raw object as the API server or kopf
+    returns it (``apiVersion``, ``kind``, ``metadata``, ``spec``, ``status``).
+    """
+
+    model_config = pydantic.ConfigDict(
+        json_schema_extra=_cel_list(
+            _cel(
+                f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && self.metadata.name.matches('{DNS_1035_LABEL}')",
+                f"metadata.name must be a DNS-1035 label (lowercase letters, digits, '-', starting with a letter) "
+                f"of at most {MAX_NAME_LENGTH} characters, as it names the model's Service and Jobs",
+            ),
+        )
+    )
+
+    KIND: ClassVar[str] = KIND
+
+    api_version: Literal["kquant.dev/v1alpha1"] = pydantic.Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["QuantizedModel"] = KIND
+    metadata: ObjectMeta
+    spec: QuantizedModelSpec
+    status: QuantizedModelStatus | None = None
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _plain(cls, data: Any) -> Any:
+        # kopf hands over Mapping views, not dicts; pydantic wants dicts at every level.
+        return _to_plain(data) if isinstance(data, Mapping) else data
+
+    @pydantic.field_validator("metadata")
+    @classmethod
+    def _name(cls, value: ObjectMeta) -> ObjectMeta:
+        if len(value.name) > MAX_NAME_LENGTH or not re.fullmatch(DNS_1035_LABEL, value.name):
+            raise SpecRuleError(
+                "name",
+                f"{value.name!r} must be a DNS-1035 label (lowercase letters, digits, '-', starting "
+                f"with a letter) of at most {MAX_NAME_LENGTH} characters, as it names the model's Service and Jobs"
+            )
+        return value
+
+    @property
+    def ref(self) -> str:
+        """``namespace/name``, as error messages name the object."""
+        return f"{self.metadata.namespace or 'default'}/{self.metadata.name}"
+
+    def to_body(self) -> dict[str, Any]:
+        """The object as JSON for the API server (camelCase, no nulls, no status)."""
+        body: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
+        return body
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers the operator uses.
+
+
+def parse_quantity(value: str | int) -> float:
+    """The number a Kubernetes quantity stands for (``"200Gi"`` -> 214748364800.0)."""
+    if isinstance(value, int):
+        return float(value)
+    match = re.fullmatch(QUANTITY, value)
+    if not match:
+        raise ValueError(f"{value!r} is not a Kubernetes quantity")
+    suffix = match.group(3) or ""
+    if not suffix or suffix[0] in "eE":
+        return float(value)
+    number = float(value[: match.start(3)])
+    binary = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+    decimal = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+    return number * binary.get(suffix, 1) * decimal.get(suffix, 1)
+
+
+def pattern_error(pattern: str) -> str | None:
+    """Why ``pattern`` is not a regular expression that llama.cpp and the API server both accept,
+    or None. Python's ``re`` catches syntax errors; backreferences and look-arounds are refused as
+    RE2 (the API server's CEL) has neither."""
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        return str(error)
+    if re.search(r"\(\?[=!<]|\\[1-9]", pattern):
+        return "look-arounds and backreferences are not supported"
+    return None
+
+
+def invalid_override_patterns(spec: QuantizedModelSpec | Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """Every override pattern that does not compile, as (field path, pattern, error).
+
+    The API server already refuses patterns that RE2 cannot compile; this is the operator's second
+    line for objects stored before the rule existed, and it works on a raw spec that pydantic
+    would refuse as a whole, so the operator can report the exact field in a condition.
+    """
+    raw: Any = spec.model_dump(by_alias=True) if isinstance(spec, QuantizedModelSpec) else spec
+    found: list[tuple[str, str, str]] = []
+    for i, variant in enumerate(raw.get("variants") or ()):
+        for j, override in enumerate((variant or {}).get("overrides") or ()):
+            pattern = (override or {}).get("pattern")
+            if not isinstance(pattern, str):
+                continue
+            error = pattern_error(pattern)
+            if error:
+                found.append((f"spec.variants[{i}].overrides[{j}].pattern", pattern, error))
+    return found
+
+
+def _field_path(loc: Sequence[int | str]) -> str:
+    path = ""
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+def describe_errors(error: pydantic.ValidationError, body: Mapping[str, Any] | None = None) -> list[str]:
+    """Each validation error as ``QuantizedModel ns/name: field.path is <value>: rule``, the field
+    named as the user writes it (camelCase, list indices)."""
+    meta = (body or {}).get("metadata") or {}
+    prefix = f"{KIND} {meta.get('namespace') or 'default'}/{meta.get('name') or '?'}: " if body else ""
+    lines = []
+    for item in error.errors(include_url=False):
+        loc = [p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        cause = (item.get("ctx") or {}).get("error")
+        if isinstance(cause, SpecRuleError):
+            lines.append(f"{prefix}{_field_path([*loc, *cause.field.split('.')])}: {cause.message}")
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{prefix}{_field_path(loc)}: unknown field (misspelt?)")
+            continue
+        shown = item.get("input")
+        if item["type"] in ("missing", "model_type", "dict_type") or isinstance(shown, dict | list):
+            lines.append(f"{prefix}{_field_path(loc)}: {message}")
+        else:
+            lines.append(f"{prefix}{_field_path(loc)} is {shown!r}: {message}")
+    return lines
+
+
+def validate_body(body: Mapping[str, Any]) -> QuantizedModel:
+    """Parse a raw object; on failure raise ValueError whose text names the object and fields."""
+    try:
+        return QuantizedModel.model_validate(body)
+    except pydantic.ValidationError as error:
+        raise ValueError("; ".join(describe_errors(error, body))) from error
+
+
+__all__ = [
+    "API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION", "AccessMode", "CacheType", "Calibration",
+    "Condition", "ConditionStatus", "ConditionType", "Evaluation", "FileType", "FlashAttention",
+    "GGUFSource", "HuggingFaceSource", "Phase", "PhaseTransitionError", "QuantizedModel",
+    "QuantizedModelSpec", "QuantizedModelStatus", "Quantizer", "Recipe", "Sampling", "Serving",
+    "ServingStatus", "Source", "SpecRuleError", "Storage", "TensorOverride", "TensorType", "Variant",
+    "VariantStatus", "check_transition", "describe_errors", "invalid_override_patterns",
+    "parse_quantity", "pattern_error", "set_condition", "validate_body",
+]  # fmt: skip

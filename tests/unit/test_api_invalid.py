@@ -1,0 +1,62 @@
+"""kquant's own validation refuses every manifest the API server refuses, naming the same field.
+
+The table is shared with tests/integration/test_crd_admission.py, which sends the same manifests
+to the real API server, so the pydantic validators and the CRD's CEL rules cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import pathlib
+from typing import Any
+
+import pytest
+import yaml
+
+from kquant.operator.api import v1alpha1 as api
+
+TABLE = pathlib.Path(__file__).resolve().parents[1] / "integration" / "invalid_manifests.yaml"
+DATA: dict[str, Any] = yaml.safe_load(TABLE.read_text())
+CASES: list[dict[str, Any]] = DATA["cases"]
+
+
+def merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch: mappings merge, null deletes, anything else replaces."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    result = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        else:
+            result[key] = merge_patch(result.get(key), value)
+    return result
+
+
+def test_table_is_big_and_every_case_is_distinct() -> None:
+    assert len(CASES) >= 25
+    ids = [c["id"] for c in CASES]
+    assert len(set(ids)) == len(ids)
+    # "Its own message": the field plus the distinguishing text differ between any two cases.
+    keys = [(c["field"], c["apiserver"]) for c in CASES]
+    assert len(set(keys)) == len(keys)
+
+
+def test_base_is_valid() -> None:
+    api.validate_body(DATA["base"])
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_refused_naming_the_field(case: dict[str, Any]) -> None:
+    body = merge_patch(DATA["base"], case["patch"])
+    with pytest.raises(ValueError) as caught:
+        api.validate_body(body)
+    message = str(caught.value)
+    assert message.startswith("QuantizedModel default/")
+    assert case["field"] in message, message
+
+
+def test_merge_patch() -> None:
+    assert merge_patch({"a": {"b": 1, "c": 2}, "l": [1]}, {"a": {"b": None, "d": 3}, "l": [2]}) == {
+        "a": {"c": 2, "d": 3}, "l": [2]
+    }  # fmt: skip
