@@ -1,0 +1,61 @@
+"""``hack/cluster up|down|env|status|agent``: the local control plane as a command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import signal
+import threading
+import time
+
+from localcluster import agent, cluster, controlplane
+
+DEFAULT_ROOT = cluster.CACHE / "cluster"
+
+
+def up(paths: controlplane.ClusterPaths) -> None:
+    if controlplane.running(paths):
+        print(f"already running: export KUBECONFIG={paths.kubeconfig}")
+        return
+    started = time.monotonic()
+    state = cluster.up(paths)
+    print(f"cluster up in {time.monotonic() - started:.1f}s at {state.server}")
+    print(f"export KUBECONFIG={paths.kubeconfig}")
+
+
+def run_agent(paths: controlplane.ClusterPaths) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    state = controlplane.load_state(paths)
+    node_agent = agent.serve(cluster.api_client(paths), paths.workloads, state.server, paths.pki / "ca.crt")
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, lambda *_: done.set())
+    done.wait()
+    node_agent.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="hack/cluster", description=__doc__)
+    parser.add_argument("--root", type=pathlib.Path, default=DEFAULT_ROOT,
+                        help="folder that holds the cluster's state (default: %(default)s)")
+    parser.add_argument("command", choices=["up", "down", "env", "status", "agent", "bin-dir"])
+    args = parser.parse_args()
+    paths = controlplane.ClusterPaths(args.root.resolve())
+    if args.command == "up":
+        up(paths)
+    elif args.command == "down":
+        controlplane.stop_all(paths)
+        print("cluster stopped")
+    elif args.command == "env":
+        print(f"export KUBECONFIG={paths.kubeconfig}")
+    elif args.command == "status":
+        print("running" if controlplane.running(paths) else "stopped")
+    elif args.command == "bin-dir":
+        print(cluster.build_binaries())
+    else:
+        run_agent(paths)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The node agent: registers the local nodes, keeps them Ready, and runs their pods.
+
+It plays the kubelet for every node of ``nodes.DEFAULT_NODES`` at once: node status and Lease
+heartbeats keep the node-lifecycle controller content, and every pod the real scheduler binds to
+one of these nodes is run by a ``PodRunner``. Pod deletion follows the kubelet's contract: the
+processes get SIGTERM and the grace period, then the agent removes the pod object.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import itertools
+import logging
+import pathlib
+import threading
+from typing import Any
+
+from kubernetes import client, watch
+
+from localcluster import images, nodes, podrunner, sandbox
+
+log = logging.getLogger("localcluster.agent")
+LEASE_NAMESPACE = "kube-node-lease"
+
+
+class PodAddresses:
+    """Hands out one loopback address per pod: 127.1.0.1, 127.1.0.2, ..."""
+
+    def __init__(self) -> None:
+        self._next = itertools.count(int(ipaddress.IPv4Address("127.1.0.1")))
+        self._lock = threading.Lock()
+
+    def take(self) -> str:
+        with self._lock:
+            return str(ipaddress.IPv4Address(next(self._next)))
+
+
+class NodeAgent:
+    def __init__(self, api: client.ApiClient, workloads: pathlib.Path, server: str,
+                 ca_file: pathlib.Path, node_specs: tuple[nodes.NodeSpec, ...] = nodes.DEFAULT_NODES,
+                 table: images.ImageTable | None = None) -> None:
+        self.api = api
+        self.core = client.CoreV1Api(api)
+        self.leases = client.CoordinationV1Api(api)
+        self.workloads = workloads
+        self.server = server
+        self.ca_file = ca_file
+        self.node_specs = node_specs
+        self.node_names = {n.name for n in node_specs}
+        self.table = table or images.ImageTable.load()
+        self.addresses = PodAddresses()
+        self.runners: dict[str, podrunner.PodRunner] = {}
+        self.stopping = threading.Event()
+
+    # -- nodes -----------------------------------------------------------------------------
+
+    def register_nodes(self) -> None:
+        for spec in self.node_specs:
+            try:
+                self.core.create_node(spec.manifest())
+            except client.ApiException as exc:
+                if exc.status != 409:
+                    raise
+                self.core.patch_node(spec.name, {"metadata": {"labels": spec.labels()}})
+            self._post_status(spec)
+            self._renew_lease(spec.name)
+
+    def _post_status(self, spec: nodes.NodeSpec) -> None:
+        now = podrunner.now_rfc3339()
+
+        def condition(kind: str, status: str, reason: str) -> dict[str, str]:
+            return {"type": kind, "status": status, "reason": reason, "message": reason,
+                    "lastHeartbeatTime": now, "lastTransitionTime": now}
+
+        status = {
+            "capacity": spec.resources(), "allocatable": spec.resources(),
+            "conditions": [
+                condition("Ready", "True", "KubeletReady"),
+                condition("MemoryPressure", "False", "KubeletHasSufficientMemory"),
+                condition("DiskPressure", "False", "KubeletHasNoDiskPressure"),
+                condition("PIDPressure", "False", "KubeletHasSufficientPID"),
+            ],
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
+                          {"type": "Hostname", "address": spec.name}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "nodeInfo": {"kubeletVersion": "v0.0.0-kquant-local-agent", "operatingSystem": "linux",
+                         "architecture": "amd64", "containerRuntimeVersion": "local://processes",
+                         "kernelVersion": "", "osImage": "", "kubeProxyVersion": "",
+                         "machineID": "", "systemUUID": "", "bootID": ""},
+        }
+        self.core.patch_node_status(spec.name, {"status": status})
+
+    def _renew_lease(self, node: str) -> None:
+        now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        spec = {"holderIdentity": node, "leaseDurationSeconds": 40, "renewTime": now}
+        try:
+            self.leases.patch_namespaced_lease(node, LEASE_NAMESPACE, {"spec": spec})
+        except client.ApiException as exc:
+            if exc.status != 404:
+                raise
+            body = {"metadata": {"name": node, "namespace": LEASE_NAMESPACE}, "spec": spec}
+            self.leases.create_namespaced_lease(LEASE_NAMESPACE, body)
+
+    def heartbeat_forever(self) -> None:
+        beat = 0
+        while not self.stopping.wait(10.0):
+            beat += 1
+            for spec in self.node_specs:
+                try:
+                    self._renew_lease(spec.name)
+                    if beat % 3 == 0:
+                        self._post_status(spec)
+                except client.ApiException as exc:
+                    log.warning("heartbeat for %s failed: %s", spec.name, exc.reason)
+
+    # -- pods ------------------------------------------------------------------------------
+
+    def _ours(self, pod: dict[str, Any]) -> bool:
+        return pod["spec"].get("nodeName") in self.node_names
+
+    def _admit(self, pod: dict[str, Any]) -> None:
+        uid = pod["metadata"]["uid"]
+        if uid in self.runners or pod["status"].get("phase") in ("Succeeded", "Failed"):
+            return
+        meta = pod["metadata"]
+        root = self.workloads / "pods" / meta["namespace"] / f"{meta['name']}-{uid[:8]}"
+        root.mkdir(parents=True, exist_ok=True)
+        box = sandbox.Sandbox(root=root, pvc_root=self.workloads / "volumes", pod=pod,
+                              pod_ip=self.addresses.take(), core=self.core, server=self.server,
+                              ca_file=self.ca_file)
+        runner = podrunner.PodRunner(pod, self.core, self.table, box)
+        self.runners[uid] = runner
+        runner.start()
+
+    def _delete(self, pod: dict[str, Any]) -> None:
+        """Graceful deletion: stop the processes, then remove the object (grace period 0)."""
+        meta = pod["metadata"]
+        runner = self.runners.get(meta["uid"])
+        grace = meta.get("deletionGracePeriodSeconds")
+
+        def finish() -> None:
+            if runner is not None:
+                runner.stop(float(grace) if grace is not None else None)
+                runner.finished.wait()
+            try:
+                self.core.delete_namespaced_pod(
+                    meta["name"], meta["namespace"], grace_period_seconds=0,
+                    body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=meta["uid"])))
+            except client.ApiException as exc:
+                if exc.status not in (404, 409):
+                    log.warning("deleting pod %s failed: %s", meta["name"], exc.reason)
+
+        threading.Thread(target=finish, daemon=True, name=f"delete-{meta['name']}").start()
+
+    def _handle(self, kind: str, pod: dict[str, Any]) -> None:
+        if not self._ours(pod):
+            return
+        uid = pod["metadata"]["uid"]
+        if kind == "DELETED":
+            runner = self.runners.pop(uid, None)
+            if runner:
+                runner.stop(0.0)
+            return
+        self._admit(pod)
+
+    def watch_pods_forever(self) -> None:
+        deleting: set[str] = set()
+        while not self.stopping.is_set():
+            listing = self.core.list_pod_for_all_namespaces(_preload_content=False)
+            data = json.loads(listing.data)
+            for pod in data["items"]:
+                self._dispatch("ADDED", pod, deleting)
+            version = data["metadata"]["resourceVersion"]
+            stream = watch.Watch()
+            try:
+                for event in stream.stream(self.core.list_pod_for_all_namespaces,
+                                           resource_version=version, timeout_seconds=300,
+                                           allow_watch_bookmarks=True, _preload_content=False):
+                    if self.stopping.is_set():
+                        break
+                    if event["type"] in ("BOOKMARK", "ERROR"):
+                        if event["type"] == "ERROR":
+                            break
+                        continue
+                    self._dispatch(event["type"], event["raw_object"], deleting)
+            except client.ApiException as exc:
+                log.info("pod watch restarts: %s", exc.reason)
+            except Exception:
+                log.exception("pod watch failed; re-listing")
+                self.stopping.wait(1.0)
+
+    def _dispatch(self, kind: str, pod: dict[str, Any], deleting: set[str]) -> None:
+        uid = pod["metadata"]["uid"]
+        if pod["metadata"].get("deletionTimestamp") and kind != "DELETED":
+            if uid in deleting or not self._ours(pod):
+                return
+            deleting.add(uid)
+            self._delete(pod)
+            return
+        if kind == "DELETED":
+            deleting.discard(uid)
+        self._handle(kind, pod)
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        for runner in list(self.runners.values()):
+            runner.stop(5.0)
+        for runner in list(self.runners.values()):
+            runner.finished.wait(timeout=10)
+
+
+def serve(api: client.ApiClient, workloads: pathlib.Path, server: str, ca_file: pathlib.Path) -> NodeAgent:
+    agent = NodeAgent(api, workloads, server, ca_file)
+    agent.register_nodes()
+    threading.Thread(target=agent.heartbeat_forever, daemon=True, name="heartbeat").start()
+    threading.Thread(target=agent.watch_pods_forever, daemon=True, name="pod-watch").start()
+    return agent

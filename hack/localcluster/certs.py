@@ -1,0 +1,70 @@
+"""Certificates and keys for the local control plane, made with the openssl command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import subprocess
+
+
+@dataclasses.dataclass(frozen=True)
+class Pki:
+    """Paths of the files the control plane needs; all live in one folder."""
+
+    folder: pathlib.Path
+
+    @property
+    def ca_cert(self) -> pathlib.Path:
+        return self.folder / "ca.crt"
+
+    @property
+    def ca_key(self) -> pathlib.Path:
+        return self.folder / "ca.key"
+
+    @property
+    def server_cert(self) -> pathlib.Path:
+        return self.folder / "apiserver.crt"
+
+    @property
+    def server_key(self) -> pathlib.Path:
+        return self.folder / "apiserver.key"
+
+    @property
+    def sa_key(self) -> pathlib.Path:
+        return self.folder / "sa.key"
+
+    @property
+    def sa_pub(self) -> pathlib.Path:
+        return self.folder / "sa.pub"
+
+
+def _openssl(*args: str, cwd: pathlib.Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def ensure_pki(folder: pathlib.Path) -> Pki:
+    """Create a CA, an API server certificate for loopback, and the service-account key pair.
+
+    Existing files are kept, so a restarted cluster keeps trusting the tokens it issued.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    pki = Pki(folder)
+    if not pki.ca_cert.exists():
+        _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
+                 "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=kquant-local-ca", cwd=folder)
+    if not pki.server_cert.exists():
+        ext = folder / "apiserver.ext"
+        ext.write_text(
+            "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
+            "DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
+            "extendedKeyUsage=serverAuth\n"
+        )
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver.key",
+                 "-out", "apiserver.csr", "-subj", "/CN=kube-apiserver", cwd=folder)
+        _openssl("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-days", "3650", "-extfile", "apiserver.ext",
+                 "-out", "apiserver.crt", cwd=folder)
+    if not pki.sa_key.exists():
+        _openssl("genrsa", "-out", "sa.key", "2048", cwd=folder)
+        _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=folder)
+    return pki

@@ -1,0 +1,205 @@
+"""Start and stop etcd, kube-apiserver, kube-controller-manager and kube-scheduler on loopback.
+
+Every process is started detached, with its pid and log in the cluster folder, so ``up`` returns
+while the cluster keeps running and ``down`` (from another process) can stop it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+
+from localcluster import certs
+
+ADMIN_TOKEN_FILE = "admin.token"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterPaths:
+    """Where one cluster keeps its state; nothing lives outside this folder."""
+
+    root: pathlib.Path
+
+    @property
+    def kubeconfig(self) -> pathlib.Path:
+        return self.root / "kubeconfig"
+
+    @property
+    def pki(self) -> pathlib.Path:
+        return self.root / "pki"
+
+    @property
+    def logs(self) -> pathlib.Path:
+        return self.root / "logs"
+
+    @property
+    def pids(self) -> pathlib.Path:
+        return self.root / "pids"
+
+    @property
+    def etcd_data(self) -> pathlib.Path:
+        return self.root / "etcd"
+
+    @property
+    def state(self) -> pathlib.Path:
+        return self.root / "state.json"
+
+    @property
+    def workloads(self) -> pathlib.Path:
+        """Pods' working folders and volumes, as the node agent lays them out."""
+        return self.root / "workloads"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterState:
+    api_port: int
+    etcd_port: int
+    token: str
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.api_port}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start(paths: ClusterPaths, name: str, argv: list[str]) -> None:
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    paths.pids.mkdir(parents=True, exist_ok=True)
+    log = (paths.logs / f"{name}.log").open("ab")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    (paths.pids / f"{name}.pid").write_text(str(proc.pid))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child still answers kill(0); its /proc status says Z.
+    with contextlib.suppress(OSError):
+        status = pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2]
+        return status != "Z"
+    return True
+
+
+def stop_all(paths: ClusterPaths, timeout: float = 15.0) -> None:
+    """Stop every process of the cluster: the agent first, etcd last."""
+    order = ["agent", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]
+    for name in order:
+        pidfile = paths.pids / f"{name}.pid"
+        if not pidfile.exists():
+            continue
+        pid = int(pidfile.read_text())
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        pidfile.unlink()
+
+
+def write_kubeconfig(path: pathlib.Path, server: str, ca_file: pathlib.Path, token: str,
+                     user: str = "admin") -> None:
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "kquant-local",
+                      "cluster": {"server": server, "certificate-authority": str(ca_file)}}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": "kquant-local", "context": {"cluster": "kquant-local", "user": user}}],
+        "current-context": "kquant-local",
+    }
+    path.write_text(json.dumps(config, indent=2))
+    path.chmod(0o600)
+
+
+def _wait_ready(state: ClusterState, ca_file: pathlib.Path, paths: ClusterPaths, timeout: float) -> None:
+    context = ssl.create_default_context(cafile=str(ca_file))
+    request = urllib.request.Request(f"{state.server}/readyz",
+                                     headers={"Authorization": f"Bearer {state.token}"})
+    deadline = time.monotonic() + timeout
+    last_error = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(request, context=context, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError as exc:
+            last_error = str(exc)
+        time.sleep(0.3)
+    log_tail = (paths.logs / "kube-apiserver.log").read_text()[-3000:]
+    raise RuntimeError(f"kube-apiserver not ready after {timeout:.0f}s: {last_error}\n{log_tail}")
+
+
+def start(paths: ClusterPaths, bin_dir: pathlib.Path, timeout: float = 90.0) -> ClusterState:
+    """Start the control plane and wait until the API server answers /readyz."""
+    pki = certs.ensure_pki(paths.pki)
+    token = os.urandom(16).hex()
+    (paths.pki / ADMIN_TOKEN_FILE).write_text(f'{token},admin,admin,"system:masters"\n')
+    state = ClusterState(api_port=free_port(), etcd_port=free_port(), token=token)
+    paths.state.write_text(json.dumps(dataclasses.asdict(state)))
+    etcd_url = f"http://127.0.0.1:{state.etcd_port}"
+    _start(paths, "etcd", [
+        str(bin_dir / "etcd"), "--data-dir", str(paths.etcd_data), "--name", "local",
+        "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
+        "--listen-peer-urls", f"http://127.0.0.1:{free_port()}",
+        "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
+        "--unsafe-no-fsync", "--quota-backend-bytes", str(4 << 30), "--log-level", "warn",
+    ])
+    _start(paths, "kube-apiserver", [
+        str(bin_dir / "kube-apiserver"),
+        "--etcd-servers", etcd_url, "--bind-address", "127.0.0.1",
+        "--secure-port", str(state.api_port), "--advertise-address", "127.0.0.1",
+        "--tls-cert-file", str(pki.server_cert), "--tls-private-key-file", str(pki.server_key),
+        "--client-ca-file", str(pki.ca_cert),
+        "--token-auth-file", str(paths.pki / ADMIN_TOKEN_FILE),
+        "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
+        "--service-account-key-file", str(pki.sa_pub),
+        "--service-account-signing-key-file", str(pki.sa_key),
+        "--service-cluster-ip-range", "10.0.0.0/24",
+        "--authorization-mode", "Node,RBAC", "--allow-privileged=true",
+        "--cert-dir", str(paths.pki / "apiserver-generated"),
+        "--profiling=false", "--v=1",
+    ])
+    _wait_ready(state, pki.ca_cert, paths, timeout)
+    write_kubeconfig(paths.kubeconfig, state.server, pki.ca_cert, token)
+    _start(paths, "kube-controller-manager", [
+        str(bin_dir / "kube-controller-manager"),
+        "--kubeconfig", str(paths.kubeconfig),
+        "--service-account-private-key-file", str(pki.sa_key),
+        "--root-ca-file", str(pki.ca_cert), "--use-service-account-credentials=true",
+        "--leader-elect=false", "--secure-port=0", "--allocate-node-cidrs=false",
+        "--cluster-signing-cert-file", str(pki.ca_cert), "--cluster-signing-key-file", str(pki.ca_key),
+        "--concurrent-gc-syncs=5", "--v=1",
+    ])
+    _start(paths, "kube-scheduler", [
+        str(bin_dir / "kube-scheduler"), "--kubeconfig", str(paths.kubeconfig),
+        "--leader-elect=false", "--secure-port=0", "--v=1",
+    ])
+    return state
+
+
+def load_state(paths: ClusterPaths) -> ClusterState:
+    return ClusterState(**json.loads(paths.state.read_text()))
+
+
+def running(paths: ClusterPaths) -> bool:
+    pidfile = paths.pids / "kube-apiserver.pid"
+    return pidfile.exists() and _alive(int(pidfile.read_text()))

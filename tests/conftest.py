@@ -1,0 +1,72 @@
+"""Fixtures shared by every test tier.
+
+``cluster`` starts one real local control plane (hack/localcluster) per pytest run, in a folder
+of its own, and stops it at the end. ``namespace`` gives each test a fresh namespace on it.
+Unit tests never touch these fixtures, so ``pytest tests/unit`` starts nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from kube import wait_for
+from kubernetes import client, config
+from localcluster import cluster as localcluster
+from localcluster import controlplane
+
+
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """A running local cluster, as tests see it."""
+
+    paths: controlplane.ClusterPaths
+    bin_dir: pathlib.Path
+
+    @property
+    def kubeconfig(self) -> pathlib.Path:
+        return self.paths.kubeconfig
+
+    @property
+    def helm(self) -> pathlib.Path:
+        return self.bin_dir / "helm"
+
+    def api_client(self) -> client.ApiClient:
+        return config.new_client_from_config(str(self.kubeconfig))
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    bin_dir = localcluster.build_binaries()
+    root = pathlib.Path(os.environ.get("KQUANT_TEST_CLUSTER_ROOT") or tmp_path_factory.mktemp("cluster"))
+    paths = controlplane.ClusterPaths(root)
+    localcluster.up(paths, bin_dir)
+    previous = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(paths.kubeconfig)
+    try:
+        yield Cluster(paths, bin_dir)
+    finally:
+        localcluster.down(paths)
+        if previous is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = previous
+
+
+@pytest.fixture
+def namespace(cluster: Cluster) -> Iterator[str]:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    core = client.CoreV1Api(cluster.api_client())
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
+        name=name, labels={"kquant.dev/test": "true"})))
+    # Pods are refused until the service-account controller has made "default", as on any cluster.
+    wait_for(lambda: core.list_namespaced_service_account(name, field_selector="metadata.name=default").items,
+             what=f"ServiceAccount {name}/default")
+    try:
+        yield name
+    finally:
+        core.delete_namespace(name)
