@@ -1,0 +1,314 @@
+"""How much memory llama.cpp allocates on each device for a given layer placement.
+
+This is a model of the llama.cpp that llama-cpp-python 0.3.36 vendors, checked against that
+version's ``llama-fit-params`` (``tests/integration/test_planner_vs_llamacpp.py``,
+``bench/offload_accuracy.py``). The rules, with the llama.cpp function they copy:
+
+* **Placement** (``llama_model::load_tensors``): the input layer (``token_embd``) always stays on the
+  CPU. ``-ngl k`` puts layers ``n_layer + 1 - k .. n_layer`` on GPUs, where index ``n_layer`` is the
+  output layer, so the output layer goes first, then the *last* blocks. ``--tensor-split`` cuts
+  that range by cumulative proportions. With tied embeddings, the output device gets its own copy
+  of ``token_embd``.
+* **KV cache** (``llama_kv_cache``): each layer's K and V rows sit on that layer's device;
+  ``n_ctx`` is padded to 256; without a unified cache every slot gets ``pad256(n_ctx / n_seq)``
+  cells; SWA layers keep ``pad256(min(n_ctx, n_swa * n_seq + n_ubatch))`` cells; MLA keeps K only.
+* **Compute buffer** (``ggml_gallocr`` peak over the reserve graph of ``n_ubatch`` tokens): the
+  largest live set of activations among the phases that run on a device: attention (with the
+  ``KQ`` matrix when flash attention is off), feed-forward (experts too), and the output logits;
+  the attention masks stay live throughout. CUDA's op offload additionally copies the largest CPU
+  weight into the GPU's buffer when the model is only partly offloaded.
+* **Untracked**: the CUDA context, cuBLAS workspaces and kernels (hundreds of MiB, more on bigger
+  GPUs), plus a safety margin; both are planner settings, not modelled here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Sequence
+
+from kquant.quantizer import constants, gguf_facts
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+CPU = -1
+"""Device index for the host in layer placements."""
+
+F32 = 4
+"""Bytes per activation: llama.cpp keeps intermediate activations in f32."""
+
+
+class Backend(enum.StrEnum):
+    """Which GPU backend the compute buffer is modelled for."""
+
+    CUDA = "cuda"
+    """CUDA op offload: a partly offloaded model streams CPU weights through the GPU buffer."""
+    RPC = "rpc"
+    """ggml-rpc (and other backends without op offload), as used by the CPU-only accuracy tests."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextSettings:
+    """The llama.cpp context parameters that change memory (``-c -np -kvu -ctk -ctv -fa -ub -b``)."""
+
+    context: int
+    """``-c``: total KV cells over all slots (before llama.cpp pads them to 256)."""
+    cache_type_k: constants.CacheType = constants.CacheType.F16
+    cache_type_v: constants.CacheType = constants.CacheType.F16
+    parallel: int = 1
+    """``-np``: server slots, i.e. sequences that share the cache."""
+    kv_unified: bool = True
+    """``-kvu``: one cache stream shared by all slots (the server's default with ``-np auto``)."""
+    flash_attention: bool = True
+    ubatch: int = 512
+    """``-ub``: tokens per compute step; the compute buffer is sized for this many."""
+    swa_full: bool = False
+    """``--swa-full``: SWA layers keep the full context."""
+
+    def __post_init__(self) -> None:
+        if self.context < 1:
+            raise ValueError(f"contextSize is {self.context}, but it must be at least 1")
+        if self.parallel < 1:
+            raise ValueError(f"parallel is {self.parallel}, but it must be at least 1")
+        if self.ubatch < 1:
+            raise ValueError(f"ubatch is {self.ubatch}, but it must be at least 1")
+        quantized_v = constants.TENSOR_TYPES[self.cache_type_v.tensor_type].block_size > 1
+        if quantized_v and not self.flash_attention:
+            raise ValueError(
+                f"cacheTypeV is {self.cache_type_v}, but a quantized V cache needs flash attention"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where llama.cpp puts the layers: ``-ngl``, ``-ts`` and ``--n-cpu-moe``."""
+
+    gpu_layers: int
+    """``-ngl`` in llama.cpp's meaning: 1 = output layer only, ``n_layer + 1`` = everything."""
+    tensor_split: tuple[float, ...] = (1.0,)
+    """``-ts``: one proportion per GPU (the number of entries is the number of GPUs)."""
+    n_cpu_moe: int = 0
+    """``--n-cpu-moe N``: the experts of blocks ``0 .. N-1`` stay in host memory."""
+
+    @property
+    def n_devices(self) -> int:
+        return len(self.tensor_split)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceBytes:
+    """One device's bytes in llama.cpp's ``common_memory_breakdown_print`` columns."""
+
+    model: int = 0
+    kv: int = 0
+    compute: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.model + self.kv + self.compute
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryBreakdown:
+    """Predicted allocation per GPU and on the host for one placement."""
+
+    devices: tuple[DeviceBytes, ...]
+    host: DeviceBytes
+    layer_device: tuple[int, ...]
+    """Device of blocks ``0 .. n_layer-1`` and then the output layer; ``CPU`` (-1) for the host."""
+
+
+def pad(value: int, multiple: int) -> int:
+    return (value + multiple - 1) // multiple * multiple
+
+
+def row_bytes(cache_type: constants.CacheType, n_elements: int) -> int:
+    """Bytes of one KV row (``ggml_row_size``) of ``n_elements`` values in ``cache_type``."""
+    return constants.TENSOR_TYPES[cache_type.tensor_type].row_bytes(n_elements)
+
+
+def kv_cells(facts: gguf_facts.ModelFacts, settings: ContextSettings, swa: bool) -> int:
+    """Cells of one layer's cache over all streams, as ``llama_context`` and ``llama_kv_cache`` size it."""
+    n_ctx = pad(settings.context, 256)
+    if settings.kv_unified:
+        n_stream, n_ctx_seq = 1, n_ctx
+    else:
+        n_stream, n_ctx_seq = settings.parallel, pad(n_ctx // settings.parallel, 256)
+    size = n_ctx_seq
+    if swa and not settings.swa_full:
+        seqs = settings.parallel if settings.kv_unified else 1
+        size = pad(min(n_ctx_seq, facts.sliding_window * seqs + settings.ubatch), 256)
+    return size * n_stream
+
+
+def kv_layer_bytes(facts: gguf_facts.ModelFacts, settings: ContextSettings, il: int) -> int:
+    """KV cache bytes of block ``il`` (0 for a layer without attention)."""
+    n_head_kv = facts.head_count_kv[il]
+    if n_head_kv == 0:
+        return 0
+    cells = kv_cells(facts, settings, facts.swa_layers[il])
+    k = row_bytes(settings.cache_type_k, facts.key_length * n_head_kv)
+    v = 0 if facts.is_mla else row_bytes(settings.cache_type_v, facts.value_length * n_head_kv)
+    return cells * (k + v)
+
+
+def layer_devices(n_layer: int, placement: Placement) -> tuple[int, ...]:
+    """``load_tensors``' ``get_layer_buft_list`` for blocks ``0..n_layer-1`` and the output (``n_layer``)."""
+    ngl = placement.gpu_layers
+    if ngl < 0:
+        raise ValueError(f"gpuLayers is {ngl}, but it must be 0 or more (the planner resolves auto)")
+    i_gpu_start = max(n_layer + 1 - ngl, 0)
+    act = min(ngl, n_layer + 1)
+    total = sum(placement.tensor_split)
+    if total <= 0 or any(s < 0 for s in placement.tensor_split):
+        raise ValueError(f"tensorSplit is {list(placement.tensor_split)}, but it needs non-negative parts")
+    bounds: list[float] = []
+    running = 0.0
+    for share in placement.tensor_split:
+        running += share
+        bounds.append(running / total)
+    devices: list[int] = []
+    for il in range(n_layer + 1):
+        if il < i_gpu_start or il - i_gpu_start >= act:
+            devices.append(CPU)
+            continue
+        x = (il - i_gpu_start) / act
+        # std::upper_bound: the first bound strictly greater than x
+        device = next((i for i, b in enumerate(bounds) if b > x), len(bounds) - 1)
+        devices.append(device)
+    return tuple(devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Phase:
+    """Activations live at the same time in one part of the graph (bytes)."""
+
+    attention: int
+    ffn: int
+
+
+def _attention_bytes(facts: gguf_facts.ModelFacts, settings: ContextSettings, il: int, u: int) -> int:
+    """Peak activations inside block ``il``'s attention for ``u`` tokens."""
+    n_head = facts.head_count[il]
+    n_head_kv = facts.head_count_kv[il]
+    if n_head == 0:
+        return 0
+    e = facts.embedding_length
+    k_len = facts.key_length_mla if facts.is_mla and facts.key_length_mla else facts.key_length
+    v_len = facts.value_length_mla if facts.is_mla and facts.value_length_mla else facts.value_length
+    residual = 2 * e * u * F32  # the block input and its norm
+    q = n_head * k_len * u * F32
+    kv_new = n_head_kv * (facts.key_length + facts.value_length) * u * F32
+    out = n_head * v_len * u * F32
+    if settings.flash_attention:
+        return residual + q + kv_new + out
+    cells = kv_cells(facts, settings, facts.swa_layers[il])
+    kq = cells * u * n_head * F32  # KQ and, in place, its softmax
+    return residual + q + kq + out
+
+
+def _ffn_bytes(facts: gguf_facts.ModelFacts, il: int, u: int) -> int:
+    """Peak activations inside block ``il``'s feed-forward (dense or MoE) for ``u`` tokens."""
+    e = facts.embedding_length
+    residual = 2 * e * u * F32
+    dense = 3 * facts.feed_forward_length[il] * u * F32  # gate, up and the activated product
+    if facts.layer_expert_bytes[il] == 0 or facts.expert_count == 0:
+        return residual + dense
+    used = max(facts.expert_used_count, 1)
+    n_ff_exp = facts.expert_feed_forward_length or facts.feed_forward_length[il]
+    router = 3 * facts.expert_count * u * F32  # logits, probabilities, selection
+    experts = (3 * n_ff_exp + e) * used * u * F32  # gate, up, product and down per chosen expert
+    shared = 3 * n_ff_exp * max(facts.expert_shared_count, 0) * u * F32
+    return residual + router + experts + shared
+
+
+def _mask_bytes(facts: gguf_facts.ModelFacts, settings: ContextSettings, u: int) -> int:
+    """The KQ mask inputs (one for full and one for SWA layers), kept live through all blocks."""
+    elem = 2 if settings.flash_attention else F32
+    total = 0
+    kinds = {facts.swa_layers[il] for il in range(facts.block_count) if facts.head_count_kv[il]}
+    for swa in kinds:
+        total += kv_cells(facts, settings, swa) * u * elem
+    return total
+
+
+def compute_bytes(
+    facts: gguf_facts.ModelFacts,
+    settings: ContextSettings,
+    layer_device: Sequence[int],
+    n_devices: int,
+    backend: Backend = Backend.CUDA,
+) -> tuple[tuple[int, ...], int]:
+    """Compute buffer per GPU and on the host, for a placement given as ``layer_devices``' result."""
+    n_layer = facts.block_count
+    u = min(settings.ubatch, pad(settings.context, 256))
+    e = facts.embedding_length
+    masks = _mask_bytes(facts, settings, u)
+    logits = (facts.vocab_size + e) * u * F32  # output norm and the logits for every token
+
+    def peak(device: int) -> int:
+        layers = [il for il in range(n_layer) if layer_device[il] == device]
+        best = 0
+        if layers:
+            body = max(
+                max(_attention_bytes(facts, settings, il, u), _ffn_bytes(facts, il, u)) for il in layers
+            )
+            best = masks + body
+        if layer_device[n_layer] == device:
+            best = max(best, logits)
+        return best
+
+    gpu = [peak(d) for d in range(n_devices)]
+    host = peak(CPU)
+    # Inputs always start on the CPU: token ids, the embedding rows and the masks.
+    host = max(host, masks + e * u * F32)
+    if backend is Backend.CUDA and CPU in layer_device[:n_layer] and any(d != CPU for d in layer_device):
+        # Op offload: big matrix products with CPU weights run on the GPU (ubatch >= 32) after a
+        # copy of the weight into the first GPU's compute buffer.
+        biggest = max(
+            (facts.layer_max_tensor_bytes[il] for il in range(n_layer) if layer_device[il] == CPU),
+            default=0,
+        )
+        gpu[0] += biggest
+    return tuple(gpu), host
+
+
+def breakdown(
+    facts: gguf_facts.ModelFacts,
+    settings: ContextSettings,
+    placement: Placement,
+    backend: Backend = Backend.CUDA,
+) -> MemoryBreakdown:
+    """Model, KV and compute bytes per GPU and on the host for one placement."""
+    n_layer = facts.block_count
+    if placement.n_cpu_moe < 0 or placement.n_cpu_moe > n_layer:
+        raise ValueError(f"nCpuMoe is {placement.n_cpu_moe}, but it must be between 0 and {n_layer}")
+    devices = layer_devices(n_layer, placement)
+    n_dev = placement.n_devices
+    model = [0] * n_dev
+    kv = [0] * n_dev
+    host_model = facts.token_embd_bytes + facts.other_bytes
+    host_kv = 0
+    for il in range(n_layer):
+        d = devices[il]
+        weights = facts.layer_bytes[il]
+        experts = facts.layer_expert_bytes[il] if il < placement.n_cpu_moe else 0
+        layer_kv = kv_layer_bytes(facts, settings, il)
+        host_model += experts
+        if d == CPU:
+            host_model += weights - experts
+            host_kv += layer_kv
+        else:
+            model[d] += weights - experts
+            kv[d] += layer_kv
+    out = devices[n_layer]
+    if out == CPU:
+        host_model += facts.output_bytes
+    else:
+        model[out] += facts.output_device_bytes
+    gpu_compute, host_compute = compute_bytes(facts, settings, devices, n_dev, backend)
+    return MemoryBreakdown(
+        devices=tuple(DeviceBytes(model[d], kv[d], gpu_compute[d]) for d in range(n_dev)),
+        host=DeviceBytes(host_model, host_kv, host_compute),
+        layer_device=devices,
+    )

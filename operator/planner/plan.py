@@ -1,0 +1,441 @@
+"""Choose llama.cpp's offload arguments for one model on one node's GPUs, before anything is scheduled.
+
+llama.cpp's ``--fit`` sizes ``-ngl`` at load time from the memory it finds; the operator needs the
+answer earlier: which node pool and how many GPUs to request, and what to put in status. This module
+answers it from ``memory``'s model: the largest ``-ngl`` whose predicted bytes fit every GPU's budget
+(memory minus CUDA context minus a margin), a ``-ts`` that hands each GPU a contiguous run of
+layers sized to its budget, and, for MoE models, ``--n-cpu-moe`` when keeping attention and KV on the
+GPU and only some experts in host memory reads fewer bytes from host memory per token than dropping
+whole layers. When nothing fits, the plan says so and names the smallest GPU configuration that would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Sequence
+
+from kquant.operator.planner import memory, seed
+from kquant.quantizer import gguf_facts
+
+MiB = memory.MiB
+GiB = memory.GiB
+MAX_GPUS = 8
+"""The largest GPU count the does-not-fit advice considers (one node)."""
+
+
+class PlannerKind(enum.StrEnum):
+    AUTO = "auto"
+    """The memory model in ``memory``."""
+    SEED = "seed"
+    """``floor(VRAM / file size * (layers - 4))``, for comparison only."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannerSettings:
+    """How conservative the planner is, and what it may change."""
+
+    planner: PlannerKind = PlannerKind.AUTO
+    backend: memory.Backend = memory.Backend.CUDA
+    cuda_context_bytes: int = 512 * MiB
+    """Per GPU: CUDA context, cuBLAS workspace and kernels (100-560 MiB measured, more on big GPUs)."""
+    margin_bytes: int = 512 * MiB
+    """Per GPU: headroom for fragmentation and what the model misses."""
+    reduce_context: bool = False
+    """May shrink the context (halving, down to ``min_context``) to reach full offload."""
+    min_context: int = 2048
+    moe_on_cpu: bool = True
+    """May keep MoE experts in host memory (``--n-cpu-moe``)."""
+    require_full_offload: bool = False
+    """Report a plan that leaves any layer on the CPU as not fitting."""
+
+    @property
+    def overhead_bytes(self) -> int:
+        return self.cuda_context_bytes + self.margin_bytes
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanRequest:
+    """Everything the planner needs: the model, the serving settings and one node's GPUs."""
+
+    facts: gguf_facts.ModelFacts
+    context: memory.ContextSettings
+    gpu_memory: tuple[int, ...]
+    """Total memory of each GPU the pod would get, in bytes (empty: CPU only)."""
+    gpu_layers: int | None = None
+    """A fixed ``-ngl`` (the manifest's ``gpuLayers``), or None for auto."""
+    tensor_split: tuple[float, ...] | None = None
+    """A fixed ``-ts``, or None to let the planner choose."""
+    host_memory: int | None = None
+    """Host memory the pod may use, in bytes, if known."""
+    settings: PlannerSettings = PlannerSettings()
+
+
+@dataclasses.dataclass(frozen=True)
+class SmallestFit:
+    """The fewest GPUs (and the memory each needs) that hold the whole model at this context."""
+
+    gpus: int
+    memory_per_gpu: int
+
+    def __str__(self) -> str:
+        return f"{self.gpus} GPU(s) with at least {_gib(self.memory_per_gpu)} each"
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadPlan:
+    """The planner's answer: llama.cpp arguments, predicted bytes and why."""
+
+    fits: bool
+    planner: PlannerKind
+    gpu_layers: int
+    """``-ngl`` in llama.cpp's meaning (output layer first)."""
+    total_layers: int
+    """``block_count + 1``: the ``-ngl`` that offloads everything."""
+    context: memory.ContextSettings
+    tensor_split: tuple[float, ...]
+    n_cpu_moe: int
+    devices: tuple[memory.DeviceBytes, ...]
+    host: memory.DeviceBytes
+    gpu_memory: tuple[int, ...]
+    overhead_bytes: int
+    """Per GPU, on top of ``devices``: CUDA context plus margin."""
+    explanation: str
+    smallest_fit: SmallestFit | None = None
+
+    @property
+    def full_offload(self) -> bool:
+        return self.gpu_layers >= self.total_layers and self.n_cpu_moe == 0
+
+    @property
+    def predicted_gpu_bytes(self) -> tuple[int, ...]:
+        """What each GPU should hold, CUDA context included (the margin is not)."""
+        extra = self.overhead_bytes
+        return tuple(d.total + extra for d in self.devices)
+
+    def server_args(self) -> tuple[str, ...]:
+        """llama-server arguments that pin llama.cpp to this plan (``--fit off``: no second guess)."""
+        c = self.context
+        args = [
+            "--n-gpu-layers", str(self.gpu_layers),
+            "--ctx-size", str(c.context),
+            "--parallel", str(c.parallel),
+            "--cache-type-k", str(c.cache_type_k),
+            "--cache-type-v", str(c.cache_type_v),
+            "--flash-attn", "on" if c.flash_attention else "off",
+            "--ubatch-size", str(c.ubatch),
+            "--fit", "off",
+        ]  # fmt: skip
+        if c.kv_unified:
+            args.append("--kv-unified")
+        if c.swa_full:
+            args.append("--swa-full")
+        if len(self.tensor_split) > 1:
+            args += ["--tensor-split", ",".join(_fmt_share(s) for s in self.tensor_split)]
+        if self.n_cpu_moe:
+            args += ["--n-cpu-moe", str(self.n_cpu_moe)]
+        return tuple(args)
+
+
+def plan(request: PlanRequest) -> OffloadPlan:
+    """The offload plan for ``request`` (pure: no I/O)."""
+    facts = request.facts
+    _check_request(request)
+    if request.settings.planner is PlannerKind.SEED:
+        return _seed_plan(request)
+    contexts = [request.context]
+    if request.settings.reduce_context and request.gpu_layers is None:
+        contexts += list(_smaller_contexts(request.context, request.settings.min_context))
+    first: OffloadPlan | None = None
+    for ctx in contexts:
+        candidate = _plan_at(dataclasses.replace(request, context=ctx))
+        first = first or candidate
+        if candidate.full_offload and candidate.fits:
+            if ctx is not request.context:
+                candidate = dataclasses.replace(
+                    candidate,
+                    explanation=(
+                        f"context reduced from {request.context.context} to {ctx.context} for full "
+                        f"offload; " + candidate.explanation
+                    ),
+                )
+            return candidate
+    assert first is not None
+    if not first.full_offload:
+        size = min(request.gpu_memory) if request.gpu_memory else None
+        smallest = smallest_fit(facts, request.context, request.settings, size)
+        first = dataclasses.replace(
+            first, smallest_fit=smallest, explanation=f"{first.explanation}; full offload needs {smallest}"
+        )
+    return first
+
+
+def _check_request(request: PlanRequest) -> None:
+    n_total = request.facts.block_count + 1
+    if request.gpu_layers is not None and not 0 <= request.gpu_layers <= n_total:
+        raise ValueError(
+            f"gpuLayers is {request.gpu_layers}, but the model has {n_total} layers "
+            f"({request.facts.block_count} blocks and the output layer)"
+        )
+    if any(m < 0 for m in request.gpu_memory):
+        raise ValueError(f"GPU memory is {list(request.gpu_memory)}, but it must not be negative")
+    if request.tensor_split is not None and len(request.tensor_split) != len(request.gpu_memory):
+        raise ValueError(
+            f"tensorSplit has {len(request.tensor_split)} entries, but the pod gets "
+            f"{len(request.gpu_memory)} GPU(s)"
+        )
+
+
+def _smaller_contexts(ctx: memory.ContextSettings, minimum: int) -> list[memory.ContextSettings]:
+    out = []
+    n = ctx.context
+    while n // 2 >= minimum:
+        n = memory.pad(n // 2, 256)
+        out.append(dataclasses.replace(ctx, context=n))
+    return out
+
+
+def _budgets(request: PlanRequest) -> tuple[int, ...]:
+    over = request.settings.overhead_bytes
+    return tuple(max(m - over, 0) for m in request.gpu_memory)
+
+
+def _fits(bd: memory.MemoryBreakdown, budgets: Sequence[int], host_memory: int | None) -> bool:
+    if any(d.total > b for d, b in zip(bd.devices, budgets, strict=True)):
+        return False
+    return host_memory is None or bd.host.total <= host_memory
+
+
+def _host_read_per_token(facts: gguf_facts.ModelFacts, bd: memory.MemoryBreakdown, n_cpu_moe: int) -> float:
+    """Bytes of weights read from host memory per generated token: what makes partial offload slow.
+
+    A MoE layer reads only ``expert_used / expert_count`` of its experts per token, so moving experts
+    to the CPU costs less than moving the same bytes of attention and dense weights.
+    """
+    n_layer = facts.block_count
+    share = facts.expert_used_count / facts.expert_count if facts.expert_count else 1.0
+    total = 0.0
+    for il in range(n_layer):
+        experts = facts.layer_expert_bytes[il]
+        if bd.layer_device[il] == memory.CPU:
+            total += facts.layer_bytes[il] - experts + experts * share
+        elif il < n_cpu_moe:
+            total += experts * share
+    if bd.layer_device[n_layer] == memory.CPU:
+        total += facts.output_bytes
+    return total
+
+
+def _plan_at(request: PlanRequest) -> OffloadPlan:
+    facts = request.facts
+    settings = request.settings
+    budgets = _budgets(request)
+    n_gpu = len(request.gpu_memory)
+    n_total = facts.block_count + 1
+    if n_gpu == 0:
+        return _make_plan(request, memory.Placement(0, (1.0,)), fits=not settings.require_full_offload,
+                          why="no GPU: everything runs on the CPU")  # fmt: skip
+    if request.gpu_layers is not None:
+        placement = _placement(request, request.gpu_layers, 0, budgets)
+        bd = memory.breakdown(facts, request.context, placement, settings.backend)
+        ok = _fits(bd, budgets, request.host_memory)
+        if settings.require_full_offload and request.gpu_layers < n_total:
+            ok = False
+        return _make_plan(request, placement, fits=ok, why=f"gpuLayers {request.gpu_layers} was asked for")
+
+    options: list[tuple[float, memory.Placement, memory.MemoryBreakdown]] = []
+    for ngl in range(n_total, 0, -1):
+        placement = _placement(request, ngl, 0, budgets)
+        bd = memory.breakdown(facts, request.context, placement, settings.backend)
+        if _fits(bd, budgets, request.host_memory):
+            options.append((_host_read_per_token(facts, bd, 0), placement, bd))
+            break
+    if facts.is_moe and settings.moe_on_cpu and not (options and options[0][1].gpu_layers == n_total):
+        for k in range(1, facts.block_count + 1):
+            placement = _placement(request, n_total, k, budgets)
+            bd = memory.breakdown(facts, request.context, placement, settings.backend)
+            if _fits(bd, budgets, request.host_memory):
+                options.append((_host_read_per_token(facts, bd, k), placement, bd))
+                break
+    if not options:
+        placement = memory.Placement(0, _even_split(n_gpu))
+        return _make_plan(request, placement, fits=False,
+                          why="not even the output layer fits the GPU budget")  # fmt: skip
+    options.sort(key=lambda o: (o[0], o[1].n_cpu_moe))
+    cost, placement, _ = options[0]
+    full = placement.gpu_layers == n_total and placement.n_cpu_moe == 0
+    if full:
+        why = "everything fits"
+    elif placement.n_cpu_moe:
+        why = (
+            f"experts of the first {placement.n_cpu_moe} blocks stay in host memory "
+            f"({_gib(int(cost))} read from host per token"
+            + (f", vs {_gib(int(options[1][0]))} when dropping whole layers)" if len(options) > 1 else ")")
+        )
+    else:
+        why = f"the output layer and the last {placement.gpu_layers - 1} blocks fit"
+    ok = full or not settings.require_full_offload
+    return _make_plan(request, placement, fits=ok, why=why)
+
+
+def _even_split(n: int) -> tuple[float, ...]:
+    return tuple(1.0 for _ in range(n))
+
+
+def _placement(request: PlanRequest, ngl: int, n_cpu_moe: int, budgets: Sequence[int]) -> memory.Placement:
+    """A placement for ``ngl`` layers; with several GPUs, a split that fills each GPU to its budget."""
+    if request.tensor_split is not None:
+        return memory.Placement(ngl, request.tensor_split, n_cpu_moe)
+    n_gpu = len(budgets)
+    if n_gpu == 1:
+        return memory.Placement(ngl, (1.0,), n_cpu_moe)
+    counts = _greedy_counts(request, ngl, n_cpu_moe, budgets)
+    return memory.Placement(ngl, tuple(float(c) for c in counts), n_cpu_moe)
+
+
+def _greedy_counts(request: PlanRequest, ngl: int, n_cpu_moe: int, budgets: Sequence[int]) -> list[int]:
+    """Layers per GPU: fill the last GPU first (it gets the output layer), then the one before it.
+
+    llama.cpp assigns the offloaded range (last blocks, then the output layer) to GPUs in order
+    by cumulative ``-ts`` proportions, so integer counts as ``-ts`` give exactly this assignment.
+    Each GPU keeps room for its compute buffer: the logits on the last one, one block's
+    activations and the masks on the others. Layers that fit nowhere land on the first GPU, and
+    the caller's check of the full breakdown rejects that ``ngl``.
+    """
+    facts = request.facts
+    ctx = request.context
+    n_layer = facts.block_count
+    n_gpu = len(budgets)
+    start = max(n_layer + 1 - ngl, 0)
+    # Compute reserves from a placement with every block on GPU 0 and the output on GPU 1.
+    probe = tuple([0] * n_layer + [1])
+    layer_phase, output_phase = memory.compute_bytes(facts, ctx, probe, 2, memory.Backend.RPC)[0]
+    reserve = [layer_phase] * (n_gpu - 1) + [max(layer_phase, output_phase)]
+    counts = [0] * n_gpu
+    used = [0] * n_gpu
+    d = n_gpu - 1
+    for il in range(n_layer, start - 1, -1):
+        if il == n_layer:
+            cost = facts.output_device_bytes
+        else:
+            experts = facts.layer_expert_bytes[il] if il < n_cpu_moe else 0
+            cost = facts.layer_bytes[il] - experts + memory.kv_layer_bytes(facts, ctx, il)
+        while d > 0 and used[d] + cost + reserve[d] > budgets[d] and il != n_layer:
+            d -= 1
+        counts[d] += 1
+        used[d] += cost
+    return counts
+
+
+def _make_plan(request: PlanRequest, placement: memory.Placement, *, fits: bool, why: str) -> OffloadPlan:
+    facts = request.facts
+    settings = request.settings
+    bd = memory.breakdown(facts, request.context, placement, settings.backend)
+    plan_ = OffloadPlan(
+        fits=fits,
+        planner=settings.planner,
+        gpu_layers=placement.gpu_layers,
+        total_layers=facts.block_count + 1,
+        context=request.context,
+        tensor_split=placement.tensor_split,
+        n_cpu_moe=placement.n_cpu_moe,
+        devices=bd.devices if request.gpu_memory else (),
+        host=bd.host,
+        gpu_memory=request.gpu_memory,
+        overhead_bytes=settings.overhead_bytes,
+        explanation="",
+    )
+    return dataclasses.replace(plan_, explanation=explain(plan_, why))
+
+
+def explain(p: OffloadPlan, why: str) -> str:
+    """One line for status and logs: what goes where, and the bytes per device."""
+    n_layer = p.total_layers - 1
+    if p.gpu_layers >= p.total_layers:
+        where = f"all {n_layer} blocks and the output layer on {len(p.gpu_memory)} GPU(s)"
+    elif p.gpu_layers == 0:
+        where = "nothing on the GPU"
+    else:
+        where = f"the output layer and the last {p.gpu_layers - 1} of {n_layer} blocks on the GPU"
+    parts = [f"{'fits' if p.fits else 'does not fit'}: -ngl {p.gpu_layers} puts {where} ({why})"]
+    for i, (d, m) in enumerate(zip(p.devices, p.gpu_memory, strict=True)):
+        parts.append(
+            f"GPU{i}: weights {_gib(d.model)} + KV {_gib(d.kv)} + compute {_gib(d.compute)} "
+            f"+ CUDA context and margin {_gib(p.overhead_bytes)} = {_gib(d.total + p.overhead_bytes)} "
+            f"of {_gib(m)}"
+        )
+    host = p.host
+    parts.append(f"host: weights {_gib(host.model)} + KV {_gib(host.kv)} + compute {_gib(host.compute)}")
+    return "; ".join(parts)
+
+
+def smallest_fit(
+    facts: gguf_facts.ModelFacts,
+    ctx: memory.ContextSettings,
+    settings: PlannerSettings,
+    gpu_memory: int | None = None,
+) -> SmallestFit:
+    """The smallest GPU configuration that holds the whole model at ``ctx``.
+
+    With ``gpu_memory`` (the size of the GPUs a node pool has): the fewest such GPUs, up to
+    ``MAX_GPUS``. Without it, or when even ``MAX_GPUS`` of them are too small: one GPU and the
+    memory it would need.
+    """
+    if gpu_memory is not None:
+        for n in range(1, MAX_GPUS + 1):
+            need = _need_per_gpu(facts, ctx, settings, n)
+            if need <= gpu_memory:
+                return SmallestFit(n, need)
+    return SmallestFit(1, _need_per_gpu(facts, ctx, settings, 1))
+
+
+def _need_per_gpu(
+    facts: gguf_facts.ModelFacts, ctx: memory.ContextSettings, settings: PlannerSettings, n: int
+) -> int:
+    placement = memory.Placement(facts.block_count + 1, _balanced_split(facts, ctx, n))
+    bd = memory.breakdown(facts, ctx, placement, settings.backend)
+    return max(d.total for d in bd.devices) + settings.overhead_bytes
+
+
+def _balanced_split(facts: gguf_facts.ModelFacts, ctx: memory.ContextSettings, n: int) -> tuple[float, ...]:
+    """Layer counts per GPU that even out weights and KV, with the output layer on the last GPU."""
+    if n == 1:
+        return (1.0,)
+    n_layer = facts.block_count
+    sizes = [facts.layer_bytes[il] + memory.kv_layer_bytes(facts, ctx, il) for il in range(n_layer)]
+    sizes.append(facts.output_device_bytes)
+    target = sum(sizes) / n
+    counts = [0] * n
+    d = 0
+    used = 0.0
+    for i, s in enumerate(sizes):
+        if d < n - 1 and used + s / 2 > target and counts[d] > 0 and i < len(sizes) - 1:
+            d += 1
+            used = 0.0
+        counts[d] += 1
+        used += s
+    return tuple(float(c) for c in counts)
+
+
+def _seed_plan(request: PlanRequest) -> OffloadPlan:
+    facts = request.facts
+    vram = sum(request.gpu_memory)
+    ngl = seed.seed_gpu_layers(vram, facts.file_bytes, facts.block_count) if request.gpu_memory else 0
+    n_gpu = max(len(request.gpu_memory), 1)
+    split = request.tensor_split or tuple(float(m) for m in request.gpu_memory) or (1.0,)
+    placement = memory.Placement(ngl, split)
+    if len(placement.tensor_split) != n_gpu or sum(placement.tensor_split) <= 0:
+        placement = memory.Placement(ngl, _even_split(n_gpu))
+    bd = memory.breakdown(facts, request.context, placement, request.settings.backend)
+    ok = bool(request.gpu_memory) and _fits(bd, _budgets(request), request.host_memory)
+    why = f"seed formula floor({_gib(vram)} / {_gib(facts.file_bytes)} * ({facts.block_count} - 4))"
+    return _make_plan(request, placement, fits=ok, why=why)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
+def _fmt_share(s: float) -> str:
+    return str(int(s)) if math.isclose(s, round(s)) else f"{s:.3f}"
