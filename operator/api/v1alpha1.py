@@ -23,11 +23,10 @@ import datetime
 import enum
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Annotated, Any, ClassVar, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeAlias
 
 import pydantic
 import pydantic.alias_generators
-
 from kquant.quantizer import constants
 
 GROUP = "kquant.dev"
@@ -102,9 +101,9 @@ class SpecRuleError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Enums. Names of llama.cpp types come from the one table in kquant.quantizer.constants.
 
-TensorType = constants.TensorType
-FileType = constants.FileType
-CacheType = constants.CacheType
+TensorType: TypeAlias = constants.TensorType
+FileType: TypeAlias = constants.FileType
+CacheType: TypeAlias = constants.CacheType
 
 
 class Recipe(enum.StrEnum):
@@ -573,7 +572,8 @@ class Variant(_Model):
                 "has(self.outputTensorType) || has(self.tokenEmbeddingType) || has(self.targetSizeGiB) "
                 "|| has(self.targetBitsPerWeight) || (has(self.pure) && self.pure) || "
                 "(has(self.leaveOutputTensor) && self.leaveOutputTensor) || "
-                "(has(self.allowRequantize) && self.allowRequantize) || (has(self.keepSplit) && self.keepSplit))",
+                "(has(self.allowRequantize) && self.allowRequantize) || "
+                "(has(self.keepSplit) && self.keepSplit))",
                 "recipe passthrough serves the source file as it is, so it takes no quantization settings",
                 ".recipe",
             ),
@@ -642,15 +642,17 @@ class Variant(_Model):
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> Self:
-        if self.type is None and self.recipe is not Recipe.PASSTHROUGH:
+        if self.type is None and self.recipe != Recipe.PASSTHROUGH:
             raise SpecRuleError("type", "type is required unless recipe is passthrough")
         if self.target_size_gib is not None and self.target_bits_per_weight is not None:
-            raise SpecRuleError("targetBitsPerWeight", "set at most one of targetSizeGiB and targetBitsPerWeight")
+            raise SpecRuleError(
+                "targetBitsPerWeight", "set at most one of targetSizeGiB and targetBitsPerWeight"
+            )
         has_target = self.target_size_gib is not None or self.target_bits_per_weight is not None
-        if has_target and self.recipe is not Recipe.DYNAMIC:
+        if has_target and self.recipe != Recipe.DYNAMIC:
             raise SpecRuleError("recipe", "a size or bits-per-weight target needs recipe dynamic")
         per_tensor = (
-            self.recipe is Recipe.DYNAMIC
+            self.recipe == Recipe.DYNAMIC
             or self.overrides is not None
             or self.output_tensor_type is not None
             or self.token_embedding_type is not None
@@ -668,9 +670,10 @@ class Variant(_Model):
             )
         quantizes = per_tensor or has_target or self.pure or self.leave_output_tensor or self.allow_requantize
         quantizes = quantizes or self.keep_split
-        if self.recipe is Recipe.PASSTHROUGH and quantizes:
+        if self.recipe == Recipe.PASSTHROUGH and quantizes:
             raise SpecRuleError(
-                "recipe", "recipe passthrough serves the source file as it is, so it takes no quantization settings"
+                "recipe",
+                "recipe passthrough serves the source file as it is, so it takes no quantization settings",
             )
         return self
 
@@ -711,7 +714,10 @@ class Evaluation(_Model):
         "is the unquantized model's.",
     )
     max_perplexity: float | None = pydantic.Field(
-        default=None, gt=1, le=1e9, description="Highest absolute perplexity, for sources without a reference."
+        default=None,
+        gt=1,
+        le=1e9,
+        description="Highest absolute perplexity, for sources without a reference.",
     )
 
 
@@ -762,7 +768,9 @@ class PVCStorage(_Model):
         ),
     )
     storage_class_name: str | None = pydantic.Field(
-        default=None, max_length=253, description="StorageClass of the new claim; the cluster default when unset."
+        default=None,
+        max_length=253,
+        description="StorageClass of the new claim; the cluster default when unset.",
     )
     access_mode: AccessMode | None = pydantic.Field(
         default=None,
@@ -827,7 +835,8 @@ class Quantizer(PodSettings):
         default=None,
         min_length=1,
         max_length=512,
-        description="Quantizer image. Defaults to the operator's own image, which carries kquant-quantize.",
+        description="Quantizer image. Defaults to the operator's KQUANT_QUANTIZER_IMAGE "
+        "(Helm value quantizerImage).",
     )
     backoff_limit: int = pydantic.Field(
         default=2, ge=0, le=10, description="Retries of a failed build Job. Defaults to 2."
@@ -842,7 +851,9 @@ class Sampling(_Model):
 
     temperature: float | None = pydantic.Field(default=None, ge=0, le=5, description="`--temp`.")
     top_p: float | None = pydantic.Field(default=None, ge=0, le=1, description="`--top-p`.")
-    top_k: int | None = pydantic.Field(default=None, ge=0, le=100_000, description="`--top-k`; 0 disables it.")
+    top_k: int | None = pydantic.Field(
+        default=None, ge=0, le=100_000, description="`--top-k`; 0 disables it."
+    )
     min_p: float | None = pydantic.Field(default=None, ge=0, le=1, description="`--min-p`.")
     seed: int | None = pydantic.Field(
         default=None, ge=-1, le=2**32 - 1, description="`--seed`; -1 picks a random seed."
@@ -859,7 +870,8 @@ class Serving(PodSettings):
     model_config = pydantic.ConfigDict(
         json_schema_extra=_cel_list(
             _cel(
-                "!has(self.cacheTypeV) || self.cacheTypeV in " + _quoted(_UNQUANTIZED_CACHE)
+                "!has(self.cacheTypeV) || self.cacheTypeV in "
+                + _quoted(_UNQUANTIZED_CACHE)
                 + " || !has(self.flashAttention) || self.flashAttention != 'off'",
                 "a quantized V cache needs flash attention: set flashAttention to auto or on",
                 ".cacheTypeV",
@@ -878,7 +890,8 @@ class Serving(PodSettings):
         default=None,
         min_length=1,
         max_length=512,
-        description=f"llama-server image. Defaults to `{DEFAULT_SERVER_IMAGE}`.",
+        description="llama-server image. Defaults to the operator's KQUANT_SERVER_IMAGE (Helm value "
+        f"serverImage), normally `{DEFAULT_SERVER_IMAGE}`.",
     )
     context_size: int = pydantic.Field(
         default=4096,
@@ -886,13 +899,16 @@ class Serving(PodSettings):
         le=4_194_304,
         description="Context size in tokens, shared by all parallel slots (`-c`). Defaults to 4096.",
     )
-    parallel: int = pydantic.Field(default=1, ge=1, le=256, description="Parallel slots (`-np`). Defaults to 1.")
+    parallel: int = pydantic.Field(
+        default=1, ge=1, le=256, description="Parallel slots (`-np`). Defaults to 1."
+    )
     cache_type_k: CacheType = pydantic.Field(
         default=CacheType.F16, description="K cache type (`--cache-type-k`). Defaults to f16."
     )
     cache_type_v: CacheType = pydantic.Field(
         default=CacheType.F16,
-        description="V cache type (`--cache-type-v`); a quantized one needs flash attention. Defaults to f16.",
+        description="V cache type (`--cache-type-v`); a quantized one needs flash attention. "
+        "Defaults to f16.",
     )
     flash_attention: FlashAttention = pydantic.Field(
         default=FlashAttention.AUTO, description="`--flash-attn`. Defaults to auto."
@@ -995,19 +1011,21 @@ class QuantizedModelSpec(_Model):
         names = [v.name for v in self.variants]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise SpecRuleError("variants", f"variant names must be unique; repeated: {', '.join(duplicates)}")
+            raise SpecRuleError(
+                "variants", f"variant names must be unique; repeated: {', '.join(duplicates)}"
+            )
         if self.serving is not None and self.serving.variant not in names:
             raise SpecRuleError(
                 "serving.variant",
                 f"{self.serving.variant!r} must name one of spec.variants ({', '.join(names)})",
             )
-        passthrough = [v.name for v in self.variants if v.recipe is Recipe.PASSTHROUGH]
+        passthrough = [v.name for v in self.variants if v.recipe == Recipe.PASSTHROUGH]
         if passthrough and self.source.huggingface is not None:
             raise SpecRuleError(
                 "variants", "recipe passthrough needs a gguf source; a huggingface source is always quantized"
             )
         if self.source.gguf is not None:
-            bad = [v.name for v in self.variants if v.recipe is not Recipe.PASSTHROUGH and not v.allow_requantize]
+            bad = [v.name for v in self.variants if v.recipe != Recipe.PASSTHROUGH and not v.allow_requantize]
             if bad:
                 raise SpecRuleError(
                     "variants",
@@ -1015,7 +1033,9 @@ class QuantizedModelSpec(_Model):
                     f"({', '.join(bad)} does neither)",
                 )
         if len(passthrough) > 1:
-            raise SpecRuleError("variants", "at most one variant may be recipe passthrough: two would be the same file")
+            raise SpecRuleError(
+                "variants", "at most one variant may be recipe passthrough: two would be the same file"
+            )
         return self
 
     def variant(self, name: str) -> Variant:
@@ -1089,7 +1109,9 @@ class VariantStatus(_Model):
         "A variant is rebuilt when it changes.",
     )  # fmt: skip
     type: str | None = pydantic.Field(default=None, max_length=32, description="llama.cpp file type built.")
-    size_bytes: int | None = pydantic.Field(default=None, ge=0, description="Total bytes of the GGUF file(s).")
+    size_bytes: int | None = pydantic.Field(
+        default=None, ge=0, description="Total bytes of the GGUF file(s)."
+    )
     sha256: str | None = pydantic.Field(
         default=None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the (first) GGUF file."
     )
@@ -1097,7 +1119,9 @@ class VariantStatus(_Model):
     kl_divergence: float | None = pydantic.Field(
         default=None, alias="klDivergence", ge=0, description="Mean KL divergence from the unquantized model."
     )
-    perplexity: float | None = pydantic.Field(default=None, ge=0, description="Perplexity on the evaluation text.")
+    perplexity: float | None = pydantic.Field(
+        default=None, ge=0, description="Perplexity on the evaluation text."
+    )
     top1_agreement: float | None = pydantic.Field(
         default=None, ge=0, le=1, description="Share of positions with the unquantized model's top token."
     )
@@ -1115,7 +1139,9 @@ class VariantStatus(_Model):
 class ServingStatus(_Model):
     """What is served and why it was planned that way."""
 
-    variant: str | None = pydantic.Field(default=None, max_length=MAX_VARIANT_NAME_LENGTH, description="Served variant.")
+    variant: str | None = pydantic.Field(
+        default=None, max_length=MAX_VARIANT_NAME_LENGTH, description="Served variant."
+    )
     size: str | None = pydantic.Field(
         default=None, max_length=32, description="Size of the served GGUF for humans, such as `131.4GiB`."
     )
@@ -1144,7 +1170,9 @@ class QuantizedModelStatus(_Model):
     observed_generation: int | None = pydantic.Field(
         default=None, ge=0, description="metadata.generation this status describes."
     )
-    phase: Phase | None = pydantic.Field(default=None, description="Overall phase; see conditions for details.")
+    phase: Phase | None = pydantic.Field(
+        default=None, description="Overall phase; see conditions for details."
+    )
     progress: str | None = pydantic.Field(
         default=None, max_length=256, description="Short progress note, such as `q4km 2/5 quantizing 63%`."
     )
@@ -1160,7 +1188,9 @@ class QuantizedModelStatus(_Model):
         description="One entry per built variant.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
-    serving: ServingStatus | None = pydantic.Field(default=None, description="The served variant and its plan.")
+    serving: ServingStatus | None = pydantic.Field(
+        default=None, description="The served variant and its plan."
+    )
     kopf: dict[str, Any] | None = pydantic.Field(
         default=None,
         description="kopf's own bookkeeping (handler progress); not part of the API.",
@@ -1179,6 +1209,12 @@ class QuantizedModelStatus(_Model):
 
 # --------------------------------------------------------------------------------------------
 # The object
+
+
+_NAME_RULE = (
+    "must be a DNS-1035 label (lowercase letters, digits, '-', starting with a letter) of at most "
+    f"{MAX_NAME_LENGTH} characters, as it names the model's Service and Jobs"
+)
 
 
 class ObjectMeta(pydantic.BaseModel):
@@ -1206,17 +1242,19 @@ class QuantizedModel(_Model):
     model_config = pydantic.ConfigDict(
         json_schema_extra=_cel_list(
             _cel(
-                f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && self.metadata.name.matches('{DNS_1035_LABEL}')",
-                f"metadata.name must be a DNS-1035 label (lowercase letters, digits, '-', starting with a letter) "
-                f"of at most {MAX_NAME_LENGTH} characters, as it names the model's Service and Jobs",
+                f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && "
+                f"self.metadata.name.matches('{DNS_1035_LABEL}')",
+                f"metadata.name {_NAME_RULE}",
             ),
         )
     )
 
     KIND: ClassVar[str] = KIND
 
-    api_version: Literal["kquant.dev/v1alpha1"] = pydantic.Field(default=API_VERSION, alias="apiVersion")
-    kind: Literal["QuantizedModel"] = KIND
+    api_version: Literal["kquant.dev/v1alpha1"] = pydantic.Field(
+        default="kquant.dev/v1alpha1", alias="apiVersion"
+    )
+    kind: Literal["QuantizedModel"] = "QuantizedModel"
     metadata: ObjectMeta
     spec: QuantizedModelSpec
     status: QuantizedModelStatus | None = None
@@ -1233,8 +1271,7 @@ class QuantizedModel(_Model):
         if len(value.name) > MAX_NAME_LENGTH or not re.fullmatch(DNS_1035_LABEL, value.name):
             raise SpecRuleError(
                 "name",
-                f"{value.name!r} must be a DNS-1035 label (lowercase letters, digits, '-', starting "
-                f"with a letter) of at most {MAX_NAME_LENGTH} characters, as it names the model's Service and Jobs"
+                f"{value.name!r} {_NAME_RULE}",
             )
         return value
 
@@ -1245,7 +1282,9 @@ class QuantizedModel(_Model):
 
     def to_body(self) -> dict[str, Any]:
         """The object as JSON for the API server (camelCase, no nulls, no status)."""
-        body: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
+        body: dict[str, Any] = self.model_dump(
+            mode="json", by_alias=True, exclude_none=True, exclude={"status"}
+        )
         return body
 
 

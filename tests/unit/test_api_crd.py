@@ -12,7 +12,6 @@ from typing import Any
 import gen_crds
 import pytest
 import yaml
-
 from kquant.operator.api import v1alpha1 as api
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -43,8 +42,9 @@ def test_committed_crds_are_up_to_date() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_check_mode_reports_a_difference(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_mode_reports_a_difference(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     stale = tmp_path / "crd.yaml"
     stale.write_text(gen_crds.render().replace("maxItems: 16", "maxItems: 17", 1))
     monkeypatch.setattr(gen_crds, "TARGETS", (stale,))
@@ -85,7 +85,11 @@ def test_names_columns_and_subresource() -> None:
     crd = yaml.safe_load(gen_crds.TARGETS[0].read_text())
     assert crd["metadata"]["name"] == "quantizedmodels.kquant.dev"
     names = crd["spec"]["names"]
-    assert (names["kind"], names["plural"], names["shortNames"]) == ("QuantizedModel", "quantizedmodels", ["qm"])
+    assert (names["kind"], names["plural"], names["shortNames"]) == (
+        "QuantizedModel",
+        "quantizedmodels",
+        ["qm"],
+    )
     assert crd["spec"]["scope"] == "Namespaced"
     version = crd["spec"]["versions"][0]
     assert version["subresources"] == {"status": {}}

@@ -12,7 +12,6 @@ from typing import Any
 
 import pytest
 import yaml
-
 from kquant.operator.api import v1alpha1 as api
 
 TABLE = pathlib.Path(__file__).resolve().parents[1] / "integration" / "invalid_manifests.yaml"

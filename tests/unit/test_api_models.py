@@ -10,7 +10,6 @@ from typing import Any
 import pydantic
 import pytest
 import yaml
-
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import constants
 
@@ -85,7 +84,7 @@ def test_defaults_and_snake_case_construction() -> None:
 
 
 def test_acronym_aliases() -> None:
-    fields = {
+    fields: dict[type[pydantic.BaseModel], dict[str, str]] = {
         api.Variant: {"target_size_gib": "targetSizeGiB"},
         api.Evaluation: {"max_kl_divergence": "maxKLDivergence", "min_top1_agreement": "minTop1Agreement"},
         api.ServingStatus: {"predicted_gpu_bytes": "predictedGPUBytes", "node_gpu_bytes": "nodeGPUBytes"},
@@ -138,7 +137,11 @@ def test_allowed_transitions(current: api.Phase | None, new: api.Phase) -> None:
     ("current", "new", "message"),
     [
         (None, api.Phase.READY, "from (none) to Ready: expected one of Pending, got Ready"),
-        (api.Phase.READY, api.Phase.QUANTIZING, "expected one of Pending, Serving, Ready, Failed, got Quantizing"),
+        (
+            api.Phase.READY,
+            api.Phase.QUANTIZING,
+            "expected one of Pending, Serving, Ready, Failed, got Quantizing",
+        ),
         (api.Phase.FAILED, api.Phase.READY, "expected one of Pending, Failed, got Ready"),
         (api.Phase.PENDING, api.Phase.SERVING, "got Serving"),
         (api.Phase.EVALUATING, api.Phase.CALIBRATING, "got Calibrating"),
@@ -172,8 +175,12 @@ def test_set_condition_keeps_transition_time_when_status_holds() -> None:
     assert same[0].last_transition_time.minute == 0 and same[0].message == "still"
     flipped = api.set_condition(same, _condition("True", 9))
     assert len(flipped) == 1 and flipped[0].last_transition_time.minute == 9
-    other = api.Condition(type="Stalled", status=api.ConditionStatus.FALSE, reason="Fine",
-                          last_transition_time=datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC))
+    other = api.Condition(
+        type="Stalled",
+        status=api.ConditionStatus.FALSE,
+        reason="Fine",
+        last_transition_time=datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC),
+    )
     assert [c.type for c in api.set_condition(flipped, other)] == ["Ready", "Stalled"]
 
 
@@ -193,7 +200,13 @@ def test_parse_quantity_refuses_words() -> None:
 def test_invalid_override_patterns_on_a_raw_spec() -> None:
     raw = {
         "variants": [
-            {"name": "a", "overrides": [{"pattern": r"blk\.[0-2]\.", "type": "Q6_K"}, {"pattern": "blk\\.(", "type": "Q6_K"}]},
+            {
+                "name": "a",
+                "overrides": [
+                    {"pattern": r"blk\.[0-2]\.", "type": "Q6_K"},
+                    {"pattern": "blk\\.(", "type": "Q6_K"},
+                ],
+            },
             {"name": "b", "overrides": [{"pattern": r"(?=attn)", "type": "Q8_0"}]},
         ]
     }  # fmt: skip

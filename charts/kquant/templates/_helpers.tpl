@@ -1,0 +1,150 @@
+{{/* Chart name, truncated to 63 characters (a DNS label). */}}
+{{- define "kquant.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name for objects: release-chart, or the release name when it already contains the chart
+name. Truncated to 52 characters, leaving room for the suffixes the templates append
+("-operator", "-metrics") within the 63 of a DNS label.
+*/}}
+{{- define "kquant.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* chart-version, for the helm.sh/chart label. */}}
+{{- define "kquant.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels that select the operator pods; never change them in an upgrade. */}}
+{{- define "kquant.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kquant.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/* Labels on every object of the chart. */}}
+{{- define "kquant.labels" -}}
+helm.sh/chart: {{ include "kquant.chart" . }}
+{{ include "kquant.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kquant
+{{- end }}
+
+{{/* Name of the operator's ServiceAccount. */}}
+{{- define "kquant.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kquant.fullname" .) .Values.serviceAccount.name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The operator image reference. */}}
+{{- define "kquant.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+Arguments of `kquant operator`. They mirror `kopf run`'s own flags, so the CLI can hand them on.
+*/}}
+{{- define "kquant.operatorArgs" -}}
+- operator
+- --liveness=http://0.0.0.0:{{ .Values.healthPort }}/healthz
+{{- if .Values.peering.enabled }}
+- --peering={{ .Values.peering.name }}
+{{- if not (kindIs "invalid" .Values.peering.priority) }}
+- --priority={{ .Values.peering.priority }}
+{{- end }}
+{{- else }}
+- --standalone
+{{- end }}
+{{- if .Values.watchNamespaces }}
+{{- range .Values.watchNamespaces }}
+- --namespace={{ . }}
+{{- end }}
+{{- else }}
+- --all-namespaces
+{{- end }}
+{{- range .Values.extraArgs }}
+- {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Fail early on combinations that cannot work. */}}
+{{- define "kquant.validate" -}}
+{{- if and (gt (int .Values.replicaCount) 1) (not .Values.peering.enabled) }}
+{{- fail "replicaCount > 1 needs peering.enabled: standalone replicas would handle the same QuantizedModels at once" }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}
+{{- end }}
+{{- end }}
+
+{{/* RBAC rules on namespaced resources: in the ClusterRole when watching all namespaces, else in a Role per namespace. The chart README explains each. */}}
+{{- define "kquant.namespacedRules" -}}
+# The API itself: read and watch QuantizedModels; patch them for kopf's finalizer and annotations.
+- apiGroups: [kquant.dev]
+  resources: [quantizedmodels]
+  verbs: [get, list, watch, patch, update]
+# Write observed state through the status subresource only.
+- apiGroups: [kquant.dev]
+  resources: [quantizedmodels/status]
+  verbs: [get, patch, update]
+# Events on QuantizedModels (kopf posts handler results and errors as events).
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create, patch]
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+# Quantizer Jobs, one per variant build.
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, patch, delete]
+# The result ConfigMap per build, which the quantizer fills with progress and its report.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, list, watch, create, patch, delete]
+# llama-server Deployment and Service of the served variant.
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch, update, delete]
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, list, watch, create, patch, delete]
+# The model storage claim.
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get, list, watch, create, patch, delete]
+# Per-build ServiceAccount, Role and RoleBinding: the quantizer may patch only its own result
+# ConfigMap (the Role names it in resourceNames). Creating that Role needs no escalate or bind,
+# as the operator holds the permission it grants.
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, list, watch, create, patch, delete]
+# Quantizer and server pods: read their state and exit reasons (no exec, no logs).
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch]
+{{- if .Values.peering.enabled }}
+# kopf peering when serving a list of namespaces: one KopfPeering per namespace.
+- apiGroups: [kopf.dev]
+  resources: [kopfpeerings]
+  verbs: [get, list, watch, patch]
+{{- end }}
+{{- end }}
