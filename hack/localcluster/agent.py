@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
-import json
 import itertools
+import json
 import logging
 import pathlib
 import threading
@@ -23,6 +23,8 @@ from localcluster import images, nodes, podrunner, sandbox
 
 log = logging.getLogger("localcluster.agent")
 LEASE_NAMESPACE = "kube-node-lease"
+STORAGE_CLASS = "local"
+PROVISIONER = "kquant.dev/local-agent"
 
 
 class PodAddresses:
@@ -114,6 +116,49 @@ class NodeAgent:
                         self._post_status(spec)
                 except client.ApiException as exc:
                     log.warning("heartbeat for %s failed: %s", spec.name, exc.reason)
+
+    # -- storage ---------------------------------------------------------------------------
+
+    def ensure_storage_class(self) -> None:
+        storage = client.StorageV1Api(self.api)
+        body = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+                "metadata": {"name": STORAGE_CLASS,
+                             "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
+                "provisioner": PROVISIONER, "volumeBindingMode": "Immediate", "reclaimPolicy": "Delete"}
+        try:
+            storage.create_storage_class(body)
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
+
+    def provision_forever(self) -> None:
+        """A local-path provisioner: each pending claim of our class gets a PV on a local folder."""
+        while not self.stopping.wait(1.0):
+            try:
+                for claim in self.core.list_persistent_volume_claim_for_all_namespaces().items:
+                    if claim.status.phase == "Pending" and not claim.spec.volume_name \
+                            and claim.spec.storage_class_name == STORAGE_CLASS:
+                        self._provision(claim)
+            except client.ApiException as exc:
+                log.warning("provisioning failed: %s", exc.reason)
+
+    def _provision(self, claim: client.V1PersistentVolumeClaim) -> None:
+        meta = claim.metadata
+        folder = self.workloads / "volumes" / meta.namespace / meta.name
+        folder.mkdir(parents=True, exist_ok=True)
+        body = {"apiVersion": "v1", "kind": "PersistentVolume",
+                "metadata": {"name": f"pvc-{meta.uid}",
+                             "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER}},
+                "spec": {"capacity": {"storage": claim.spec.resources.requests["storage"]},
+                         "accessModes": claim.spec.access_modes, "storageClassName": STORAGE_CLASS,
+                         "persistentVolumeReclaimPolicy": "Delete", "hostPath": {"path": str(folder)},
+                         "claimRef": {"namespace": meta.namespace, "name": meta.name, "uid": meta.uid}}}
+        try:
+            self.core.create_persistent_volume(body)
+            log.info("provisioned %s for claim %s/%s", body["metadata"]["name"], meta.namespace, meta.name)
+        except client.ApiException as exc:
+            if exc.status != 409:
+                raise
 
     # -- pods ------------------------------------------------------------------------------
 
@@ -214,6 +259,8 @@ class NodeAgent:
 def serve(api: client.ApiClient, workloads: pathlib.Path, server: str, ca_file: pathlib.Path) -> NodeAgent:
     agent = NodeAgent(api, workloads, server, ca_file)
     agent.register_nodes()
+    agent.ensure_storage_class()
+    threading.Thread(target=agent.provision_forever, daemon=True, name="provisioner").start()
     threading.Thread(target=agent.heartbeat_forever, daemon=True, name="heartbeat").start()
     threading.Thread(target=agent.watch_pods_forever, daemon=True, name="pod-watch").start()
     return agent

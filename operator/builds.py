@@ -1,0 +1,126 @@
+"""What to build: map a QuantizedModel onto quantizer build specs, and name each build.
+
+A build is one variant at one digest. The digest covers what decides the variant's bytes (source
+revision, recipe, calibration settings, quantizer version) and nothing else, so editing serving
+settings or evaluation thresholds never rebuilds, and a spec edited back to an earlier state
+finds its artifact again. The quantizer computes the digest the same way (``settings.
+variant_digest``); the operator computes it once and passes it on, so both sides name one folder.
+
+Pure code: no Kubernetes client, no files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+from kquant.operator.api import v1alpha1 as api
+from kquant.quantizer import settings
+
+STORAGE_MOUNT = "/var/lib/kquant"
+"""Where the storage volume is mounted in quantizer and server pods."""
+CALIBRATION_MOUNT = "/etc/kquant/calibration"
+EVALUATION_MOUNT = "/etc/kquant/evaluation"
+SPEC_KEY = "spec.json"
+"""Key of the build spec in the build's ConfigMap; the quantizer reads it from ``KQUANT_SPEC``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Build:
+    """One variant to build at one digest, and the names of everything that belongs to it."""
+
+    model: str
+    variant: str
+    digest: str
+    spec: settings.BuildSpec
+
+    @property
+    def name(self) -> str:
+        """Job, ConfigMap, ServiceAccount and Role share it: ``<model>-<variant>-<digest[:8]>``."""
+        return f"{self.model}-{self.variant}-{self.digest[:8]}"
+
+
+def _source(spec: api.QuantizedModelSpec) -> settings.Source:
+    hub = spec.source.hub
+    patterns = hub.allow_patterns
+    if spec.source.gguf is not None and spec.source.gguf.file:
+        shard = spec.source.gguf.file
+        # A split model's siblings share the name up to the shard number.
+        stem = shard.split("-00001-of-")[0] if "-00001-of-" in shard else shard.removesuffix(".gguf")
+        patterns = [*(patterns or []), f"{stem}*.gguf"]
+    return settings.Source(huggingface=settings.HuggingFaceSource(
+        repo=hub.repo, revision=hub.revision, endpoint=hub.endpoint,
+        allow_patterns=tuple(patterns) if patterns else None,
+    ))
+
+
+def _calibration(spec: api.QuantizedModelSpec) -> settings.Calibration:
+    calibration = spec.calibration or api.Calibration()
+    if calibration.config_map_ref is not None:
+        return settings.Calibration(
+            dataset=settings.DatasetKind.FILE, chunks=calibration.chunks,
+            context_size=calibration.context_size,
+            path=f"{CALIBRATION_MOUNT}/{calibration.config_map_ref.key}",  # type: ignore[arg-type]
+        )
+    return settings.Calibration(chunks=calibration.chunks, context_size=calibration.context_size)
+
+
+def _evaluation(spec: api.QuantizedModelSpec) -> settings.Evaluation:
+    evaluation = spec.evaluation or api.Evaluation()
+    increase = evaluation.max_perplexity_increase_percent
+    extra: dict[str, object] = {}
+    if evaluation.config_map_ref is not None:
+        extra = {"dataset": settings.DatasetKind.FILE,
+                 "path": f"{EVALUATION_MOUNT}/{evaluation.config_map_ref.key}"}
+    return settings.Evaluation(
+        chunks=evaluation.chunks, context_size=evaluation.context_size,
+        max_kl_divergence=evaluation.max_kl_divergence,
+        max_perplexity_increase=None if increase is None else increase / 100,
+        **extra,  # type: ignore[arg-type]
+    )
+
+
+def _variant(variant: api.Variant) -> settings.VariantSpec:
+    return settings.VariantSpec(
+        name=variant.name,
+        type=variant.type,  # type: ignore[arg-type]
+        recipe=settings.Recipe(variant.recipe.value) if variant.recipe is not api.Recipe.PASSTHROUGH
+        else settings.Recipe.UNIFORM,
+        overrides=tuple(settings.TensorOverride(pattern=o.pattern, type=o.type)
+                        for o in variant.overrides or []),
+        target_size_gi_b=variant.target_size_gib,
+        target_bits_per_weight=variant.target_bits_per_weight,
+        output_tensor_type=variant.output_tensor_type,
+        token_embedding_type=variant.token_embedding_type,
+        leave_output_tensor=variant.leave_output_tensor, pure=variant.pure,
+        allow_requantize=variant.allow_requantize, keep_split=variant.keep_split,
+    )
+
+
+def base_spec(qm: api.QuantizedModel, variant: api.Variant) -> settings.BuildSpec:
+    """The quantizer's spec for one variant, before the operator adds its digest and ConfigMap."""
+    return settings.BuildSpec(
+        source=_source(qm.spec), calibration=_calibration(qm.spec), variants=(_variant(variant),),
+        evaluation=_evaluation(qm.spec), storage_root=STORAGE_MOUNT,  # type: ignore[arg-type]
+    )
+
+
+def plan_builds(qm: api.QuantizedModel, namespace: str) -> list[Build]:
+    """One ``Build`` per declared variant, in spec order, with its digest and result ConfigMap."""
+    builds = []
+    for variant in qm.spec.variants:
+        spec = base_spec(qm, variant)
+        digest = settings.variant_digest(spec, spec.variants[0])
+        name = f"{qm.metadata.name}-{variant.name}-{digest[:8]}"
+        pinned = spec.variants[0].model_copy(update={"digest": digest})
+        spec = spec.model_copy(update={
+            "variants": (pinned,),
+            "result_config_map": settings.ResultConfigMap(name=name, namespace=namespace),
+        })
+        builds.append(Build(model=qm.metadata.name, variant=variant.name, digest=digest, spec=spec))
+    return builds
+
+
+def spec_hash(build: Build) -> str:
+    """Short hash of the exact spec a Job got; lets the operator notice a stale Job."""
+    return hashlib.sha256(build.spec.model_dump_json(by_alias=True).encode()).hexdigest()[:12]
