@@ -1,0 +1,127 @@
+"""``kquant-quantize``: the command the quantizer Job runs.
+
+    kquant-quantize run  --spec build.yaml [--report out.json]
+    kquant-quantize plan --spec build.yaml --variant q4km [--gguf model-f16.gguf]
+
+Exit status: 0 when the build succeeded (a variant that missed its quality gate is a result,
+recorded in the report, not a failure), 1 when it failed (the reason is logged and in the
+report), 2 for a bad command line or spec. Expected failures never print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from kquant.quantizer import imatrix, pipeline, progress, recipes, report, settings
+
+log = logging.getLogger("kquant.quantizer")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kquant-quantize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="build, evaluate and publish every variant of the spec")
+    run.add_argument("--spec", type=Path, help=f"JSON or YAML build spec (default: ${settings.SPEC_ENV})")
+    run.add_argument("--report", type=Path, help="also write the build report JSON here")
+    plan = sub.add_parser("plan", help="print one variant's per-tensor plan; quantize nothing")
+    plan.add_argument("--spec", type=Path, help=f"JSON or YAML build spec (default: ${settings.SPEC_ENV})")
+    plan.add_argument("--variant", required=True, help="the variant's name in the spec")
+    plan.add_argument(
+        "--gguf",
+        type=Path,
+        help="plan against this 16-bit GGUF instead of fetching and converting the spec's source",
+    )
+    return parser
+
+
+def _sink(spec: settings.BuildSpec) -> progress.Sink:
+    sinks: list[progress.Sink] = [progress.LogSink()]
+    cm = spec.result_config_map
+    if cm is not None:
+        try:
+            sinks.append(progress.ConfigMapSink(progress.kubernetes_patcher(cm.name, cm.namespace)))
+        except Exception as exc:  # no cluster config: build anyway, the log still has everything
+            log.warning("cannot reach the Kubernetes API for ConfigMap %s/%s: %s", cm.namespace, cm.name, exc)
+    return progress.FanOut(*sinks)
+
+
+def cmd_run(spec: settings.BuildSpec, report_path: Path | None) -> int:
+    result = pipeline.Build(spec, _sink(spec)).run()
+    if report_path is not None:
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(result.to_json())
+    for v in result.variants:
+        log.info(
+            "variant %s: %s, %d bytes, %.2f bpw, KL %s, gate %s",
+            v.name,
+            v.path,
+            v.size_bytes,
+            v.bits_per_weight,
+            "n/a" if v.kl_divergence is None else f"{v.kl_divergence:.4f}",
+            "passed" if v.gate_passed else f"failed ({'; '.join(v.gate.reasons if v.gate else [])})",
+        )
+    if result.status is report.BuildStatus.FAILED:
+        print(
+            f"kquant-quantize: build failed in {result.failed_step or 'setup'}: {result.reason}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_plan(spec: settings.BuildSpec, variant_name: str, gguf: Path | None) -> int:
+    try:
+        variant = spec.variant(variant_name)
+    except KeyError as exc:
+        print(f"kquant-quantize: {exc.args[0]}", file=sys.stderr)
+        return EXIT_USAGE
+    if gguf is None:
+        prepared = pipeline.prepare(spec, _sink(spec))
+        if isinstance(prepared, str):
+            print(f"kquant-quantize: cannot plan: {prepared}", file=sys.stderr)
+            return EXIT_FAILED
+        gguf, imatrix_path = prepared
+    else:
+        imatrix_path = None
+    data = None
+    if imatrix_path is not None:
+        data = imatrix.read_gguf(imatrix_path)
+    try:
+        plan = recipes.plan_variant(gguf, pipeline.to_recipe(variant), data)
+    except Exception as exc:  # recipe errors are the user's to fix: show the reason, not a trace
+        print(f"kquant-quantize: variant {variant.name}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(plan.render())
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # Never let a library log request headers (the hub token) even at debug level.
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        spec = settings.load_spec(args.spec)
+    except settings.SpecError as exc:
+        print(f"kquant-quantize: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "run":
+        return cmd_run(spec, args.report)
+    return cmd_plan(spec, args.variant, args.gguf)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

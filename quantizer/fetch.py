@@ -1,0 +1,322 @@
+"""Step 1: the source weights, from the Hugging Face hub (or a server that speaks its API).
+
+``huggingface_hub.snapshot_download`` does the transfer: it keeps partial files (``.incomplete``)
+under the destination and continues them with HTTP Range requests, both inside one call and on the
+next run, so a Job that is killed mid-download resumes where it stopped. What it does not do is
+check LFS files against the sha256 the hub publishes, so that happens here afterwards. The
+revision is resolved to a commit first and the download pinned to it: a branch that moves during
+a long download cannot mix two commits.
+
+The token is read from ``HF_TOKEN`` only (the Job maps it from a Secret) and passed straight to
+the client; it never enters a log line, an error message or the report.
+
+A source may also be GGUF: a single file, or shards named ``name-00001-of-0000N.gguf``;
+``find_gguf_models`` groups shards and checks that none is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import huggingface_hub
+from huggingface_hub import errors
+from kquant.quantizer import settings
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "HF_TOKEN"
+DEFAULT_ENDPOINT = "https://huggingface.co"
+MANIFEST = ".kquant-fetch.json"
+"""Written into the destination after a verified download: revision and file digests."""
+
+_SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
+
+
+class FetchError(Exception):
+    """The source could not be fetched; the message says why in the spec's terms."""
+
+
+class SourceFormat(enum.StrEnum):
+    SAFETENSORS = "safetensors"
+    GGUF = "gguf"
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteFile:
+    name: str
+    size: int | None
+    sha256: str | None
+    """The LFS sha256 the hub publishes; None for small files kept in git."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchResult:
+    path: Path
+    revision: str
+    """The commit the download was pinned to."""
+    files: tuple[RemoteFile, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFModel:
+    """One GGUF model: a single file, or every shard of a split file in order."""
+
+    shards: tuple[Path, ...]
+
+    @property
+    def first(self) -> Path:
+        """The path llama.cpp is given; it finds the other shards by name."""
+        return self.shards[0]
+
+
+def endpoint_for(source: settings.HuggingFaceSource, env: dict[str, str] | None = None) -> str:
+    environ = os.environ if env is None else env
+    return (source.endpoint or environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
+
+
+def select_files(names: Sequence[str], patterns: Sequence[str] | None) -> list[str]:
+    """The repository files the allow-patterns pick (all when there are none), like the hub client."""
+    if not patterns:
+        return sorted(names)
+    return sorted(n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns))
+
+
+def find_gguf_models(files: Sequence[Path]) -> list[GGUFModel]:
+    """Group GGUF files into models; raise when a split model misses a shard."""
+    singles: list[GGUFModel] = []
+    splits: dict[tuple[Path, str, int], dict[int, Path]] = {}
+    for f in sorted(files):
+        if f.suffix != ".gguf":
+            continue
+        m = _SPLIT_RE.match(f.name)
+        if m is None:
+            singles.append(GGUFModel((f,)))
+            continue
+        key = (f.parent, m["stem"], int(m["count"]))
+        splits.setdefault(key, {})[int(m["index"])] = f
+    models = list(singles)
+    for (parent, stem, count), shards in sorted(splits.items()):
+        missing = [i for i in range(1, count + 1) if i not in shards]
+        if missing:
+            names = ", ".join(f"{stem}-{i:05d}-of-{count:05d}.gguf" for i in missing)
+            raise FetchError(f"split GGUF {parent / stem} is missing shard(s) {names}")
+        models.append(GGUFModel(tuple(shards[i] for i in range(1, count + 1))))
+    return models
+
+
+def detect_format(path: Path) -> SourceFormat:
+    """safetensors when there is a ``config.json`` and weights beside it, else GGUF."""
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return SourceFormat.GGUF
+        raise FetchError(f"source.local.path {path} is a file but not a .gguf file")
+    if not path.is_dir():
+        raise FetchError(f"source path {path} does not exist")
+    has_config = (path / "config.json").is_file()
+    if has_config and any(path.glob("*.safetensors")):
+        return SourceFormat.SAFETENSORS
+    if any(path.rglob("*.gguf")):
+        return SourceFormat.GGUF
+    if has_config and any(path.glob("*.bin")):
+        raise FetchError(
+            f"{path} holds PyTorch .bin weights only; kquant converts safetensors (add '*.safetensors' "
+            "to allowPatterns or pick a repository that ships them)"
+        )
+    found = ", ".join(sorted(p.name for p in path.iterdir() if not p.name.startswith("."))[:10])
+    raise FetchError(f"{path} has neither config.json with *.safetensors nor *.gguf files (found: {found})")
+
+
+def single_gguf_model(path: Path) -> GGUFModel:
+    """The one GGUF model under ``path`` (a file, a first shard or a folder)."""
+    files = [path] if path.is_file() else sorted(path.rglob("*.gguf"))
+    if path.is_file() and _SPLIT_RE.match(path.name):
+        files = sorted(path.parent.glob("*.gguf"))
+    models = find_gguf_models(files)
+    if path.is_file():
+        models = [m for m in models if path in m.shards]
+    if not models:
+        raise FetchError(f"no GGUF file found at {path}")
+    if len(models) > 1:
+        names = ", ".join(m.first.name for m in models)
+        raise FetchError(
+            f"{path} holds {len(models)} GGUF models ({names}); "
+            "narrow source.huggingface.allowPatterns to one"
+        )
+    return models[0]
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _token(env: dict[str, str] | None) -> str | bool:
+    environ = os.environ if env is None else env
+    # False (not None) stops huggingface_hub from falling back to a token stored on disk.
+    return environ.get(TOKEN_ENV) or False
+
+
+def _where(source: settings.HuggingFaceSource, endpoint: str) -> str:
+    return f"{source.repo}@{source.revision} on {endpoint}"
+
+
+def _translate(exc: Exception, source: settings.HuggingFaceSource, endpoint: str) -> FetchError:
+    """Turn huggingface_hub's exceptions into a reason a user can act on (and no token)."""
+    where = _where(source, endpoint)
+    if isinstance(exc, errors.GatedRepoError):
+        return FetchError(
+            f"source.huggingface.repo {source.repo!r} is gated: the token in {TOKEN_ENV} "
+            f"has no access ({where})"
+        )
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return FetchError(
+            f"source.huggingface.repo {source.repo!r} was not found, or is private and "
+            f"{TOKEN_ENV} has no access ({where})"
+        )
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return FetchError(
+            f"source.huggingface.revision {source.revision!r} does not exist in {source.repo!r} ({where})"
+        )
+    if isinstance(exc, errors.HfHubHTTPError):
+        status = exc.response.status_code if exc.response is not None else "no response"
+        return FetchError(f"the hub answered HTTP {status} for {where}")
+    return FetchError(f"download of {where} failed: {type(exc).__name__}: {str(exc)[:300]}")
+
+
+def _is_permanent(exc: Exception) -> bool:
+    permanent = (
+        errors.RepositoryNotFoundError,
+        errors.RevisionNotFoundError,
+        errors.GatedRepoError,
+        errors.EntryNotFoundError,
+    )
+    if isinstance(exc, permanent):
+        return True
+    if isinstance(exc, errors.HfHubHTTPError) and exc.response is not None:
+        return 400 <= exc.response.status_code < 500 and exc.response.status_code not in (408, 429)
+    return False
+
+
+def remote_files(
+    source: settings.HuggingFaceSource, *, env: dict[str, str] | None = None
+) -> tuple[str, list[RemoteFile]]:
+    """Resolve the revision to a commit and list its files with sizes and LFS sha256s."""
+    endpoint = endpoint_for(source, env)
+    api = huggingface_hub.HfApi(endpoint=endpoint, token=_token(env))
+    try:
+        info = api.model_info(source.repo, revision=source.revision, files_metadata=True)
+    except Exception as exc:
+        raise _translate(exc, source, endpoint) from None
+    files = [
+        RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs is not None else None)
+        for s in (info.siblings or [])
+    ]
+    if not info.sha:
+        raise FetchError(f"the hub did not resolve {_where(source, endpoint)} to a commit")
+    return info.sha, files
+
+
+def verify(dest: Path, files: Sequence[RemoteFile], progress: Callable[[float], None] | None = None) -> None:
+    """Check sizes and LFS sha256s; a bad file is removed so the next run fetches it again."""
+    total = sum(f.size or 0 for f in files) or 1
+    done = 0
+    for f in files:
+        path = dest / f.name
+        if not path.is_file():
+            raise FetchError(f"{f.name} is missing after the download")
+        size = path.stat().st_size
+        if f.size is not None and size != f.size:
+            path.unlink()
+            raise FetchError(
+                f"{f.name} has {size} bytes, the hub says {f.size}; removed it, rerun to fetch it again"
+            )
+        if f.sha256 is not None:
+            actual = sha256_file(path)
+            if actual != f.sha256:
+                path.unlink()
+                raise FetchError(
+                    f"{f.name} has sha256 {actual}, the hub says {f.sha256}; removed it, "
+                    "rerun to fetch it again"
+                )
+        done += f.size or 0
+        if progress is not None:
+            progress(done / total)
+
+
+def fetch(
+    source: settings.HuggingFaceSource,
+    dest: Path,
+    *,
+    env: dict[str, str] | None = None,
+    attempts: int = 3,
+    retry_delay: float = 2.0,
+    progress: Callable[[float], None] | None = None,
+) -> FetchResult:
+    """Download ``source`` into ``dest``, resuming partial files; verify; write the manifest."""
+    endpoint = endpoint_for(source, env)
+    revision, listing = remote_files(source, env=env)
+    wanted = set(select_files([f.name for f in listing], source.allow_patterns))
+    if not wanted:
+        raise FetchError(
+            f"source.huggingface.allowPatterns {list(source.allow_patterns or [])} match none of the "
+            f"{len(listing)} files in {_where(source, endpoint)}"
+        )
+    chosen = [f for f in listing if f.name in wanted]
+    dest.mkdir(parents=True, exist_ok=True)
+    log.info(
+        "fetching %d file(s), %d bytes, from %s (commit %s)",
+        len(chosen),
+        sum(f.size or 0 for f in chosen),
+        _where(source, endpoint),
+        revision,
+    )
+    for attempt in range(1, attempts + 1):
+        try:
+            huggingface_hub.snapshot_download(
+                source.repo,
+                revision=revision,
+                allow_patterns=sorted(wanted),
+                local_dir=dest,
+                endpoint=endpoint,
+                token=_token(env),
+            )
+            break
+        except Exception as exc:
+            if _is_permanent(exc) or attempt == attempts:
+                raise _translate(exc, source, endpoint) from None
+            log.warning("download attempt %d/%d failed (%s); resuming", attempt, attempts, type(exc).__name__)
+            time.sleep(retry_delay * attempt)
+    if progress is not None:
+        progress(0.5)
+    verify(dest, chosen, None if progress is None else (lambda f: progress(0.5 + f / 2)))
+    manifest: dict[str, Any] = {
+        "repo": source.repo,
+        "revision": revision,
+        "files": [dataclasses.asdict(f) for f in chosen],
+    }
+    (dest / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return FetchResult(dest, revision, tuple(chosen))
+
+
+def read_manifest(dest: Path) -> FetchResult | None:
+    """The result of an earlier verified fetch into ``dest``, if any."""
+    try:
+        data = json.loads((dest / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    files = tuple(RemoteFile(**f) for f in data["files"])
+    return FetchResult(dest, data["revision"], files)

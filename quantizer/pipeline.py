@@ -1,0 +1,608 @@
+"""One build: fetch -> convert -> calibrate -> reference -> (plan -> quantize -> evaluate -> publish)*.
+
+The order is written out here, step by step, rather than derived from a graph: which steps exist
+depends on what the fetch produced (safetensors need converting; a GGUF that is already
+quantized is published and evaluated as it is), and a reader should see the whole run in one
+function (``Build._run``). Every step goes through ``steps.run_step`` so a rerun after a crash
+skips what is done.
+
+Intermediates live in ``<work>/<source key>/`` (``workDir``, by default ``<storageRoot>/.work``),
+published variants in ``<storageRoot>/<digest>/`` (see ``publish``). Every failure a user can
+cause or fix (bad repo, bad revision, bad GGUF, unknown type, impossible budget, full disk) ends
+as a ``BuildReport`` with status Failed and a reason; the CLI turns that into a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gguf
+from kquant.quantizer import (
+    constants,
+    convert,
+    evaluate,
+    fetch,
+    gguf_facts,
+    imatrix,
+    progress,
+    publish,
+    quantize,
+    recipes,
+    report,
+    settings,
+    steps,
+)
+
+log = logging.getLogger(__name__)
+
+SPACE_MARGIN = 1.02
+"""Free space asked for beyond the planned file size: GGUF alignment padding and metadata."""
+
+_SIXTEEN_BIT = {
+    constants.FileType.F32.value: 0,
+    constants.FileType.F16.value: 1,
+    constants.FileType.BF16.value: 32,
+}
+_SIXTEEN_BIT_CODES = set(_SIXTEEN_BIT.values())
+_SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+
+
+class BuildError(Exception):
+    """A failure with a reason the user can act on (the report carries the message)."""
+
+
+class DiskFullError(BuildError):
+    pass
+
+
+def source_key(spec: settings.BuildSpec) -> str:
+    """Names the work folder: the same source and conversion settings share intermediates."""
+    data = spec.source.model_dump(mode="json", by_alias=True)
+    if spec.source.huggingface is not None:
+        data["huggingface"].pop("endpoint", None)
+    blob = json.dumps({"source": data, "convert": spec.convert_type.value}, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def text_sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Every path a build uses."""
+
+    root: Path
+    work: Path
+
+    @classmethod
+    def for_spec(cls, spec: settings.BuildSpec) -> Layout:
+        work_root = spec.work_dir or spec.storage_root / ".work"
+        return cls(spec.storage_root, work_root / source_key(spec))
+
+    @property
+    def stamps(self) -> steps.StampStore:
+        return steps.StampStore(self.work / "stamps")
+
+    @property
+    def download(self) -> Path:
+        return self.work / "source"
+
+    def base_gguf(self, outtype: settings.ConvertType) -> Path:
+        return self.work / f"model-{outtype.value}.gguf"
+
+    @property
+    def imatrix(self) -> Path:
+        return self.work / "imatrix.gguf"
+
+    @property
+    def reference(self) -> Path:
+        return self.work / "reference"
+
+    def metrics(self, variant: str, digest: str) -> Path:
+        return self.work / f"metrics-{variant}-{digest}.json"
+
+
+def _bpw_types(path: Path) -> int | None:
+    """``general.file_type`` of a GGUF, or None when the header does not say."""
+    facts = gguf_facts.read_facts(path)
+    return facts.file_type
+
+
+def check_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse to start a write that cannot fit: a clear reason now beats ENOSPC half-way."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    want = int(needed * SPACE_MARGIN)
+    if free < want:
+        raise DiskFullError(
+            f"storage at {folder} has {free / 2**20:.1f} MiB free, but {what} needs about "
+            f"{want / 2**20:.1f} MiB; grow storage.pvc.size or remove old variants"
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What the variants are built from."""
+
+    base: Path
+    """The GGUF llama.cpp reads (first shard of a split file)."""
+    shards: tuple[Path, ...]
+    base_digest: str
+    imatrix: Path | None
+    quantizable: bool
+    """True for a 16-bit (or f32) base; an already quantized GGUF is published as it is."""
+
+
+def prepare(spec: settings.BuildSpec, sink: progress.Sink) -> tuple[Path, Path | None] | str:
+    """Run the steps a plan needs (fetch, convert, calibrate; cached); the base GGUF and imatrix,
+    or the reason they could not be made."""
+    build = Build(spec, sink)
+    try:
+        src = build.prepare()
+    except Exception as exc:
+        if isinstance(exc, _expected_errors()):
+            return str(exc)
+        raise
+    if not src.quantizable:
+        return "the source GGUF is already quantized: it is published as it is, there is nothing to plan"
+    return src.base, src.imatrix
+
+
+class Build:
+    """Runs one ``BuildSpec`` and always produces a ``BuildReport``."""
+
+    def __init__(
+        self, spec: settings.BuildSpec, sink: progress.Sink, env: dict[str, str] | None = None
+    ) -> None:
+        self.spec = spec
+        self.sink = sink
+        self.env = env
+        self.layout = Layout.for_spec(spec)
+        self.report = report.BuildReport(
+            status=report.BuildStatus.FAILED, quantizer_version=settings.QUANTIZER_VERSION
+        )
+        self._current: str | None = None
+        self._variant: tuple[str, int] | None = None
+
+    # ------------------------------------------------------------ plumbing
+
+    def _listener(self, step: steps.Step, fraction: float) -> None:
+        index = self._variant[1] if self._variant else 0
+        line = progress.ProgressLine(
+            step.kind.value, fraction, step.variant, index, len(self.spec.variants) if step.variant else 0
+        )
+        self.sink.progress(line)
+
+    def _step(
+        self,
+        key: str,
+        kind: steps.StepKind,
+        inputs: dict[str, Any],
+        outputs: tuple[Path, ...],
+        run: Callable[[steps.Progress], None],
+        *,
+        variant: str | None = None,
+    ) -> steps.Step:
+        step = steps.Step(key, kind, inputs, outputs, run, variant)
+        self._current = key
+        outcome = steps.run_step(step, self.layout.stamps, self._listener)
+        self.report.steps.append(
+            report.StepTiming(
+                step=key,
+                kind=kind.value,
+                variant=variant,
+                skipped=outcome.skipped,
+                seconds=round(outcome.seconds, 3),
+            )
+        )
+        return step
+
+    def run(self) -> report.BuildReport:
+        try:
+            self._run()
+            self.report.status = report.BuildStatus.SUCCEEDED
+        except _expected_errors() as exc:
+            self._fail(str(exc))
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                self._fail(
+                    f"storage is full while {self._current or 'starting'}: {exc.strerror} "
+                    f"({exc.filename or self.layout.root}); grow storage.pvc.size"
+                )
+            else:
+                self._fail(f"{type(exc).__name__} while {self._current or 'starting'}: {exc}")
+        self.sink.report(self.report)
+        return self.report
+
+    def _fail(self, reason: str) -> None:
+        self.report.status = report.BuildStatus.FAILED
+        self.report.reason = reason
+        self.report.failed_step = self._current
+        log.error("build failed in step %s: %s", self._current, reason)
+
+    # ------------------------------------------------------------ the run
+
+    def _run(self) -> None:
+        src = self.prepare()
+        ref_dir = self._reference(src.base, src.base_digest) if src.quantizable else None
+        for index, variant in enumerate(self.spec.variants, start=1):
+            self._variant = (variant.name, index)
+            if src.quantizable:
+                vr = self._quantized_variant(variant, src.base, src.base_digest, src.imatrix, ref_dir)
+            else:
+                vr = self._as_is_variant(variant, src.shards, src.base_digest)
+            self.report.variants.append(vr)
+        self._variant = None
+        self._current = None
+
+    def prepare(self) -> Prepared:
+        """fetch, then convert and calibrate when the source is safetensors."""
+        self.layout.work.mkdir(parents=True, exist_ok=True)
+        source_dir, fetch_digest = self._fetch()
+        fmt = fetch.detect_format(source_dir)
+        self.report.source_format = fmt.value
+        if fmt is fetch.SourceFormat.SAFETENSORS:
+            base, base_digest = self._convert(source_dir, fetch_digest)
+            imatrix_path = self._calibrate(source_dir, fetch_digest)
+            return Prepared(base, (base,), base_digest, imatrix_path, True)
+        model = self._check_gguf(fetch.single_gguf_model(source_dir))
+        base_digest = steps.inputs_digest(
+            {"fetch": fetch_digest, "files": [steps.file_identity(s) for s in model.shards]}
+        )
+        quantizable = self._file_type(model.first) in _SIXTEEN_BIT_CODES
+        log.info(
+            "source is a GGUF file (%s): %s; %s",
+            "16-bit" if quantizable else "already quantized",
+            "quantizing it" if quantizable else "publishing and evaluating it as it is",
+            imatrix.GGUF_ONLY_NOTE,
+        )
+        return Prepared(model.first, model.shards, base_digest, None, quantizable)
+
+    def _fetch(self) -> tuple[Path, str]:
+        src = self.spec.source
+        if src.local is not None:
+            path = src.local.path
+            if not path.exists():
+                raise BuildError(f"source.local.path {path} does not exist")
+            return path, steps.inputs_digest({"local": str(path)})
+        hf = src.huggingface
+        assert hf is not None
+        dest = self.layout.download
+        inputs = {"repo": hf.repo, "revision": hf.revision, "allowPatterns": hf.allow_patterns}
+        step = self._step(
+            "fetch",
+            steps.StepKind.FETCH,
+            inputs,
+            (dest / fetch.MANIFEST,),
+            lambda p: _discard(fetch.fetch(hf, dest, env=self.env, progress=p)),
+        )
+        done = fetch.read_manifest(dest)
+        assert done is not None
+        self.report.source_revision = done.revision
+        return dest, steps.inputs_digest({"fetch": step.digest, "revision": done.revision})
+
+    def _convert(self, source_dir: Path, fetch_digest: str) -> tuple[Path, str]:
+        outtype = self.spec.convert_type
+        out = self.layout.base_gguf(outtype)
+        inputs = {
+            "source": fetch_digest,
+            "outtype": outtype.value,
+            "converter": convert.LLAMA_CPP_PYTHON_VERSION,
+        }
+        step = self._step(
+            "convert",
+            steps.StepKind.CONVERT,
+            inputs,
+            (out,),
+            lambda p: convert.convert(source_dir, out, outtype, progress=p),
+        )
+        return out, step.digest
+
+    def _calibrate(self, source_dir: Path, fetch_digest: str) -> Path | None:
+        cal = self.spec.calibration
+        if cal.chunks == 0:
+            log.info("calibration.chunks is 0: no importance matrix")
+            return None
+        text = evaluate.dataset_text(cal.dataset, cal.path, "calibration.txt")
+        out = self.layout.imatrix
+        inputs = {
+            "source": fetch_digest,
+            "chunks": cal.chunks,
+            "contextSize": cal.context_size,
+            "text": text_sha(text),
+        }
+
+        def run(p: steps.Progress) -> None:
+            try:
+                data = imatrix.compute_imatrix(
+                    source_dir, [text], chunks=cal.chunks, context_size=cal.context_size, progress=p
+                )
+            except imatrix.ImatrixError as exc:
+                raise BuildError(f"calibration failed: {exc}") from None
+            tmp = out.with_name(f".{out.name}.partial")
+            imatrix.write_gguf(data, tmp)
+            tmp.replace(out)
+
+        self._step("calibrate", steps.StepKind.CALIBRATE, inputs, (out,), run)
+        return out
+
+    def _check_gguf(self, model: fetch.GGUFModel) -> fetch.GGUFModel:
+        """Read the header now: a corrupt or truncated source fails here, not deep in llama.cpp."""
+        try:
+            facts = gguf_facts.read_facts(model.first)
+        except Exception as exc:  # gguf-py raises ValueError, struct.error, IndexError, KeyError
+            raise BuildError(
+                f"source GGUF {model.first.name} is corrupt or truncated: "
+                f"{type(exc).__name__}: {str(exc)[:200]}"
+            ) from None
+        cut = _truncation(model.shards)
+        if cut is not None:
+            raise BuildError(f"source GGUF {model.first.name} is corrupt or truncated: {cut}")
+        log.info("source GGUF %s: %s, %d layers", model.first.name, facts.architecture, facts.block_count)
+        return model
+
+    def _file_type(self, path: Path) -> int | None:
+        return _bpw_types(path)
+
+    def _reference(self, base: Path, base_digest: str) -> Path:
+        ev = self.spec.evaluation
+        text = evaluate.dataset_text(ev.dataset, ev.path, "heldout.txt")
+        rt = evaluate.Runtime.from_spec(ev, self.spec.threads)
+        out = self.layout.reference
+        inputs = {
+            "base": base_digest,
+            "text": text_sha(text),
+            "contextSize": ev.context_size,
+            "chunks": ev.chunks,
+        }
+        self._step(
+            "reference",
+            steps.StepKind.REFERENCE,
+            inputs,
+            evaluate.reference_outputs(out),
+            lambda p: evaluate.build_reference(base, text, out, rt, p),
+        )
+        return out
+
+    def _quantized_variant(
+        self,
+        variant: settings.VariantSpec,
+        base: Path,
+        base_digest: str,
+        imatrix_path: Path | None,
+        ref_dir: Path | None,
+    ) -> report.VariantReport:
+        digest = settings.variant_digest(self.spec, variant)
+        published = self._already_published(variant, digest)
+        if published is not None:
+            return published
+        data = None
+        if imatrix_path is not None:
+            data = imatrix.read_gguf(imatrix_path)
+        self._current = f"plan-{variant.name}"
+        self._listener(
+            steps.Step(self._current, steps.StepKind.PLAN, {}, (), lambda p: None, variant.name), 0.0
+        )
+        try:
+            plan = recipes.plan_variant(base, to_recipe(variant), data)
+        except (recipes.RecipeError, ValueError) as exc:
+            raise BuildError(f"variants[{self._variant_index()}] ({variant.name}): {exc}") from None
+        log.info("plan for %s:\n%s", variant.name, plan.render())
+        job = dataclasses.replace(plan.job, nthread=self.spec.threads)
+        stage = publish.staging_dir(self.layout.root, digest)
+        staged = stage / _staged_name(variant, base)
+        check_space(stage, plan.total_bytes, f"variant {variant.name}")
+        q_inputs = {
+            "base": base_digest,
+            "job": dataclasses.asdict(job),
+            "imatrix": None if imatrix_path is None else steps.file_identity(imatrix_path),
+        }
+
+        def run_quantize(p: steps.Progress) -> None:
+            try:
+                quantize.quantize(base, staged, job, data)
+            except quantize.QuantizeError as exc:
+                raise BuildError(f"variants[{self._variant_index()}] ({variant.name}): {exc}") from None
+
+        try:
+            q = self._step(
+                f"quantize-{variant.name}",
+                steps.StepKind.QUANTIZE,
+                q_inputs,
+                (staged,),
+                run_quantize,
+                variant=variant.name,
+            )
+            staged_files = _shards_of(staged)
+            base_report = report.VariantReport(
+                name=variant.name,
+                digest=digest,
+                type=variant.type.value,
+                recipe=variant.recipe.value,
+                planned_bytes=plan.total_bytes,
+            )
+            return self._evaluate_and_publish(
+                variant, digest, staged_files, upstream=q.digest, base_report=base_report, ref_dir=ref_dir
+            )
+        except BaseException:
+            publish.discard_staging(self.layout.root, digest)
+            raise
+
+    def _as_is_variant(
+        self, variant: settings.VariantSpec, shards: tuple[Path, ...], base_digest: str
+    ) -> report.VariantReport:
+        """A GGUF source that is already quantized: link it into place, evaluate it, publish it."""
+        digest = settings.variant_digest(self.spec, variant)
+        published = self._already_published(variant, digest)
+        if published is not None:
+            return published
+        stage = publish.staging_dir(self.layout.root, digest)
+        check_space(stage, 0, f"variant {variant.name}")
+        staged: list[Path] = []
+        try:
+            for shard in shards:
+                target = stage / shard.name
+                target.unlink(missing_ok=True)
+                try:
+                    os.link(shard, target)  # same volume: no copy
+                except OSError:
+                    check_space(stage, shard.stat().st_size, f"a copy of {shard.name}")
+                    shutil.copyfile(shard, target)
+                staged.append(target)
+            ftype = self._file_type(shards[0])
+            names = {info.code: name.value for name, info in constants.FILE_TYPES.items()}
+            base_report = report.VariantReport(
+                name=variant.name,
+                digest=digest,
+                type=names.get(ftype or -1, variant.type.value),
+                recipe="as-is",
+            )
+            return self._evaluate_and_publish(
+                variant, digest, staged, upstream=base_digest, base_report=base_report, ref_dir=None
+            )
+        except BaseException:
+            publish.discard_staging(self.layout.root, digest)
+            raise
+
+    def _evaluate_and_publish(
+        self,
+        variant: settings.VariantSpec,
+        digest: str,
+        staged: list[Path],
+        *,
+        upstream: str,
+        base_report: report.VariantReport,
+        ref_dir: Path | None,
+    ) -> report.VariantReport:
+        ev = self.spec.evaluation
+        text = evaluate.dataset_text(ev.dataset, ev.path, "heldout.txt")
+        rt = evaluate.Runtime.from_spec(ev, self.spec.threads)
+        metrics_path = self.layout.metrics(variant.name, digest)
+        e_inputs = {
+            "variant": upstream,
+            "reference": None if ref_dir is None else self.layout.stamps.read("reference"),
+            "text": text_sha(text),
+            "evaluation": ev.model_dump(mode="json", by_alias=True),
+        }
+
+        def run_evaluate(p: steps.Progress) -> None:
+            metrics = evaluate.evaluate(staged[0], ref_dir, text, rt, ev, progress=p)
+            metrics_path.write_text(metrics.model_dump_json(by_alias=True))
+
+        e = self._step(
+            f"evaluate-{variant.name}",
+            steps.StepKind.EVALUATE,
+            e_inputs,
+            (metrics_path,),
+            run_evaluate,
+            variant=variant.name,
+        )
+        metrics = report.Metrics.model_validate_json(metrics_path.read_text())
+        verdict = evaluate.gate(metrics, ev)
+        done_report = base_report.model_copy(
+            update={
+                "metrics": metrics,
+                "gate": verdict,
+                "gate_passed": verdict.passed,
+                "kl_divergence": metrics.kl_divergence,
+                "perplexity": metrics.perplexity,
+            }
+        )
+        final = publish.variant_dir(self.layout.root, digest) / publish.REPORT_NAME
+        result: list[report.VariantReport] = []
+        self._step(
+            f"publish-{variant.name}",
+            steps.StepKind.PUBLISH,
+            {"evaluate": e.digest},
+            (final,),
+            lambda p: result.append(publish.publish(staged, self.layout.root, done_report)),
+            variant=variant.name,
+        )
+        return result[0] if result else report.VariantReport.model_validate_json(final.read_text())
+
+    def _already_published(self, variant: settings.VariantSpec, digest: str) -> report.VariantReport | None:
+        """A variant whose report.json exists under its digest is done: reuse it, rebuild nothing."""
+        if not publish.is_published(self.layout.root, digest):
+            return None
+        path = publish.variant_dir(self.layout.root, digest) / publish.REPORT_NAME
+        log.info("variant %s is already published at %s", variant.name, path.parent)
+        self.report.steps.append(
+            report.StepTiming(
+                step=f"publish-{variant.name}",
+                kind="publishing",
+                variant=variant.name,
+                skipped=True,
+                seconds=0.0,
+            )
+        )
+        return report.VariantReport.model_validate_json(path.read_text())
+
+    def _variant_index(self) -> int:
+        return (self._variant[1] - 1) if self._variant else 0
+
+
+def to_recipe(variant: settings.VariantSpec) -> recipes.VariantRecipe:
+    """The recipe planner's own model of a variant (``recipes.VariantRecipe``)."""
+    return recipes.VariantRecipe.model_validate(
+        variant.model_dump(mode="json", by_alias=True, exclude={"digest"})
+    )
+
+
+def _staged_name(variant: settings.VariantSpec, base: Path) -> str:
+    """``<variant>.gguf``; with keepSplit and a split source, the first shard's name."""
+    m = _SPLIT_RE.search(base.name)
+    if variant.keep_split and m is not None:
+        return f"{variant.name}-00001-of-{m[2]}.gguf"
+    return f"{variant.name}.gguf"
+
+
+def _shards_of(first: Path) -> list[Path]:
+    """The quantize step's output: one file, or with keepSplit every shard next to the first."""
+    m = _SPLIT_RE.search(first.name)
+    if m is None:
+        return [first]
+    stem = first.name[: m.start()]
+    return sorted(first.parent.glob(f"{stem}-*-of-{m[2]}.gguf"))
+
+
+def _truncation(shards: tuple[Path, ...]) -> str | None:
+    """Describe the first shard whose tensor data runs past its end, if any."""
+    for s in shards:
+        try:
+            reader = gguf.GGUFReader(s)
+        except Exception as exc:  # a cut header: gguf-py fails while parsing it
+            return f"{s.name} cannot be parsed ({type(exc).__name__}: {str(exc)[:120]})"
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+        size = s.stat().st_size
+        if size < end:
+            return f"{s.name} has {size} bytes, but its tensors need {end}"
+    return None
+
+
+def _discard(_: object) -> None:
+    """Steps return nothing; results are read back from their output files."""
+
+
+def _expected_errors() -> tuple[type[Exception], ...]:
+    return (
+        BuildError,
+        settings.SpecError,
+        fetch.FetchError,
+        convert.ConvertError,
+        evaluate.EvaluateError,
+        publish.PublishError,
+        quantize.QuantizeError,
+        imatrix.ImatrixError,
+        recipes.RecipeError,
+    )

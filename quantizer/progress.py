@@ -1,0 +1,152 @@
+"""Where progress goes: the log always, and the result ConfigMap when the spec names one.
+
+The Job's ServiceAccount may patch exactly one ConfigMap (by ``resourceNames``), so the patcher
+only ever touches ``data.progress`` and ``data.report`` of that object. Progress arrives many
+times a second during quantization; the API server does not need that, so updates are
+throttled (pure ``Throttle``) and the final report is always written, throttle or not. A failed
+patch is logged and never fails the build: losing a progress line is better than losing a model.
+This is the only module of the quantizer that talks to the Kubernetes API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import kubernetes
+from kquant.quantizer import report as report_mod
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressLine:
+    """``q4km 2/5 quantizing 63%``: the variant, its position, the phase and the fraction done."""
+
+    phase: str
+    fraction: float
+    variant: str | None = None
+    index: int = 0
+    count: int = 0
+
+    def render(self) -> str:
+        parts: list[str] = []
+        if self.variant:
+            parts.append(self.variant)
+            if self.count:
+                parts.append(f"{self.index}/{self.count}")
+        parts.append(self.phase)
+        parts.append(f"{round(self.fraction * 100)}%")
+        return " ".join(parts)
+
+
+class Sink(Protocol):
+    def progress(self, line: ProgressLine) -> None: ...
+
+    def report(self, build: report_mod.BuildReport) -> None: ...
+
+
+class Throttle:
+    """Lets an event through at most once per ``interval`` seconds, unless it is forced."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self._last: float | None = None
+
+    def allow(self, *, force: bool = False) -> bool:
+        now = self.clock()
+        if force or self._last is None or now - self._last >= self.interval:
+            self._last = now
+            return True
+        return False
+
+
+class LogSink:
+    """Logs a progress line when the phase changes or every ``interval`` seconds."""
+
+    def __init__(self, interval: float = 5.0) -> None:
+        self._throttle = Throttle(interval)
+        self._last_phase: tuple[str | None, str] | None = None
+
+    def progress(self, line: ProgressLine) -> None:
+        phase = (line.variant, line.phase)
+        changed = phase != self._last_phase
+        self._last_phase = phase
+        if self._throttle.allow(force=changed or line.fraction >= 1.0):
+            log.info("progress: %s", line.render())
+
+    def report(self, build: report_mod.BuildReport) -> None:
+        log.info("build %s%s", build.status.value, f": {build.reason}" if build.reason else "")
+
+
+Patcher = Callable[[dict[str, str]], None]
+"""Merges the given keys into the ConfigMap's ``data``."""
+
+
+def kubernetes_patcher(name: str, namespace: str) -> Patcher:
+    """A patcher that uses the in-cluster ServiceAccount, or the local kubeconfig outside a pod."""
+    config: Any = kubernetes.config  # the client ships without type hints
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+    api = kubernetes.client.CoreV1Api()
+
+    def patch(data: dict[str, str]) -> None:
+        api.patch_namespaced_config_map(name, namespace, {"data": data})
+
+    return patch
+
+
+class ConfigMapSink:
+    """Writes ``data.progress`` (throttled) and ``data.report`` (always) into the result ConfigMap."""
+
+    def __init__(self, patcher: Patcher, interval: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._patch = patcher
+        self._throttle = Throttle(interval, clock)
+        self._last: str | None = None
+
+    def _send(self, data: dict[str, str]) -> None:
+        try:
+            self._patch(data)
+        except Exception as exc:  # any API or network failure: keep building
+            log.warning("could not update the result ConfigMap: %s", _short(exc))
+
+    def progress(self, line: ProgressLine) -> None:
+        text = line.render()
+        if text == self._last:
+            return
+        if self._throttle.allow(force=line.fraction >= 1.0):
+            self._last = text
+            self._send({"progress": text})
+
+    def report(self, build: report_mod.BuildReport) -> None:
+        progress = "done" if build.status is report_mod.BuildStatus.SUCCEEDED else f"failed: {build.reason}"
+        self._send({"progress": progress, "report": build.to_json()})
+
+
+def _short(exc: Exception) -> str:
+    reason: Any = getattr(exc, "reason", None)
+    status: Any = getattr(exc, "status", None)
+    if status is not None:
+        return f"{status} {reason}"
+    return str(exc)[:200]
+
+
+class FanOut:
+    """Sends everything to several sinks."""
+
+    def __init__(self, *sinks: Sink) -> None:
+        self.sinks = sinks
+
+    def progress(self, line: ProgressLine) -> None:
+        for s in self.sinks:
+            s.progress(line)
+
+    def report(self, build: report_mod.BuildReport) -> None:
+        for s in self.sinks:
+            s.report(build)

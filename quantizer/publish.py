@@ -1,0 +1,149 @@
+"""Step 7: put a variant where the serving pods will find it, atomically.
+
+Layout on the storage volume::
+
+    <root>/<digest>/<variant>.gguf            (or <variant>-00001-of-0000N.gguf ...)
+    <root>/<digest>/report.json               written last: its presence means "complete"
+    <root>/<digest>/.partial/                 staging: the quantizer writes here first
+
+Everything is written into ``.partial/`` (same filesystem, so ``rename`` is atomic) and moved to
+its final name only after the report is complete; a crash, a full disk or a failed check leaves
+nothing under a final name. ``report.json`` moves last, so a reader that sees it sees the files.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import gguf
+from kquant.quantizer import constants, fetch, gguf_facts, report
+
+log = logging.getLogger(__name__)
+
+REPORT_NAME = "report.json"
+STAGING = ".partial"
+
+
+class PublishError(Exception):
+    """The variant could not be published; nothing was left under a final name."""
+
+
+def variant_dir(root: Path, digest: str) -> Path:
+    return root / digest
+
+
+def staging_dir(root: Path, digest: str) -> Path:
+    return variant_dir(root, digest) / STAGING
+
+
+def is_published(root: Path, digest: str) -> bool:
+    return (variant_dir(root, digest) / REPORT_NAME).is_file()
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSummary:
+    types: dict[str, int]
+    tensor_bytes: int
+    elements: int
+
+    @property
+    def bits_per_weight(self) -> float:
+        return self.tensor_bytes * 8 / self.elements if self.elements else 0.0
+
+
+def summarize(files: Sequence[Path]) -> TensorSummary:
+    """Tensor counts per type and bits per weight over all shards, read from the GGUF headers."""
+    counts: collections.Counter[str] = collections.Counter()
+    nbytes = elements = 0
+    for f in files:
+        try:
+            reader = gguf.GGUFReader(f)
+        except Exception as exc:  # gguf raises ValueError, struct.error, IndexError on garbage
+            raise PublishError(f"{f.name} is not a readable GGUF file: {exc}") from None
+        for t in reader.tensors:
+            code = int(t.tensor_type)
+            name = constants.TENSOR_TYPE_BY_CODE.get(code)
+            counts[name.value if name else f"type{code}"] += 1
+            nbytes += int(t.n_bytes)
+            elements += int(t.n_elements)
+    return TensorSummary(dict(sorted(counts.items())), nbytes, elements)
+
+
+def read_facts(path: Path) -> dict[str, Any]:
+    """The GGUF header facts the offload planner needs, as JSON."""
+    facts = gguf_facts.read_facts(path)
+    data: dict[str, Any] = facts.model_dump(mode="json", by_alias=True)
+    return data
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(staged: Sequence[Path], root: Path, base: report.VariantReport) -> report.VariantReport:
+    """Describe the staged GGUF file(s), write the report, then move everything to its final name.
+
+    ``staged`` are files in ``staging_dir(root, base.digest)``; the first is the one llama.cpp
+    loads. Returns the completed report.
+    """
+    final = variant_dir(root, base.digest)
+    stage = staging_dir(root, base.digest)
+    if not staged:
+        raise PublishError(f"variant {base.name}: the quantize step produced no file")
+    summary = summarize(staged)
+    entries = [
+        report.FileEntry(name=f.name, size_bytes=f.stat().st_size, sha256=fetch.sha256_file(f))
+        for f in staged
+    ]
+    first_final = final / staged[0].name
+    done = base.model_copy(
+        update={
+            "path": str(first_final),
+            "files": entries,
+            "size_bytes": sum(e.size_bytes for e in entries),
+            "sha256": entries[0].sha256,
+            "bits_per_weight": round(summary.bits_per_weight, 4),
+            "tensor_types": summary.types,
+            "facts": read_facts(staged[0]),
+        }
+    )
+    try:
+        (stage / REPORT_NAME).write_text(done.to_json())
+        for f in staged:
+            f.replace(final / f.name)
+        _fsync_dir(final)
+        (stage / REPORT_NAME).replace(final / REPORT_NAME)
+        _fsync_dir(final)
+    except OSError as exc:
+        # Take back whatever moved: a half-published variant must not look complete or be served.
+        for f in staged:
+            (final / f.name).unlink(missing_ok=True)
+        raise PublishError(f"variant {base.name}: writing {final} failed: {exc.strerror or exc}") from None
+    shutil.rmtree(stage, ignore_errors=True)
+    log.info(
+        "published %s: %s (%d bytes, %.2f bits per weight)",
+        base.name,
+        first_final,
+        done.size_bytes,
+        done.bits_per_weight,
+    )
+    return done
+
+
+def discard_staging(root: Path, digest: str) -> None:
+    """Remove a failed variant's staging folder (and the digest folder if it is then empty)."""
+    shutil.rmtree(staging_dir(root, digest), ignore_errors=True)
+    with_final = variant_dir(root, digest)
+    if with_final.is_dir() and not any(with_final.iterdir()):
+        with_final.rmdir()

@@ -1,0 +1,114 @@
+"""The quantizer's output contract: the report JSON the operator reads into ``status.variants``.
+
+Field names on the wire are camelCase and match the CRD's status (``sizeBytes``, ``sha256``,
+``bitsPerWeight``, ``klDivergence``, ``perplexity``, ``gatePassed``, ``path``) so the operator
+copies them without renaming. The same JSON lands in ``<root>/<digest>/report.json`` per variant
+and, for the whole build, in the result ConfigMap's ``data.report``.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import pydantic
+import pydantic.alias_generators
+
+
+class _Model(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        alias_generator=pydantic.alias_generators.to_camel,
+    )
+
+    def to_json(self) -> str:
+        return self.model_dump_json(by_alias=True, indent=2)
+
+
+class BuildStatus(enum.StrEnum):
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class FileEntry(_Model):
+    """One published file; a split GGUF has one entry per shard."""
+
+    name: str
+    size_bytes: int
+    sha256: str
+
+
+class SmokeResult(_Model):
+    """A short greedy generation through the model's own chat template."""
+
+    prompt: str
+    text: str
+    prompt_tokens: int
+    bos_count: int
+    """BOS tokens at the start of the prompt: 0 or 1 is right, 2 means BOS was doubled."""
+    passed: bool
+
+
+class Metrics(_Model):
+    """Quality on held-out text, measured against the reference (16-bit) model."""
+
+    tokens: int
+    """Token positions scored."""
+    perplexity: float
+    reference_perplexity: float | None = None
+    kl_divergence: float | None = None
+    """Mean KL(reference || variant) per token, in nats; None without a 16-bit reference."""
+    top1_agreement: float | None = None
+    """Share of positions where both models rank the same token first."""
+    smoke: SmokeResult | None = None
+
+
+class Gate(_Model):
+    passed: bool
+    reasons: list[str] = []
+    """Every threshold that was missed, or could not be checked, in words."""
+
+
+class VariantReport(_Model):
+    name: str
+    digest: str
+    type: str
+    recipe: str
+    path: str = ""
+    """Path of the model file llama.cpp loads (the first shard of a split file)."""
+    files: list[FileEntry] = []
+    size_bytes: int = 0
+    sha256: str = ""
+    """sha256 of ``path``."""
+    bits_per_weight: float = 0.0
+    tensor_types: dict[str, int] = {}
+    """Tensor count per type, e.g. {"Q4_K": 90, "Q6_K": 30, "F32": 61}."""
+    planned_bytes: int | None = None
+    metrics: Metrics | None = None
+    gate_passed: bool = False
+    gate: Gate | None = None
+    facts: dict[str, Any] | None = None
+    """``gguf_facts.read_facts`` of the published file: what the offload planner needs."""
+    kl_divergence: float | None = None
+    perplexity: float | None = None
+
+
+class StepTiming(_Model):
+    step: str
+    kind: str
+    variant: str | None = None
+    skipped: bool
+    seconds: float
+
+
+class BuildReport(_Model):
+    status: BuildStatus
+    reason: str | None = None
+    """Why the build failed, in words a user can act on."""
+    failed_step: str | None = None
+    quantizer_version: str
+    source_revision: str | None = None
+    source_format: str | None = None
+    steps: list[StepTiming] = []
+    variants: list[VariantReport] = []

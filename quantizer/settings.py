@@ -1,0 +1,338 @@
+"""What one quantizer run is asked to do: the ``BuildSpec``.
+
+The operator maps a ``QuantizedModel`` onto this model and hands it to the Job as a JSON/YAML file
+(``--spec``) or in the ``KQUANT_SPEC`` environment variable. It is deliberately independent of
+the CRD models: the quantizer runs (and is tested) without any Kubernetes API in sight, and the
+CRD can grow serving fields without the quantizer image changing.
+
+Field names are camelCase on the wire, like the CRD, so an error names the field the way the
+user wrote it (``variants[1].targetSizeGiB``). Nothing here performs I/O except ``load_spec``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Self
+
+import pydantic
+import pydantic.alias_generators
+import yaml
+from kquant.quantizer import constants
+
+QUANTIZER_VERSION = "0.1.0"
+"""Part of every variant digest: a quantizer change that alters output must bump it."""
+
+SPEC_ENV = "KQUANT_SPEC"
+"""Environment variable that may carry the whole spec as JSON or YAML."""
+
+_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9\-]{0,38}[a-z0-9])?$")
+
+
+class _Model(pydantic.BaseModel):
+    """camelCase on the wire, snake_case in Python, unknown keys rejected, values frozen."""
+
+    model_config = pydantic.ConfigDict(
+        extra="forbid",
+        frozen=True,
+        populate_by_name=True,
+        alias_generator=pydantic.alias_generators.to_camel,
+    )
+
+
+class HuggingFaceSource(_Model):
+    """A repository on the Hugging Face hub (or a server that speaks its API)."""
+
+    repo: str
+    """``owner/name``."""
+    revision: str = "main"
+    """A branch, tag or commit; a 40-hex commit makes the build reproducible."""
+    allow_patterns: tuple[str, ...] | None = None
+    """Glob patterns of the files to download (``*.safetensors``, ``*UD-IQ1_S*``); all files if unset."""
+    endpoint: str | None = None
+    """Hub base URL; defaults to ``HF_ENDPOINT`` or https://huggingface.co. The token comes only
+    from the ``HF_TOKEN`` environment variable, never from the spec."""
+
+    @pydantic.field_validator("repo")
+    @classmethod
+    def _repo_shape(cls, value: str) -> str:
+        if not _REPO_RE.match(value):
+            raise ValueError(f"repo is {value!r}, but it must look like 'owner/name'")
+        return value
+
+
+class LocalSource(_Model):
+    """Weights that are already on the storage volume: a Hugging Face folder or GGUF file(s)."""
+
+    path: Path
+    """A folder with ``config.json`` and safetensors, a ``.gguf`` file, or the first shard
+    (``name-00001-of-0000N.gguf``) of a split GGUF."""
+
+
+class Source(_Model):
+    """Where the weights come from; exactly one of ``huggingface`` and ``local``."""
+
+    huggingface: HuggingFaceSource | None = None
+    local: LocalSource | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        if (self.huggingface is None) == (self.local is None):
+            raise ValueError("set exactly one of source.huggingface and source.local")
+        return self
+
+
+class DatasetKind(enum.StrEnum):
+    BUILTIN = "builtin"
+    """The text shipped in ``kquant.quantizer/data``."""
+    FILE = "file"
+    """A text file given by ``path`` (the operator mounts a ConfigMap there)."""
+
+
+class Calibration(_Model):
+    """The importance matrix: which text, and how much of it."""
+
+    dataset: DatasetKind = DatasetKind.BUILTIN
+    path: Path | None = None
+    chunks: Annotated[int, pydantic.Field(ge=0, le=100_000)] = 128
+    """Chunks of ``contextSize`` tokens; 0 computes no importance matrix."""
+    context_size: Annotated[int, pydantic.Field(ge=16, le=131_072)] = 512
+
+    @pydantic.model_validator(mode="after")
+    def _path_for_file(self) -> Self:
+        if self.dataset is DatasetKind.FILE and self.path is None:
+            raise ValueError("dataset is 'file', so path must be set")
+        return self
+
+
+class ConvertType(enum.StrEnum):
+    """``convert_hf_to_gguf.py --outtype``: the reference model's precision."""
+
+    F32 = "f32"
+    F16 = "f16"
+    BF16 = "bf16"
+    Q8_0 = "q8_0"
+    AUTO = "auto"
+
+
+class Recipe(enum.StrEnum):
+    UNIFORM = "uniform"
+    """llama.cpp's own per-tensor rules for the file type, plus the explicit overrides."""
+    DYNAMIC = "dynamic"
+    """Per-tensor types by role and sensitivity, fitted to a size budget."""
+
+
+class TensorOverride(_Model):
+    """A regex over GGUF tensor names and the type matching tensors get; first match wins."""
+
+    pattern: str
+    type: constants.TensorType
+
+    @pydantic.field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"pattern {value!r} is not a valid regular expression: {exc}") from exc
+        return value
+
+
+class VariantSpec(_Model):
+    """One quantized file to build from the source."""
+
+    name: str
+    """DNS-label style (``q4km``): it names files and appears in status."""
+    type: constants.FileType
+    recipe: Recipe = Recipe.UNIFORM
+    overrides: tuple[TensorOverride, ...] = ()
+    target_size_gi_b: Annotated[float | None, pydantic.Field(gt=0, alias="targetSizeGiB")] = None
+    target_bits_per_weight: Annotated[float | None, pydantic.Field(gt=0, le=32)] = None
+    output_tensor_type: constants.TensorType | None = None
+    token_embedding_type: constants.TensorType | None = None
+    leave_output_tensor: bool = False
+    pure: bool = False
+    allow_requantize: bool = False
+    keep_split: bool = False
+    digest: str | None = None
+    """Set by the operator when it has computed the digest itself; else ``variant_digest``."""
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _dns_label(cls, value: str) -> str:
+        if not _NAME_RE.match(value):
+            raise ValueError(
+                f"name is {value!r}, but it must be lowercase letters, digits and '-', at most 40"
+            )
+        return value
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> Self:
+        # The same rules as recipes.VariantRecipe, checked here so a bad spec fails before any work.
+        if self.target_size_gi_b is not None and self.target_bits_per_weight is not None:
+            raise ValueError("set targetSizeGiB or targetBitsPerWeight, not both")
+        base = constants.FILE_TYPES[self.type].base
+        sixteen = (constants.TensorType.F32, constants.TensorType.F16, constants.TensorType.BF16)
+        if self.recipe is Recipe.DYNAMIC and base in sixteen:
+            raise ValueError(
+                f"recipe is dynamic but type is {self.type}; a dynamic mix needs a quantized type"
+            )
+        return self
+
+    @property
+    def target_size_bytes(self) -> int | None:
+        return None if self.target_size_gi_b is None else int(self.target_size_gi_b * 2**30)
+
+
+def _parse_fraction(value: Any) -> Any:
+    """``"5%"`` -> 0.05; numbers are already fractions."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        try:
+            return float(value.strip()[:-1]) / 100
+        except ValueError:
+            raise ValueError(f"{value!r} is not a percentage like '5%'") from None
+    return value
+
+
+Fraction = Annotated[float, pydantic.BeforeValidator(_parse_fraction), pydantic.Field(ge=0)]
+
+
+class Evaluation(_Model):
+    """The quality gate: measured on held-out text against the 16-bit model."""
+
+    dataset: DatasetKind = DatasetKind.BUILTIN
+    path: Path | None = None
+    context_size: Annotated[int, pydantic.Field(ge=16, le=131_072)] = 512
+    chunks: Annotated[int, pydantic.Field(ge=1, le=10_000)] = 4
+    """At most this many chunks of held-out text are scored."""
+    max_kl_divergence: Annotated[float | None, pydantic.Field(ge=0, alias="maxKLDivergence")] = None
+    max_perplexity_increase: Fraction | None = None
+    """Relative to the reference, as a fraction (0.05) or a percentage string ("5%")."""
+    min_top1_agreement: Annotated[float | None, pydantic.Field(ge=0, le=1)] = None
+    smoke_prompt: str = "Name three colours of the rainbow."
+    smoke_tokens: Annotated[int, pydantic.Field(ge=1, le=512)] = 24
+    gpu_layers: int = -1
+    """``n_gpu_layers`` for evaluation: -1 puts everything on the GPU when there is one."""
+
+    @pydantic.model_validator(mode="after")
+    def _path_for_file(self) -> Self:
+        if self.dataset is DatasetKind.FILE and self.path is None:
+            raise ValueError("dataset is 'file', so path must be set")
+        return self
+
+
+class ResultConfigMap(_Model):
+    """The ConfigMap the CLI writes progress and the final report into."""
+
+    name: str
+    namespace: str
+
+
+class BuildSpec(_Model):
+    """Everything one quantizer run does."""
+
+    source: Source
+    calibration: Calibration = Calibration()
+    convert_type: ConvertType = ConvertType.AUTO
+    variants: tuple[VariantSpec, ...]
+    evaluation: Evaluation = Evaluation()
+    storage_root: Path
+    """Published variants go to ``<storageRoot>/<digest>/``; intermediates to ``<storageRoot>/.work/``."""
+    work_dir: Path | None = None
+    """Intermediates (download, 16-bit GGUF, imatrix, reference logits); ``<storageRoot>/.work`` if unset."""
+    result_config_map: ResultConfigMap | None = None
+    threads: Annotated[int, pydantic.Field(ge=0)] = 0
+    """CPU threads for quantization and evaluation; 0 lets llama.cpp choose."""
+
+    @pydantic.field_validator("variants")
+    @classmethod
+    def _unique_names(cls, value: tuple[VariantSpec, ...]) -> tuple[VariantSpec, ...]:
+        if not value:
+            raise ValueError("list at least one variant")
+        seen: set[str] = set()
+        for v in value:
+            if v.name in seen:
+                raise ValueError(f"variant name {v.name!r} appears twice; names must be unique")
+            seen.add(v.name)
+        return value
+
+    def variant(self, name: str) -> VariantSpec:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        known = ", ".join(v.name for v in self.variants)
+        raise KeyError(f"variants has no entry named {name!r} (known: {known})")
+
+
+class SpecError(Exception):
+    """The spec could not be read or is invalid; the message names the field and the rule."""
+
+
+def _format_validation_error(exc: pydantic.ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ""
+        for part in err["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        value = err.get("input")
+        shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
+        lines.append(f"{loc or 'spec'}: {err['msg']}{shown}")
+    return "; ".join(lines)
+
+
+def parse_spec(data: Any) -> BuildSpec:
+    """Validate already-parsed JSON/YAML; raise ``SpecError`` naming every bad field."""
+    try:
+        return BuildSpec.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise SpecError(f"invalid build spec: {_format_validation_error(exc)}") from None
+
+
+def load_spec(path: Path | None, env: dict[str, str] | None = None) -> BuildSpec:
+    """Read the spec from ``path`` (JSON or YAML), or from ``KQUANT_SPEC`` when no path is given."""
+    environ = os.environ if env is None else env
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SpecError(f"cannot read spec file {path}: {exc.strerror}") from None
+        origin = str(path)
+    elif environ.get(SPEC_ENV):
+        text, origin = environ[SPEC_ENV], SPEC_ENV
+    else:
+        raise SpecError(f"no spec: pass --spec FILE or set {SPEC_ENV}")
+    try:
+        data = yaml.safe_load(text)  # YAML is a superset of JSON
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{origin} is neither JSON nor YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{origin} must hold a mapping, got {type(data).__name__}")
+    return parse_spec(data)
+
+
+def _canonical(data: Any) -> bytes:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), default=str).encode()
+
+
+def variant_digest(spec: BuildSpec, variant: VariantSpec) -> str:
+    """hash(source revision, recipe, imatrix settings, quantizer version), 16 hex digits.
+
+    The evaluation settings and storage root are left out: they do not change the file. An
+    explicit ``variant.digest`` (from the operator) wins so both sides name the same folder.
+    """
+    if variant.digest:
+        return variant.digest
+    recipe = variant.model_dump(mode="json", by_alias=True, exclude={"digest"})
+    payload = {
+        "source": spec.source.model_dump(mode="json", by_alias=True, exclude={"huggingface": {"endpoint"}}),
+        "convertType": spec.convert_type.value,
+        "calibration": spec.calibration.model_dump(mode="json", by_alias=True),
+        "recipe": recipe,
+        "quantizer": QUANTIZER_VERSION,
+    }
+    return hashlib.sha256(_canonical(payload)).hexdigest()[:16]

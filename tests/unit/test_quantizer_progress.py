@@ -1,0 +1,46 @@
+"""Progress lines, throttling and the ConfigMap sink (with a recording patcher: pure logic)."""
+
+from __future__ import annotations
+
+from kquant.quantizer import progress, report
+
+
+def test_render() -> None:
+    assert progress.ProgressLine("quantizing", 0.634, "q4km", 2, 5).render() == "q4km 2/5 quantizing 63%"
+    assert progress.ProgressLine("fetching", 1.0).render() == "fetching 100%"
+
+
+def test_throttle() -> None:
+    now = [0.0]
+    t = progress.Throttle(2.0, lambda: now[0])
+    assert t.allow()
+    now[0] = 1.0
+    assert not t.allow()
+    assert t.allow(force=True)
+    now[0] = 3.5
+    assert t.allow()
+
+
+def test_configmap_sink_throttles_progress_but_always_writes_the_report() -> None:
+    now = [0.0]
+    sent: list[dict[str, str]] = []
+    sink = progress.ConfigMapSink(sent.append, interval=2.0, clock=lambda: now[0])
+    for i in range(10):
+        now[0] = i * 0.1
+        sink.progress(progress.ProgressLine("quantizing", i / 10, "q4km", 1, 1))
+    assert [d["progress"] for d in sent] == ["q4km 1/1 quantizing 0%"]
+    sink.progress(progress.ProgressLine("quantizing", 1.0, "q4km", 1, 1))
+    assert sent[-1] == {"progress": "q4km 1/1 quantizing 100%"}
+    build = report.BuildReport(status=report.BuildStatus.FAILED, reason="disk full", quantizer_version="0")
+    sink.report(build)
+    assert sent[-1]["progress"] == "failed: disk full"
+    assert '"status": "Failed"' in sent[-1]["report"]
+
+
+def test_configmap_errors_do_not_stop_the_build() -> None:
+    def broken(data: dict[str, str]) -> None:
+        raise ConnectionError("api server down")
+
+    sink = progress.ConfigMapSink(broken)
+    sink.progress(progress.ProgressLine("fetching", 0.0))
+    sink.report(report.BuildReport(status=report.BuildStatus.SUCCEEDED, quantizer_version="0"))
