@@ -112,7 +112,8 @@ class ImatrixData(Mapping[str, FloatArray]):
     def column_importance(self, name: str) -> FloatArray:
         """Per-column importance of one tensor, averaged over its experts (what recipes weigh)."""
         vector = self.means[name]
-        return vector.reshape(self.counts[name].size, -1).mean(axis=0)
+        averaged: FloatArray = vector.reshape(self.counts[name].size, -1).mean(axis=0, dtype=np.float32)
+        return averaged
 
 
 def from_sums(
@@ -232,22 +233,23 @@ def compute_imatrix(
     if chunks < 1 or context_size < 2:
         raise ImatrixError(f"chunks is {chunks} and contextSize is {context_size}; need >= 1 and >= 2")
     # torch and transformers take seconds to import and only this step needs them
-    import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
+    import torch
+    import transformers
 
     target = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if target.startswith("cuda") else torch.float32
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    model: Any = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
     model.to(target).eval()
     windows = _windows(tokenizer, texts, chunks, context_size)
     namer = _GgufNamer(model.config)
     collector = _Collector(namer)
-    handles = [
-        module.register_forward_pre_hook(collector.hook(name))
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
-    ]
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
+            handles.append(module.register_forward_pre_hook(collector.hook(name)))
+        elif _is_fused_experts(module):
+            handles.append(module.register_forward_pre_hook(collector.experts_hook(name), with_kwargs=True))
     try:
         with torch.inference_mode():
             for done, window in enumerate(windows, start=1):
@@ -312,6 +314,17 @@ class _GgufNamer:
         return mapped, expert
 
 
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def _is_fused_experts(module: Any) -> bool:
+    """transformers 5 keeps a layer's experts as 3-D ``gate_up_proj``/``down_proj`` parameters
+    (no ``nn.Linear`` per expert), run by one module called with the routing decisions."""
+    gate_up = getattr(module, "gate_up_proj", None)
+    down = getattr(module, "down_proj", None)
+    return getattr(gate_up, "ndim", 0) == 3 and getattr(down, "ndim", 0) == 3 and hasattr(module, "act_fn")
+
+
 class _Collector:
     """Sums of ``x^2`` and row counts per GGUF tensor, kept on the model's device until the end."""
 
@@ -329,13 +342,49 @@ class _Collector:
             if not args:
                 return
             x = args[0].reshape(-1, args[0].shape[-1]).float()
-            if x.shape[0] == 0:
-                return
-            if gguf_name not in self.sums:
-                self.sums[gguf_name] = x.new_zeros((n_matrices, x.shape[1]))
-                self.counts[gguf_name] = np.zeros(n_matrices, dtype=np.int64)
-            self.sums[gguf_name][slot] += (x * x).sum(dim=0)
-            self.counts[gguf_name][slot] += x.shape[0]
+            if x.shape[0] > 0:
+                self._add(gguf_name, n_matrices, slot, x)
+
+        return record
+
+    def _add(self, gguf_name: str, n_matrices: int, slot: int, x: Any) -> None:
+        if gguf_name not in self.sums:
+            self.sums[gguf_name] = x.new_zeros((n_matrices, x.shape[1]))
+            self.counts[gguf_name] = np.zeros(n_matrices, dtype=np.int64)
+        self.sums[gguf_name][slot] += (x * x).sum(dim=0)
+        self.counts[gguf_name][slot] += x.shape[0]
+
+    def experts_hook(self, module_name: str) -> Callable[[Any, tuple[Any, ...], dict[str, Any]], None]:
+        """Per-expert statistics for fused experts: the rows routed to each expert are its
+        gate/up inputs; its down input, ``act(gate) * up``, is recomputed from the weights."""
+        layer = _LAYER.search(module_name + ".")
+        if layer is None:
+            raise ImatrixError(f"cannot tell the layer of expert module {module_name}")
+        block = f"blk.{layer.group(1)}"
+        # The converter splits gate_up into ffn_gate_exps and ffn_up_exps (some versions keep a fused
+        # ffn_gate_up_exps); llama.cpp ignores entries for tensors a file does not have.
+        gate_up_names = [
+            f"{block}.{stem}.weight" for stem in ("ffn_gate_exps", "ffn_up_exps", "ffn_gate_up_exps")
+        ]
+        down_name = f"{block}.ffn_down_exps.weight"
+
+        def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            import torch
+
+            values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index") if k in kwargs]
+            hidden, top_k = values[0], values[1]
+            hidden = hidden.reshape(-1, hidden.shape[-1])
+            n_expert = module.gate_up_proj.shape[0]
+            top_k = top_k.reshape(hidden.shape[0], -1)
+            for expert in range(n_expert):
+                rows = (top_k == expert).any(dim=-1).nonzero().flatten()
+                if rows.numel() == 0:
+                    continue
+                x = hidden[rows]
+                for name in gate_up_names:
+                    self._add(name, n_expert, expert, x.float())
+                gate, up = torch.nn.functional.linear(x, module.gate_up_proj[expert]).chunk(2, dim=-1)
+                self._add(down_name, n_expert, expert, (module.act_fn(gate) * up).float())
 
         return record
 

@@ -57,35 +57,36 @@ if TYPE_CHECKING:
 T = constants.TensorType
 GIB = 1 << 30
 
-# Relative error power E[(w - q(w))^2] / E[w^2] per type, on N(0, 1) weights with 4096-wide rows:
-# (plain, with an importance matrix, the latter measured in the imatrix-weighted norm).
-# Measured by bench/type_errors.py with llama.cpp's quantizers from llama-cpp-python 0.3.36.
+# Relative error power E[(w - q(w))^2] / E[w^2] per type on Gaussian weights (1024- and 2048-wide
+# rows): (quantized without an imatrix, quantized with a log-normal one and measured in the
+# imatrix-weighted norm). Types that need an imatrix give the imatrix run's plain error in the
+# first column. Measured by bench/type_errors.py with llama-cpp-python 0.3.36's llama.cpp.
 RELATIVE_ERROR: dict[T, tuple[float, float]] = {
     T.F32: (0.0, 0.0),
-    T.F16: (1.0e-7, 1.0e-7),
-    T.BF16: (3.0e-6, 3.0e-6),
-    T.Q8_0: (2.3e-5, 2.2e-5),
-    T.Q6_K: (2.3e-4, 2.0e-4),
-    T.Q5_1: (6.5e-4, 6.0e-4),
-    T.Q5_0: (1.0e-3, 9.0e-4),
-    T.Q5_K: (9.0e-4, 8.0e-4),
-    T.Q4_1: (2.8e-3, 2.6e-3),
-    T.Q4_0: (4.5e-3, 4.0e-3),
-    T.IQ4_NL: (4.0e-3, 3.5e-3),
-    T.Q4_K: (3.5e-3, 3.2e-3),
-    T.IQ4_XS: (3.8e-3, 3.3e-3),
-    T.Q3_K: (1.4e-2, 1.2e-2),
-    T.IQ3_S: (1.1e-2, 9.5e-3),
-    T.IQ3_XXS: (1.7e-2, 1.5e-2),
-    T.Q2_K: (4.0e-2, 3.5e-2),
-    T.IQ2_S: (3.5e-2, 3.0e-2),
-    T.IQ2_XS: (4.5e-2, 3.9e-2),
-    T.IQ2_XXS: (6.0e-2, 5.2e-2),
-    T.IQ1_M: (1.0e-1, 9.0e-2),
-    T.IQ1_S: (1.3e-1, 1.2e-1),
-    T.TQ2_0: (2.5e-1, 2.5e-1),
-    T.TQ1_0: (2.5e-1, 2.5e-1),
-    T.MXFP4: (5.0e-3, 5.0e-3),
+    T.IQ1_S: (2.677e-01, 1.931e-01),
+    T.IQ1_M: (2.408e-01, 1.514e-01),
+    T.IQ2_XXS: (1.313e-01, 8.797e-02),
+    T.IQ2_XS: (1.022e-01, 6.719e-02),
+    T.IQ2_S: (6.892e-02, 5.050e-02),
+    T.Q2_K: (8.793e-02, 5.544e-02),
+    T.IQ3_XXS: (3.933e-02, 2.342e-02),
+    T.IQ3_S: (2.755e-02, 1.432e-02),
+    T.Q3_K: (2.276e-02, 1.793e-02),
+    T.IQ4_XS: (5.887e-03, 5.025e-03),
+    T.IQ4_NL: (5.797e-03, 4.918e-03),
+    T.Q4_0: (7.382e-03, 5.957e-03),
+    T.Q4_K: (5.090e-03, 4.147e-03),
+    T.Q5_0: (1.821e-03, 1.465e-03),
+    T.Q5_K: (1.304e-03, 1.073e-03),
+    T.Q6_K: (3.147e-04, 2.597e-04),
+    T.Q8_0: (2.864e-05, 2.862e-05),
+    T.TQ1_0: (6.514e-01, 6.509e-01),
+    T.TQ2_0: (6.514e-01, 6.509e-01),
+    T.MXFP4: (1.325e-02, 1.325e-02),
+    T.Q4_1: (6.116e-03, 4.020e-03),
+    T.Q5_1: (1.432e-03, 9.435e-04),
+    T.F16: (0.000e00, 0.000e00),
+    T.BF16: (2.844e-06, 2.845e-06),
 }
 
 # The types a dynamic mix picks from (ternary types only suit ternary-trained models; MXFP4 suits

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -76,7 +77,8 @@ def write_random_llama(path: Path, spec: RandomModel = RandomModel()) -> Path:
 
     def matrix(*shape: int) -> npt.NDArray[np.float16]:
         # numpy shape is (..., rows, cols); ggml stores it reversed, cols first
-        return (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float16)
+        values: npt.NDArray[np.float16] = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float16)
+        return values
 
     def norm() -> npt.NDArray[np.float32]:
         return rng.lognormal(0.0, 0.6, spec.n_embd).astype(np.float32)
@@ -132,3 +134,46 @@ def synthetic_imatrix_values(path: Path, seed: int = 1) -> dict[str, tuple[npt.N
         n_mat = shape[2] if len(shape) > 2 else 1
         out[tensor.name] = (rng.lognormal(0.0, 1.0, shape[0] * n_mat).astype(np.float32), n_mat)
     return out
+
+
+def write_tiny_tokenizer(folder: Path, vocab_size: int = 320) -> None:
+    """A byte-level BPE tokenizer trained on a few sentences, saved as a Hugging Face tokenizer."""
+    import tokenizers
+    import transformers
+
+    model = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=None))
+    model.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<s>", "</s>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    text = ["the quick brown fox jumps over the lazy dog", "quantization keeps the important columns"] * 20
+    model.train_from_iterator(text, trainer)
+    fast: Any = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=model, bos_token="<s>", eos_token="</s>"
+    )  # type: ignore[no-untyped-call]
+    fast.save_pretrained(folder)
+
+
+def write_random_hf(folder: Path, model_type: str, **config: int) -> Path:
+    """A tiny random Hugging Face model (``llama``, ``mixtral`` or ``qwen2_moe``) with a tokenizer."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    base = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 320,
+        "max_position_embeddings": 256,
+    } | config
+    cfg = transformers.AutoConfig.for_model(model_type, **base)
+    model: Any = transformers.AutoModelForCausalLM.from_config(cfg)  # type: ignore[no-untyped-call]
+    model.save_pretrained(folder)
+    write_tiny_tokenizer(folder, base["vocab_size"])
+    return folder
