@@ -199,21 +199,25 @@ def _attention_bytes(facts: gguf_facts.ModelFacts, settings: ContextSettings, il
     residual = 2 * e * u * F32  # the block input and its norm
     q = n_head * k_len * u * F32
     kv_new = n_head_kv * (facts.key_length + facts.value_length) * u * F32
-    out = n_head * v_len * u * F32
+    out = 2 * n_head * v_len * u * F32  # the attention result and its merged-heads copy
+    base = residual + q + kv_new + out  # 5.5 x n_embd per token for GQA 4, as measured
     if settings.flash_attention:
-        return residual + q + kv_new + out
+        return base
     cells = kv_cells(facts, settings, facts.swa_layers[il])
     kq = cells * u * n_head * F32  # KQ and, in place, its softmax
-    return residual + q + kq + out
+    return base + kq
 
 
-def _ffn_bytes(facts: gguf_facts.ModelFacts, il: int, u: int) -> int:
+def _ffn_bytes(facts: gguf_facts.ModelFacts, il: int, u: int, on_cpu: bool) -> int:
     """Peak activations inside block ``il``'s feed-forward (dense or MoE) for ``u`` tokens."""
     e = facts.embedding_length
     residual = 2 * e * u * F32
     dense = 3 * facts.feed_forward_length[il] * u * F32  # gate, up and the activated product
     if facts.layer_expert_bytes[il] == 0 or facts.expert_count == 0:
-        return residual + dense
+        # ggml-alloc's best-fit allocator leaves holes the size of a residual row between these;
+        # measured peaks are 3 n_ff + 4 n_embd per token on the CPU and 2..3 n_embd on a GPU.
+        rows = 4 if on_cpu else 3
+        return rows * e * u * F32 + dense
     used = max(facts.expert_used_count, 1)
     n_ff_exp = facts.expert_feed_forward_length or facts.feed_forward_length[il]
     router = 3 * facts.expert_count * u * F32  # logits, probabilities, selection
@@ -245,23 +249,30 @@ def compute_bytes(
     e = facts.embedding_length
     masks = _mask_bytes(facts, settings, u)
     logits = (facts.vocab_size + e) * u * F32  # output norm and the logits for every token
+    # Inputs always start on the CPU: the masks and the embedding rows (twice: the rows and
+    # their copy for the first device); without flash attention also the row indices that scatter
+    # new V values into the transposed V cache (int64 per value).
+    inputs = masks + 2 * e * u * F32
+    if not settings.flash_attention:
+        v_width = max((facts.value_length * h for h in facts.head_count_kv), default=0)
+        inputs += u * v_width * 8
 
     def peak(device: int) -> int:
         layers = [il for il in range(n_layer) if layer_device[il] == device]
         best = 0
         if layers:
             body = max(
-                max(_attention_bytes(facts, settings, il, u), _ffn_bytes(facts, il, u)) for il in layers
+                max(_attention_bytes(facts, settings, il, u), _ffn_bytes(facts, il, u, device == CPU))
+                for il in layers
             )
             best = masks + body
         if layer_device[n_layer] == device:
-            best = max(best, logits)
+            # the CPU keeps the final residual row beside the logits as well
+            best = max(best, logits + (e * u * F32 if device == CPU else 0))
         return best
 
     gpu = [peak(d) for d in range(n_devices)]
-    host = peak(CPU)
-    # Inputs always start on the CPU: token ids, the embedding rows and the masks.
-    host = max(host, masks + e * u * F32)
+    host = max(peak(CPU), inputs)
     if backend is Backend.CUDA and CPU in layer_device[:n_layer] and any(d != CPU for d in layer_device):
         # Op offload: big matrix products with CPU weights run on the GPU (ubatch >= 32) after a
         # copy of the weight into the first GPU's compute buffer.
