@@ -141,6 +141,12 @@ def kv_cells(facts: gguf_facts.ModelFacts, settings: ContextSettings, swa: bool)
     return size * n_stream
 
 
+def kv_cells_per_stream(facts: gguf_facts.ModelFacts, settings: ContextSettings, swa: bool) -> int:
+    """Cells one attention step sees: the mask and KQ span one stream (one slot unless unified)."""
+    streams = 1 if settings.kv_unified else settings.parallel
+    return kv_cells(facts, settings, swa) // streams
+
+
 def kv_layer_bytes(facts: gguf_facts.ModelFacts, settings: ContextSettings, il: int) -> int:
     """KV cache bytes of block ``il`` (0 for a layer without attention)."""
     n_head_kv = facts.head_count_kv[il]
@@ -203,7 +209,7 @@ def _attention_bytes(facts: gguf_facts.ModelFacts, settings: ContextSettings, il
     base = residual + q + kv_new + out  # 5.5 x n_embd per token for GQA 4, as measured
     if settings.flash_attention:
         return base
-    cells = kv_cells(facts, settings, facts.swa_layers[il])
+    cells = kv_cells_per_stream(facts, settings, facts.swa_layers[il])
     kq = cells * u * n_head * F32  # KQ and, in place, its softmax
     return base + kq
 
@@ -232,7 +238,7 @@ def _mask_bytes(facts: gguf_facts.ModelFacts, settings: ContextSettings, u: int)
     total = 0
     kinds = {facts.swa_layers[il] for il in range(facts.block_count) if facts.head_count_kv[il]}
     for swa in kinds:
-        total += kv_cells(facts, settings, swa) * u * elem
+        total += kv_cells_per_stream(facts, settings, swa) * u * elem
     return total
 
 
@@ -242,6 +248,7 @@ def compute_bytes(
     layer_device: Sequence[int],
     n_devices: int,
     backend: Backend = Backend.CUDA,
+    n_cpu_moe: int = 0,
 ) -> tuple[tuple[int, ...], int]:
     """Compute buffer per GPU and on the host, for a placement given as ``layer_devices``' result."""
     n_layer = facts.block_count
@@ -273,6 +280,13 @@ def compute_bytes(
 
     gpu = [peak(d) for d in range(n_devices)]
     host = max(peak(CPU), inputs)
+    moe_on_cpu = [il for il in range(min(n_cpu_moe, n_layer)) if facts.layer_expert_bytes[il]]
+    if moe_on_cpu:
+        # Experts in host memory run their matrix products on the CPU, one split at a time: the
+        # routed rows plus the gate and up results of the chosen experts are live together.
+        used = max(facts.expert_used_count, 1)
+        n_ff_exp = max(facts.expert_feed_forward_length or facts.feed_forward_length[il] for il in moe_on_cpu)
+        host = max(host, masks + (e + 2 * n_ff_exp * used) * u * F32)
     if backend is Backend.CUDA and CPU in layer_device[:n_layer] and any(d != CPU for d in layer_device):
         # Op offload: big matrix products with CPU weights run on the GPU (ubatch >= 32) after a
         # copy of the weight into the first GPU's compute buffer.
@@ -317,7 +331,7 @@ def breakdown(
         host_model += facts.output_bytes
     else:
         model[out] += facts.output_device_bytes
-    gpu_compute, host_compute = compute_bytes(facts, settings, devices, n_dev, backend)
+    gpu_compute, host_compute = compute_bytes(facts, settings, devices, n_dev, backend, placement.n_cpu_moe)
     return MemoryBreakdown(
         devices=tuple(DeviceBytes(model[d], kv[d], gpu_compute[d]) for d in range(n_dev)),
         host=DeviceBytes(host_model, host_kv, host_compute),
