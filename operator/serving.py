@@ -33,7 +33,7 @@ class Candidate:
 
     @property
     def full_offload(self) -> bool:
-        return self.offload.gpu_layers >= self.offload.total_layers + 1
+        return self.offload.gpu_layers >= self.offload.total_layers and not self.offload.n_cpu_moe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +206,7 @@ def _status(qm: api.QuantizedModel, variant: api.VariantStatus, candidate: Candi
     offload = candidate.offload
     return api.ServingStatus(
         variant=variant.name, endpoint=endpoint, gpu_layers=offload.gpu_layers,
-        total_layers=offload.total_layers + 1,
+        total_layers=offload.total_layers,
         predicted_gpu_bytes=sum(d.total for d in offload.devices),
         node_gpu_bytes=(candidate.pool.memory_bytes or 0) * candidate.gpus,
         explanation=f"{candidate.node} ({candidate.pool.product}): {offload.explanation}"[:4096],

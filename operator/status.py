@@ -68,9 +68,17 @@ def variant_status(state: BuildState) -> api.VariantStatus:
         else (metrics.kl_divergence if metrics else None),
         "perplexity": report.perplexity if report.perplexity is not None
         else (metrics.perplexity if metrics else None),
-        "gate_passed": report.gate_passed, "path": report.path,
+        "gate_passed": report.gate_passed, "path": volume_path(report.path, state.build.digest),
         "message": "; ".join(report.gate.reasons)[:1024] if report.gate and report.gate.reasons else None,
     })
+
+
+def volume_path(path: str, digest: str) -> str:
+    """The model file as every pod sees it: under the storage mount, in the digest's folder."""
+    marker = f"/{digest}/"
+    if marker not in path:
+        return path
+    return builds.STORAGE_MOUNT + marker + path.split(marker, 1)[1]
 
 
 @dataclasses.dataclass(frozen=True)

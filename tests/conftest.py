@@ -7,36 +7,16 @@ Unit tests never touch these fixtures, so ``pytest tests/unit`` starts nothing.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import pathlib
 import uuid
 from collections.abc import Iterator
 
 import pytest
-from kube import wait_for
-from kubernetes import client, config
+from kube import Cluster, wait_for
+from kubernetes import client
 from localcluster import cluster as localcluster
 from localcluster import controlplane
-
-
-@dataclasses.dataclass(frozen=True)
-class Cluster:
-    """A running local cluster, as tests see it."""
-
-    paths: controlplane.ClusterPaths
-    bin_dir: pathlib.Path
-
-    @property
-    def kubeconfig(self) -> pathlib.Path:
-        return self.paths.kubeconfig
-
-    @property
-    def helm(self) -> pathlib.Path:
-        return self.bin_dir / "helm"
-
-    def api_client(self) -> client.ApiClient:
-        return config.new_client_from_config(str(self.kubeconfig))
 
 
 @pytest.fixture(scope="session")

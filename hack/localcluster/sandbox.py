@@ -39,11 +39,13 @@ class ProcessSpec:
 
 
 def _rewrite(value: str, mounts: list[tuple[str, pathlib.Path]], pod_ip: str) -> str:
-    """Replace container paths (longest first) and the wildcard address inside one string."""
-    for container_path, local in mounts:
-        path = container_path.rstrip("/") or "/"
-        pattern = r"(?<![\w./-])" + re.escape(path) + r"(?=/|\s|$|[;\"':,)])"
-        value = re.sub(pattern, lambda _m, loc=str(local): loc, value)
+    """Replace container paths and the wildcard address inside one string, in a single pass
+    (a replaced path must not be rewritten again by a shorter mount such as ``/tmp``)."""
+    if mounts:
+        table = {(p.rstrip("/") or "/"): str(local) for p, local in mounts}
+        alternatives = "|".join(re.escape(p) for p in sorted(table, key=len, reverse=True))
+        pattern = r"(?<![\w./-])(" + alternatives + r")(?=/|\s|$|[;\"':,)])"
+        value = re.sub(pattern, lambda m: table[m.group(1)], value)
     return value.replace("0.0.0.0", pod_ip)
 
 
@@ -163,6 +165,17 @@ class Sandbox:
         return str(values.get(path, ""))
 
     def _env(self, container: dict[str, Any], mounts: list[tuple[str, pathlib.Path]]) -> dict[str, str]:
+        """The container's own variables (paths rewritten), then what the kubelet adds (not)."""
+        defined: dict[str, str] = {}
+        for source in container.get("envFrom") or []:
+            prefix = source.get("prefix", "")
+            if "configMapRef" in source:
+                data = self._configmap(source["configMapRef"])
+            else:
+                data = self._secret(source["secretRef"])
+            defined.update({prefix + k: v for k, v in data.items()})
+        for var in container.get("env") or []:
+            defined[var["name"]] = self._env_value(var, defined)
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.root / "home"),
@@ -172,19 +185,11 @@ class Sandbox:
             "PYTHONSAFEPATH": "1",
         }
         (self.root / "home").mkdir(exist_ok=True)
+        env.update({k: _rewrite(v, mounts, self.pod_ip) for k, v in defined.items()})
         kubeconfig = self._kubeconfig(mounts)
         if kubeconfig:
             env["KUBECONFIG"] = str(kubeconfig)
-        for source in container.get("envFrom") or []:
-            prefix = source.get("prefix", "")
-            if "configMapRef" in source:
-                data = self._configmap(source["configMapRef"])
-            else:
-                data = self._secret(source["secretRef"])
-            env.update({prefix + k: v for k, v in data.items()})
-        for var in container.get("env") or []:
-            env[var["name"]] = self._env_value(var, env)
-        return {k: _rewrite(v, mounts, self.pod_ip) for k, v in env.items()}
+        return env
 
     def _env_value(self, var: dict[str, Any], env: dict[str, str]) -> str:
         if "value" in var:
@@ -235,10 +240,11 @@ class Sandbox:
         term_local.unlink(missing_ok=True)
         mounts.append((term_path, term_local))
         mounts.sort(key=lambda m: len(m[0]), reverse=True)
-        argv = list(container.get("command") or table.entrypoint(container.get("image", "")))
-        argv += list(container.get("args") or [])
         env = self._env(container, mounts)
-        argv = [_rewrite(self._expand(a, env), mounts, self.pod_ip) for a in argv]
+        own = [*(container.get("command") or []), *(container.get("args") or [])]
+        own = [_rewrite(self._expand(a, env), mounts, self.pod_ip) for a in own]
+        # The image's entrypoint is a host path from images.yaml: it is not rewritten.
+        argv = own if container.get("command") else [*table.entrypoint(container.get("image", "")), *own]
         if argv and not os.path.isabs(argv[0]):
             argv[0] = shutil.which(argv[0], path=env["PATH"]) or argv[0]
         cwd = self.root / "home"

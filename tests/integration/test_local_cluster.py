@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import Cluster
-from kube import wait_for
+from kube import Cluster, wait_for
 from kubernetes import client, utils
 
 pytestmark = pytest.mark.integration

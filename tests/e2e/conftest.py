@@ -1,0 +1,68 @@
+"""Fixtures for end-to-end tests: the CRD, a running operator, and a hub that serves SmolLM2."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+import yaml
+from hub_server import FakeHub
+from kube import Cluster, wait_for
+from kubernetes import client
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="session")
+def crd(cluster: Cluster) -> None:
+    """Install the generated CRD and wait until the API server serves it."""
+    api = cluster.api_client()
+    ext = client.ApiextensionsV1Api(api)
+    body = yaml.safe_load((REPO / "crds/kquant.dev_quantizedmodels.yaml").read_text())
+    try:
+        ext.create_custom_resource_definition(body)
+    except client.ApiException as exc:
+        if exc.status != 409:
+            raise
+
+    def established() -> bool:
+        crd = ext.read_custom_resource_definition(body["metadata"]["name"])
+        return any(c.type == "Established" and c.status == "True" for c in crd.status.conditions or [])
+
+    wait_for(established, what="the QuantizedModel CRD to be Established")
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
+    """``kquant operator`` as a separate process against the local cluster; yields its log file."""
+    log = tmp_path_factory.mktemp("operator") / "operator.log"
+    env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig), PYTHONSAFEPATH="1")
+    with log.open("wb") as out:
+        proc = subprocess.Popen([str(pathlib.Path(sys.executable).with_name("kquant")), "operator"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        time.sleep(3)  # kopf needs a moment to list and watch; a crash at start shows here
+        assert proc.poll() is None, log.read_text()[-3000:]
+        yield log
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def smollm2_hub() -> Iterator[FakeHub]:
+    from fixtures import smollm2
+
+    with FakeHub() as hub:
+        hub.add_repo(SMOLLM2_REPO, smollm2.hf_dir())
+        yield hub

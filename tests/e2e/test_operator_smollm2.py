@@ -1,0 +1,96 @@
+"""From a QuantizedModel to a served model, on the local cluster, with every part real.
+
+The Job's pod runs the real quantizer on SmolLM2-135M-Instruct (fetched through a local hub),
+the Deployment's pod runs the real llama-server on the quantized file, and a chat completion goes
+through the endpoint. Then the other variant is promoted by editing the manifest.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import pathlib
+import urllib.request
+from typing import Any
+
+import pytest
+import yaml
+from e2e_helpers import condition, qm_status
+from hub_server import FakeHub
+from kube import Cluster, wait_for
+from kubernetes import client
+
+pytestmark = pytest.mark.e2e
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def smollm2_manifest(hub: FakeHub) -> dict[str, Any]:
+    body: dict[str, Any] = yaml.safe_load((REPO / "examples/01-smollm2/quantizedmodel.yaml").read_text())
+    body["spec"]["source"]["huggingface"]["endpoint"] = hub.url
+    body["spec"]["calibration"]["chunks"] = 4
+    body["spec"]["evaluation"]["chunks"] = 2
+    return body
+
+
+def _server_pods(core: client.CoreV1Api, namespace: str) -> list[Any]:
+    pods = core.list_namespaced_pod(namespace, label_selector="kquant.dev/role=server").items
+    return [p for p in pods if not p.metadata.deletion_timestamp]
+
+
+def _chat(pod_ip: str, question: str) -> dict[str, Any]:
+    body = json.dumps({"messages": [{"role": "user", "content": question}], "max_tokens": 16}).encode()
+    request = urllib.request.Request(f"http://{pod_ip}:8080/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        answer: dict[str, Any] = json.loads(response.read())
+    return answer
+
+
+def _ready_with(cluster: Cluster, namespace: str, name: str, variant: str) -> dict[str, Any] | None:
+    status = qm_status(cluster, namespace, name)
+    ready = condition(status, "Ready")
+    if ready and ready["status"] == "True" and (status.get("serving") or {}).get("variant") == variant:
+        return status
+    failed = condition(status, "Quantized")
+    if failed and failed["reason"] in ("BuildFailed", "SecretNotFound"):
+        raise AssertionError(f"build failed: {failed['message']}")
+    return None
+
+
+def test_build_serve_and_promote(cluster: Cluster, namespace: str, operator: pathlib.Path,
+                                 smollm2_hub: FakeHub) -> None:
+    api = cluster.api_client()
+    custom, core, batch = client.CustomObjectsApi(api), client.CoreV1Api(api), client.BatchV1Api(api)
+    manifest = smollm2_manifest(smollm2_hub)
+    custom.create_namespaced_custom_object("kquant.dev", "v1alpha1", namespace, "quantizedmodels", manifest)
+
+    status = wait_for(lambda: _ready_with(cluster, namespace, "smollm2", "q4km"), timeout=900,
+                      interval=2, what="smollm2 to serve q4km")
+    variants = {v["name"]: v for v in status["variants"]}
+    assert set(variants) == {"q8", "q4km"}
+    for variant in variants.values():
+        assert variant["sizeBytes"] > 50_000_000 and variant["klDivergence"] >= 0
+        assert variant["gatePassed"] is True
+    assert variants["q4km"]["sizeBytes"] < variants["q8"]["sizeBytes"]
+    assert status["observedGeneration"] == 1 and status["phase"] == "Ready"
+    jobs = batch.list_namespaced_job(namespace).items
+    assert len(jobs) == 2  # one per variant, no duplicates
+
+    [pod] = _server_pods(core, namespace)
+    args = pod.spec.containers[0].args
+    assert args[args.index("--ctx-size") + 1] == "2048" and "--metrics" in args
+    answer = _chat(pod.status.pod_ip, "What is the capital of France?")
+    assert answer["choices"][0]["message"]["content"].strip()
+    assert answer["model"] == "smollm2-q4km"
+
+    promoted = copy.deepcopy(manifest)
+    promoted["spec"]["serving"]["variant"] = "q8"
+    custom.patch_namespaced_custom_object("kquant.dev", "v1alpha1", namespace, "quantizedmodels", "smollm2",
+                                          {"spec": {"serving": {"variant": "q8"}}})
+    wait_for(lambda: _ready_with(cluster, namespace, "smollm2", "q8"), timeout=300, interval=2,
+             what="smollm2 to serve q8")
+    wait_for(lambda: len(_server_pods(core, namespace)) == 1 and _server_pods(core, namespace)[0].metadata.uid
+             != pod.metadata.uid, timeout=120, what="the old server pod to go")
+    [new_pod] = _server_pods(core, namespace)
+    assert _chat(new_pod.status.pod_ip, "Say hello.")["model"] == "smollm2-q8"
+    assert len(batch.list_namespaced_job(namespace).items) == 2  # promotion rebuilt nothing

@@ -1,0 +1,106 @@
+"""Build digests and the objects of one build: pure logic, no cluster."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pathlib
+from typing import Any
+
+import yaml
+from kquant.operator import builds, manifests
+from kquant.operator.api import v1alpha1 as api
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _body(**spec_changes: Any) -> dict[str, Any]:
+    body: dict[str, Any] = yaml.safe_load((REPO / "examples/01-smollm2/quantizedmodel.yaml").read_text())
+    body["metadata"].update(namespace="ml", uid="1234", generation=1)
+    body["spec"].update(spec_changes)
+    return body
+
+
+def _digests(body: dict[str, Any]) -> dict[str, str]:
+    qm = api.QuantizedModel.model_validate(body)
+    return {b.variant: b.digest for b in builds.plan_builds(qm, "ml")}
+
+
+def test_digest_ignores_serving_and_evaluation_but_not_the_recipe_or_revision() -> None:
+    base = _digests(_body())
+    serving_change = _body()
+    serving_change["spec"]["serving"]["variant"] = "q8"
+    serving_change["spec"]["serving"]["contextSize"] = 8192
+    serving_change["spec"]["evaluation"]["maxKLDivergence"] = 0.01
+    assert _digests(serving_change) == base
+
+    revision = _body()
+    revision["spec"]["source"]["huggingface"]["revision"] = "0123456789abcdef0123456789abcdef01234567"
+    assert set(_digests(revision).values()).isdisjoint(base.values())
+
+    recipe = _body()
+    recipe["spec"]["variants"][1]["tokenEmbeddingType"] = "Q6_K"
+    changed = _digests(recipe)
+    assert changed["q8"] == base["q8"] and changed["q4km"] != base["q4km"]
+
+
+def test_each_variant_gets_its_own_named_build_with_the_digest_pinned() -> None:
+    qm = api.QuantizedModel.model_validate(_body())
+    planned = builds.plan_builds(qm, "ml")
+    assert [b.variant for b in planned] == ["q8", "q4km"]
+    for build in planned:
+        assert build.name == f"smollm2-{build.variant}-{build.digest[:8]}"
+        assert len(build.name) <= 63
+        assert build.spec.variants[0].digest == build.digest
+        assert build.spec.result_config_map is not None and build.spec.result_config_map.name == build.name
+
+
+def test_token_reaches_only_the_build_pod_through_a_secret_ref() -> None:
+    body = _body()
+    body["spec"]["source"]["huggingface"]["tokenSecretRef"] = {"name": "hf-token", "key": "token"}
+    qm = api.QuantizedModel.model_validate(body)
+    build = builds.plan_builds(qm, "ml")[0]
+    objects = {o["kind"]: o for o in manifests.build_objects(qm, build)}
+    env = objects["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]
+    token = next(e for e in env if e["name"] == "HF_TOKEN")
+    assert token["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
+    assert "hf-token" not in objects["ConfigMap"]["data"][builds.SPEC_KEY]
+    assert "token" not in json.loads(objects["ConfigMap"]["data"][builds.SPEC_KEY])["source"]["huggingface"]
+
+
+def test_build_service_account_may_patch_only_its_own_configmap() -> None:
+    qm = api.QuantizedModel.model_validate(_body())
+    build = builds.plan_builds(qm, "ml")[0]
+    objects = {o["kind"]: o for o in manifests.build_objects(qm, build)}
+    assert objects["Role"]["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                                         "resourceNames": [build.name], "verbs": ["get", "patch"]}]
+    pod = objects["Job"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == build.name and pod["restartPolicy"] == "Never"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    for obj in objects.values():
+        assert obj["metadata"]["ownerReferences"][0]["uid"] == "1234"
+
+
+def test_gpu_builds_ask_for_gpus_and_a_gpu_node() -> None:
+    body = _body()
+    body["spec"]["quantizer"] = {"gpus": 2, "backoffLimit": 1, "activeDeadlineSeconds": 3600}
+    qm = api.QuantizedModel.model_validate(body)
+    job = manifests.build_objects(qm, builds.plan_builds(qm, "ml")[0])[-1]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert (job["spec"]["backoffLimit"], job["spec"]["activeDeadlineSeconds"]) == (1, 3600)
+
+
+def test_storage_claim_is_kept_on_delete_only_when_asked() -> None:
+    qm = api.QuantizedModel.model_validate(_body())
+    claim = manifests.storage_claim(qm)
+    assert claim is not None and "ownerReferences" in claim["metadata"]
+    keep = _body()
+    keep["spec"]["storage"]["pvc"]["keepOnDelete"] = True
+    kept = manifests.storage_claim(api.QuantizedModel.model_validate(keep))
+    assert kept is not None and "ownerReferences" not in kept["metadata"]
+    existing = copy.deepcopy(_body())
+    existing["spec"]["storage"]["pvc"] = {"claimName": "shared-models"}
+    assert manifests.storage_claim(api.QuantizedModel.model_validate(existing)) is None

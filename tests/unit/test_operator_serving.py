@@ -1,0 +1,142 @@
+"""Serving decisions and status: pure logic over plain node/pod dicts, no cluster."""
+
+from __future__ import annotations
+
+import datetime
+import pathlib
+from typing import Any
+
+import yaml
+from gguf_models import Shape, shape_facts
+from kquant.operator import builds, serving, status
+from kquant.operator.api import v1alpha1 as api
+from kquant.quantizer import report
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+GiB = 2**30
+
+
+def _qm(**serving_changes: Any) -> api.QuantizedModel:
+    body: dict[str, Any] = yaml.safe_load((REPO / "examples/01-smollm2/quantizedmodel.yaml").read_text())
+    body["metadata"].update(namespace="ml", uid="1234", generation=2)
+    body["spec"]["serving"].update({"gpus": 1, "gpuLayers": "auto", **serving_changes})
+    return api.QuantizedModel.model_validate(body)
+
+
+def _node(name: str, gib: int, count: int, product: str) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": {
+        "nvidia.com/gpu.product": product, "nvidia.com/gpu.memory": str(gib * 1024),
+        "nvidia.com/gpu.count": str(count)}},
+        "status": {"allocatable": {"nvidia.com/gpu": str(count)}}}
+
+
+NODES = [_node("small", 24, 1, "RTX-4090"), _node("big", 80, 1, "A100-80GB"), _node("cpu", 0, 0, "")]
+NODES[2] = {"metadata": {"name": "cpu", "labels": {}}, "status": {"allocatable": {"cpu": "8"}}}
+
+
+def test_a_small_model_goes_to_the_smallest_gpu_with_full_offload() -> None:
+    facts = shape_facts(Shape())
+    found = serving.candidates(_qm(), facts, NODES, [])
+    chosen = serving.choose(found)
+    assert chosen is not None and chosen.node == "small" and chosen.full_offload
+    assert chosen.offload.gpu_layers == facts.block_count + 1
+
+
+def test_a_model_too_big_for_every_gpu_is_not_served_and_says_why() -> None:
+    # 60 layers of about 3.3 GiB each at F16, all forced onto one GPU: no 24 or 80 GiB card holds them.
+    facts = shape_facts(Shape(n_layer=60, n_embd=8192, n_ff=65536, n_head=64, n_head_kv=8, n_vocab=32000))
+    qm = _qm(gpuLayers=61)
+    found = serving.candidates(qm, facts, NODES, [])
+    assert [c.node for c in found] == ["small", "big"]
+    assert serving.choose(found) is None
+    verdict = serving.no_fit(qm, found, facts)
+    assert verdict.reason == "DoesNotFit"
+    assert "fits no GPU pool (largest: big, 80 GiB x 1)" in verdict.message
+
+
+def test_no_gpu_node_matching_the_selector_is_reported() -> None:
+    qm = _qm(nodeSelector={"pool": "h200"})
+    found = serving.candidates(qm, shape_facts(Shape()), NODES, [])
+    assert found == []
+    assert serving.no_fit(qm, found, shape_facts(Shape())).reason == "NoGPUNodes"
+
+
+def _variant(name: str = "q4km") -> api.VariantStatus:
+    return api.VariantStatus(name=name, digest="d" * 16, path=f"{builds.STORAGE_MOUNT}/{'d' * 16}/{name}.gguf",
+                             gate_passed=True)
+
+
+def test_server_arguments_follow_the_spec_and_the_plan() -> None:
+    qm = _qm(cacheTypeK="q4_0", sampling={"temperature": 0.6, "minP": 0.05, "seed": 3407})
+    chosen = serving.choose(serving.candidates(qm, shape_facts(Shape()), NODES, []))
+    plan = serving.build(qm, _variant(), chosen, surge=False)
+    container = plan.deployment["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    pairs = dict(zip(args[::2], args[1::2], strict=False))
+    assert pairs["--model"] == f"{builds.STORAGE_MOUNT}/{'d' * 16}/q4km.gguf"
+    assert args[args.index("--gpu-layers") + 1] == "9" and args[args.index("--cache-type-k") + 1] == "q4_0"
+    assert args[args.index("--temp") + 1] == "0.6" and args[args.index("--seed") + 1] == "3407"
+    assert "--metrics" in args
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert plan.deployment["spec"]["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == "RTX-4090"
+    assert plan.deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert plan.status.gpu_layers == 9 and plan.status.node_gpu_bytes == 24 * GiB
+    assert plan.status.endpoint == "http://smollm2.ml.svc.cluster.local:8080/v1"
+
+
+def test_rolling_update_only_where_a_second_pod_fits() -> None:
+    qm = _qm()
+    busy_pod = {"metadata": {"name": "x"}, "spec": {"nodeName": "small", "containers": [
+        {"resources": {"limits": {"nvidia.com/gpu": "1"}}}]}, "status": {"phase": "Running"}}
+    free = serving.candidates(qm, shape_facts(Shape()), NODES, [])
+    busy = serving.candidates(qm, shape_facts(Shape()), NODES, [busy_pod])
+    assert serving.surge_fits(serving.choose(free), free)
+    chosen = serving.choose(busy)
+    assert chosen is not None and chosen.node == "small"
+    assert not serving.surge_fits(chosen, busy)
+
+
+def _state(variant: str, phase: status.BuildPhase, gate: bool = True) -> status.BuildState:
+    build = builds.Build(model="smollm2", variant=variant, digest="e" * 16, spec=None)  # type: ignore[arg-type]
+    rep = None
+    if phase is status.BuildPhase.SUCCEEDED:
+        rep = report.VariantReport(name=variant, digest="e" * 16, type="Q4_K_M", recipe="uniform",
+                                   path=f"/data/{'e' * 16}/{variant}.gguf", size_bytes=100, gate_passed=gate)
+    return status.BuildState(build, phase, progress="quantizing 40%", reason="boom", report=rep)
+
+
+NOW = datetime.datetime(2026, 11, 25, tzinfo=datetime.UTC)
+
+
+def test_status_while_building_and_when_ready() -> None:
+    qm = _qm()
+    building = status.compute(qm, [_state("q8", status.BuildPhase.SUCCEEDED),
+                                   _state("q4km", status.BuildPhase.RUNNING)], None, NOW)
+    assert building.phase is api.Phase.QUANTIZING
+    assert building.progress == "q4km 2/2 quantizing 40%"
+    assert building.observed_generation == 2
+    quantized = building.condition("Quantized")
+    assert quantized is not None and quantized.reason == "Building"
+    done = [_state("q8", status.BuildPhase.SUCCEEDED), _state("q4km", status.BuildPhase.SUCCEEDED)]
+    ready = status.compute(qm, done, status.ServingState(True, "Serving", "ok"), NOW)
+    assert ready.phase is api.Phase.READY
+    assert {c.type: c.status.value for c in ready.conditions or []} == {
+        "Quantized": "True", "Evaluated": "True", "Serving": "True", "Ready": "True"}
+    assert ready.variants is not None and ready.variants[0].path == f"{builds.STORAGE_MOUNT}/{'e' * 16}/q8.gguf"
+
+
+def test_a_failed_build_fails_the_model_with_its_reason() -> None:
+    failed = status.compute(_qm(), [_state("q8", status.BuildPhase.FAILED),
+                                    _state("q4km", status.BuildPhase.QUEUED)], None, NOW)
+    assert failed.phase is api.Phase.FAILED
+    quantized = failed.condition("Quantized")
+    assert quantized is not None and quantized.reason == "BuildFailed" and "q8: boom" in quantized.message
+
+
+def test_condition_transition_time_survives_an_unchanged_status() -> None:
+    qm = _qm()
+    first = status.compute(qm, [_state("q8", status.BuildPhase.RUNNING)], None, NOW)
+    later = NOW + datetime.timedelta(minutes=5)
+    again = status.compute(qm.model_copy(update={"status": first}), [_state("q8", status.BuildPhase.RUNNING)],
+                           None, later)
+    assert again.condition("Quantized").last_transition_time == NOW  # type: ignore[union-attr]
