@@ -87,7 +87,7 @@ def dry_run(argv: Sequence[str] | None = None) -> str:
     )
     result = plan.plan(plan.PlanRequest(facts, ctx, tuple(gpus), args.gpu_layers, settings=settings))
     if args.json:
-        return json.dumps(plan_to_dict(result), indent=2)
+        return json.dumps(plan.plan_to_dict(result), indent=2)
     lines = [
         f"model: {facts.name or args.model.name} ({facts.architecture}, {facts.block_count} blocks, "
         f"{facts.total_bytes / plan.GiB:.2f} GiB of weights)",
@@ -95,25 +95,6 @@ def dry_run(argv: Sequence[str] | None = None) -> str:
         "llama-server " + " ".join(result.server_args()),
     ]
     return "\n".join(lines)
-
-
-def plan_to_dict(p: plan.OffloadPlan) -> dict[str, object]:
-    return {
-        "fits": p.fits,
-        "planner": str(p.planner),
-        "gpuLayers": p.gpu_layers,
-        "totalLayers": p.total_layers,
-        "context": p.context.context,
-        "tensorSplit": list(p.tensor_split),
-        "nCpuMoe": p.n_cpu_moe,
-        "devices": [{"model": d.model, "kv": d.kv, "compute": d.compute} for d in p.devices],
-        "host": {"model": p.host.model, "kv": p.host.kv, "compute": p.host.compute},
-        "predictedGPUBytes": list(p.predicted_gpu_bytes),
-        "gpuMemory": list(p.gpu_memory),
-        "smallestFit": None if p.smallest_fit is None else str(p.smallest_fit),
-        "args": list(p.server_args()),
-        "explanation": p.explanation,
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

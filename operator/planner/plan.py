@@ -171,6 +171,54 @@ def plan(request: PlanRequest) -> OffloadPlan:
     return first
 
 
+def fewest_gpus(
+    facts: gguf_facts.ModelFacts,
+    context: memory.ContextSettings,
+    gpu_memory: int,
+    available: int,
+    settings: PlannerSettings = PlannerSettings(),
+    gpu_layers: int | None = None,
+) -> OffloadPlan:
+    """The plan with the fewest GPUs of ``gpu_memory`` bytes (up to ``available``) that holds everything.
+
+    This is the operator's question per node pool: how many ``nvidia.com/gpu`` to request. When
+    even ``available`` GPUs cannot hold the whole model, the answer is the plan on all of them
+    (partial offload, or does-not-fit with the smallest configuration named).
+    """
+    if available < 0:
+        raise ValueError(f"available GPUs is {available}, but it must not be negative")
+    last: OffloadPlan | None = None
+    for n in range(1, available + 1):
+        last = plan(PlanRequest(facts, context, (gpu_memory,) * n, gpu_layers, settings=settings))
+        if last.fits and last.full_offload:
+            return last
+    if last is None:
+        last = plan(PlanRequest(facts, context, (), gpu_layers, settings=settings))
+    return last
+
+
+def plan_to_dict(p: OffloadPlan) -> dict[str, object]:
+    """The plan as plain JSON types (camelCase keys, as status and ``--dry-run --json`` show it)."""
+    return {
+        "fits": p.fits,
+        "planner": str(p.planner),
+        "gpuLayers": p.gpu_layers,
+        "totalLayers": p.total_layers,
+        "fullOffload": p.full_offload,
+        "context": p.context.context,
+        "gpus": len(p.gpu_memory),
+        "tensorSplit": list(p.tensor_split),
+        "nCpuMoe": p.n_cpu_moe,
+        "devices": [{"model": d.model, "kv": d.kv, "compute": d.compute} for d in p.devices],
+        "host": {"model": p.host.model, "kv": p.host.kv, "compute": p.host.compute},
+        "predictedGPUBytes": list(p.predicted_gpu_bytes),
+        "nodeGPUBytes": list(p.gpu_memory),
+        "smallestFit": None if p.smallest_fit is None else str(p.smallest_fit),
+        "args": list(p.server_args()),
+        "explanation": p.explanation,
+    }
+
+
 def _check_request(request: PlanRequest) -> None:
     n_total = request.facts.block_count + 1
     if request.gpu_layers is not None and not 0 <= request.gpu_layers <= n_total:
@@ -269,10 +317,12 @@ def _plan_at(request: PlanRequest) -> OffloadPlan:
         why = "everything fits"
     elif placement.n_cpu_moe:
         why = (
-            f"experts of the first {placement.n_cpu_moe} blocks stay in host memory "
-            f"({_gib(int(cost))} read from host per token"
-            + (f", vs {_gib(int(options[1][0]))} when dropping whole layers)" if len(options) > 1 else ")")
+            f"experts of the first {placement.n_cpu_moe} blocks stay in host memory: "
+            f"{_gib(int(cost))} of weights read from host per token"
         )
+        others = [o for o in options if not o[1].n_cpu_moe]
+        if others:
+            why += f", vs {_gib(int(others[0][0]))} when dropping whole layers"
     else:
         why = f"the output layer and the last {placement.gpu_layers - 1} blocks fit"
     ok = full or not settings.require_full_offload

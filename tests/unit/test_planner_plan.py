@@ -175,3 +175,19 @@ def test_dry_run_prints_a_plan(tmp_path: Path) -> None:
     assert as_json["gpuLayers"] == 9 and as_json["fits"] is True
     assert as_json["args"][as_json["args"].index("--cache-type-k") + 1] == constants.CacheType.Q8_0.value
     assert cli.parse_size("24GiB") == 24 * GiB and cli.parse_size("81559MiB") == 81559 * MiB
+
+
+def test_fewest_gpus_for_a_node_pool() -> None:
+    big = gguf_models.shape_facts(gguf_models.Shape(n_layer=32, n_embd=4096, n_head=32, n_head_kv=8,
+                                                    n_ff=14336, n_vocab=128256))  # fmt: skip
+    ctx = memory.ContextSettings(8192)
+    p = plan.fewest_gpus(big, ctx, 8 * GiB, available=4)
+    assert p.fits and p.full_offload
+    assert len(p.gpu_memory) == 3
+    assert all(b <= 8 * GiB for b in p.predicted_gpu_bytes)
+    short = plan.fewest_gpus(big, ctx, 8 * GiB, available=2)
+    assert len(short.gpu_memory) == 2 and not short.full_offload
+    assert short.smallest_fit is not None and short.smallest_fit.gpus == 3
+    as_dict = plan.plan_to_dict(p)
+    assert as_dict["gpus"] == 3 and as_dict["fullOffload"] is True
+    assert json.loads(json.dumps(as_dict)) == as_dict
