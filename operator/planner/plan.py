@@ -292,26 +292,13 @@ def _plan_at(request: PlanRequest) -> OffloadPlan:
             ok = False
         return _make_plan(request, placement, fits=ok, why=f"gpuLayers {request.gpu_layers} was asked for")
 
-    options: list[tuple[float, memory.Placement, memory.MemoryBreakdown]] = []
-    for ngl in range(n_total, 0, -1):
-        placement = _placement(request, ngl, 0, budgets)
-        bd = memory.breakdown(facts, request.context, placement, settings.backend)
-        if _fits(bd, budgets, request.host_memory):
-            options.append((_host_read_per_token(facts, bd, 0), placement, bd))
-            break
-    if facts.is_moe and settings.moe_on_cpu and not (options and options[0][1].gpu_layers == n_total):
-        for k in range(1, facts.block_count + 1):
-            placement = _placement(request, n_total, k, budgets)
-            bd = memory.breakdown(facts, request.context, placement, settings.backend)
-            if _fits(bd, budgets, request.host_memory):
-                options.append((_host_read_per_token(facts, bd, k), placement, bd))
-                break
+    options = _candidates(request, budgets)
     if not options:
         placement = memory.Placement(0, _even_split(n_gpu))
         return _make_plan(request, placement, fits=False,
                           why="not even the output layer fits the GPU budget")  # fmt: skip
     options.sort(key=lambda o: (o[0], o[1].n_cpu_moe))
-    cost, placement, _ = options[0]
+    cost, placement = options[0]
     full = placement.gpu_layers == n_total and placement.n_cpu_moe == 0
     if full:
         why = "everything fits"
@@ -327,6 +314,31 @@ def _plan_at(request: PlanRequest) -> OffloadPlan:
         why = f"the output layer and the last {placement.gpu_layers - 1} blocks fit"
     ok = full or not settings.require_full_offload
     return _make_plan(request, placement, fits=ok, why=why)
+
+
+def _candidates(request: PlanRequest, budgets: Sequence[int]) -> list[tuple[float, memory.Placement]]:
+    """The best placement of each kind that fits, with its host bytes read per token.
+
+    Dense: the largest ``-ngl``. MoE: everything on the GPU with the fewest ``--n-cpu-moe`` blocks.
+    """
+    facts = request.facts
+    settings = request.settings
+    n_total = facts.block_count + 1
+    options: list[tuple[float, memory.Placement]] = []
+    for ngl in range(n_total, 0, -1):
+        placement = _placement(request, ngl, 0, budgets)
+        bd = memory.breakdown(facts, request.context, placement, settings.backend)
+        if _fits(bd, budgets, request.host_memory):
+            options.append((_host_read_per_token(facts, bd, 0), placement))
+            break
+    if facts.is_moe and settings.moe_on_cpu and not (options and options[0][1].gpu_layers == n_total):
+        for k in range(1, facts.block_count + 1):
+            placement = _placement(request, n_total, k, budgets)
+            bd = memory.breakdown(facts, request.context, placement, settings.backend)
+            if _fits(bd, budgets, request.host_memory):
+                options.append((_host_read_per_token(facts, bd, k), placement))
+                break
+    return options
 
 
 def _even_split(n: int) -> tuple[float, ...]:
