@@ -21,7 +21,7 @@ PROGRESS_PHASES: dict[str, api.Phase] = {
     "fetch": api.Phase.DOWNLOADING, "download": api.Phase.DOWNLOADING,
     "convert": api.Phase.CONVERTING, "calibrat": api.Phase.CALIBRATING,
     "imatrix": api.Phase.CALIBRATING, "quantiz": api.Phase.QUANTIZING, "plan": api.Phase.QUANTIZING,
-    "evaluat": api.Phase.EVALUATING, "reference": api.Phase.EVALUATING, "publish": api.Phase.EVALUATING,
+    "evaluat": api.Phase.EVALUATING, "referenc": api.Phase.EVALUATING, "publish": api.Phase.EVALUATING,
 }
 
 
@@ -127,7 +127,11 @@ def progress_line(states: Sequence[BuildState]) -> str:
     built = sum(1 for s in states if s.phase is BuildPhase.SUCCEEDED)
     running = next((s for s in states if s.phase is BuildPhase.RUNNING), None)
     if running is not None:
-        return f"{running.build.variant} {built + 1}/{total} {running.progress or 'starting'}"[:256]
+        # The quantizer's own line may start with "<variant> 1/1"; the model-wide count replaces it.
+        words = (running.progress or "starting").split()
+        if words and words[0] == running.build.variant:
+            words = words[2:] if len(words) > 2 and "/" in words[1] else words[1:]
+        return f"{running.build.variant} {built + 1}/{total} {' '.join(words)}"[:256]
     return f"{built}/{total} variants built"
 
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import pathlib
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 
 import pytest
 import yaml
+from e2e_helpers import OperatorProcess
 from hub_server import FakeHub
 from kube import Cluster, wait_for
 from kubernetes import client
@@ -40,23 +36,13 @@ def crd(cluster: Cluster) -> None:
 
 
 @pytest.fixture(scope="session")
-def operator(cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[pathlib.Path]:
-    """``kquant operator`` as a separate process against the local cluster; yields its log file."""
-    log = tmp_path_factory.mktemp("operator") / "operator.log"
-    env = dict(os.environ, KUBECONFIG=str(cluster.kubeconfig), PYTHONSAFEPATH="1")
-    with log.open("wb") as out:
-        proc = subprocess.Popen([str(pathlib.Path(sys.executable).with_name("kquant")), "operator"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+def operator(cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    process = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
+    process.start()
     try:
-        time.sleep(3)  # kopf needs a moment to list and watch; a crash at start shows here
-        assert proc.poll() is None, log.read_text()[-3000:]
-        yield log
+        yield process
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        process.stop()
 
 
 @pytest.fixture(scope="session")

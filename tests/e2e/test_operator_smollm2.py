@@ -10,12 +10,13 @@ from __future__ import annotations
 import copy
 import json
 import pathlib
+import time
 import urllib.request
 from typing import Any
 
 import pytest
 import yaml
-from e2e_helpers import condition, qm_status
+from e2e_helpers import OperatorProcess, condition, qm_status
 from hub_server import FakeHub
 from kube import Cluster, wait_for
 from kubernetes import client
@@ -57,12 +58,19 @@ def _ready_with(cluster: Cluster, namespace: str, name: str, variant: str) -> di
     return None
 
 
-def test_build_serve_and_promote(cluster: Cluster, namespace: str, operator: pathlib.Path,
+def test_build_serve_and_promote(cluster: Cluster, namespace: str, operator: OperatorProcess,
                                  smollm2_hub: FakeHub) -> None:
     api = cluster.api_client()
     custom, core, batch = client.CustomObjectsApi(api), client.CoreV1Api(api), client.BatchV1Api(api)
     manifest = smollm2_manifest(smollm2_hub)
     custom.create_namespaced_custom_object("kquant.dev", "v1alpha1", namespace, "quantizedmodels", manifest)
+
+    # The operator dies in the middle of the first build and comes back: the build goes on, and
+    # no second Job appears for it.
+    wait_for(lambda: batch.list_namespaced_job(namespace).items, what="the first build Job")
+    operator.kill()
+    time.sleep(2)
+    operator.start()
 
     status = wait_for(lambda: _ready_with(cluster, namespace, "smollm2", "q4km"), timeout=900,
                       interval=2, what="smollm2 to serve q4km")
