@@ -18,7 +18,7 @@ tools:
 
 lint: setup
 	$(VENV)/ruff check operator quantizer hack tests bench
-	$(VENV)/mypy operator quantizer hack/localcluster
+	bash hack/typecheck.sh
 	$(VENV)/python -P hack/gen_crds.py --check
 
 test-unit: setup

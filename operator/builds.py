@@ -60,7 +60,7 @@ def _calibration(spec: api.QuantizedModelSpec) -> settings.Calibration:
         return settings.Calibration(
             dataset=settings.DatasetKind.FILE, chunks=calibration.chunks,
             context_size=calibration.context_size,
-            path=f"{CALIBRATION_MOUNT}/{calibration.config_map_ref.key}",  # type: ignore[arg-type]
+            path=f"{CALIBRATION_MOUNT}/{calibration.config_map_ref.key}",
         )
     return settings.Calibration(chunks=calibration.chunks, context_size=calibration.context_size)
 
@@ -77,14 +77,14 @@ def _evaluation(spec: api.QuantizedModelSpec) -> settings.Evaluation:
         max_kl_divergence=evaluation.max_kl_divergence,
         max_perplexity_increase=None if increase is None else increase / 100,
         min_top1_agreement=evaluation.min_top1_agreement,
-        **extra,  # type: ignore[arg-type]
+        **extra,
     )
 
 
 def _variant(variant: api.Variant) -> settings.VariantSpec:
     return settings.VariantSpec(
         name=variant.name,
-        type=variant.type,  # type: ignore[arg-type]
+        type=variant.type,
         recipe=settings.Recipe(variant.recipe.value) if variant.recipe is not api.Recipe.PASSTHROUGH
         else settings.Recipe.UNIFORM,
         overrides=tuple(settings.TensorOverride(pattern=o.pattern, type=o.type)
@@ -102,7 +102,7 @@ def base_spec(qm: api.QuantizedModel, variant: api.Variant) -> settings.BuildSpe
     """The quantizer's spec for one variant, before the operator adds its digest and ConfigMap."""
     return settings.BuildSpec(
         source=_source(qm.spec), calibration=_calibration(qm.spec), variants=(_variant(variant),),
-        evaluation=_evaluation(qm.spec), storage_root=STORAGE_MOUNT,  # type: ignore[arg-type]
+        evaluation=_evaluation(qm.spec), storage_root=STORAGE_MOUNT,
     )
 
 

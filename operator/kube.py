@@ -13,6 +13,7 @@ import logging
 import uuid
 from typing import Any
 
+from kquant.operator import config as operator_config
 from kquant.operator.api import v1alpha1 as api
 from kubernetes import client, config
 
@@ -23,8 +24,10 @@ Manifest = dict[str, Any]
 class Kube:
     """API clients for one operator process (opened at startup, closed at cleanup)."""
 
-    def __init__(self, api_client: client.ApiClient) -> None:
+    def __init__(self, api_client: client.ApiClient,
+                 settings: operator_config.OperatorConfig = operator_config.DEFAULTS) -> None:
         self.api_client = api_client
+        self.settings = settings
         self.core = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
@@ -35,9 +38,10 @@ class Kube:
     def from_environment(cls) -> Kube:
         try:
             config.load_incluster_config()
-            return cls(client.ApiClient())
+            api_client = client.ApiClient()
         except config.ConfigException:
-            return cls(config.new_client_from_config())
+            api_client = config.new_client_from_config()
+        return cls(api_client, operator_config.OperatorConfig.from_environment())
 
     def close(self) -> None:
         self.api_client.close()

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kquant.operator import builds
+from kquant.operator import builds, config
 from kquant.operator.api import v1alpha1 as api
 
-DEFAULT_QUANTIZER_IMAGE = "ghcr.io/kquant-dev/quantizer:0.1.0"
 SERVER_PORT = 8080
 NON_ROOT_UID = 1000
 MODEL_LABEL = "kquant.dev/model"
@@ -63,7 +62,8 @@ def _pod_security() -> dict[str, Any]:
             "fsGroup": NON_ROOT_UID, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
-def build_objects(qm: api.QuantizedModel, build: builds.Build) -> list[Manifest]:
+def build_objects(qm: api.QuantizedModel, build: builds.Build,
+                  settings: config.OperatorConfig = config.DEFAULTS) -> list[Manifest]:
     """ConfigMap, ServiceAccount, Role, RoleBinding and Job for one build, in creation order."""
     labels = {VARIANT_LABEL: build.variant, DIGEST_LABEL: build.digest[:16]}
     meta = _meta(qm, build.name, "build", **labels)
@@ -78,7 +78,7 @@ def build_objects(qm: api.QuantizedModel, build: builds.Build) -> list[Manifest]
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": build.name},
                "subjects": [{"kind": "ServiceAccount", "name": build.name,
                              "namespace": qm.metadata.namespace}]}
-    return [configmap, account, role, binding, build_job(qm, build, meta)]
+    return [configmap, account, role, binding, build_job(qm, build, meta, settings)]
 
 
 def _build_env(qm: api.QuantizedModel, build: builds.Build) -> list[dict[str, Any]]:
@@ -109,7 +109,8 @@ def _build_volumes(qm: api.QuantizedModel) -> tuple[list[dict[str, Any]], list[d
     return volumes, mounts
 
 
-def build_job(qm: api.QuantizedModel, build: builds.Build, meta: dict[str, Any]) -> Manifest:
+def build_job(qm: api.QuantizedModel, build: builds.Build, meta: dict[str, Any],
+              settings: config.OperatorConfig) -> Manifest:
     quantizer = qm.spec.quantizer or api.Quantizer()
     volumes, mounts = _build_volumes(qm)
     resources: dict[str, Any] = {k: dict(v) for k, v in (quantizer.resources.model_dump(
@@ -120,7 +121,7 @@ def build_job(qm: api.QuantizedModel, build: builds.Build, meta: dict[str, Any])
     if quantizer.gpus and not node_selector:
         node_selector = {"nvidia.com/gpu.present": "true"}
     container = {
-        "name": "quantizer", "image": quantizer.image or DEFAULT_QUANTIZER_IMAGE,
+        "name": "quantizer", "image": quantizer.image or settings.quantizer_image,
         "args": ["run"], "env": _build_env(qm, build), "volumeMounts": mounts,
         "resources": resources, "securityContext": _restricted_security(),
         "terminationMessagePolicy": "FallbackToLogsOnError",

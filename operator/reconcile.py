@@ -71,7 +71,7 @@ def start_next_build(client: kube.Kube, qm: api.QuantizedModel,
         result[queued] = status.BuildState(states[queued].build, status.BuildPhase.BLOCKED, reason=problem)
         return result
     build = states[queued].build
-    for manifest in manifests.build_objects(qm, build):
+    for manifest in manifests.build_objects(qm, build, client.settings):
         client.create(manifest)
     log.info("QuantizedModel %s/%s: started build %s", qm.metadata.namespace, qm.metadata.name, build.name)
     result[queued] = status.BuildState(build, status.BuildPhase.RUNNING, progress="starting")
@@ -140,7 +140,7 @@ def _roll_out(client: kube.Kube, qm: api.QuantizedModel, variant: api.VariantSta
         candidate = serving.choose(found)
         if candidate is None:
             return serving.no_fit(qm, found, facts)
-    plan = serving.build(qm, variant, candidate, serving.surge_fits(candidate, found))
+    plan = serving.build(qm, variant, candidate, serving.surge_fits(candidate, found), client.settings)
     client.apply(plan.deployment)
     client.apply(plan.service)
     log.info("QuantizedModel %s/%s: rolling out %s", qm.metadata.namespace, qm.metadata.name, variant.name)
@@ -156,7 +156,7 @@ def _invalid(client: kube.Kube, body: dict[str, object], exc: pydantic.Validatio
     now = datetime.datetime.now(datetime.UTC)
     condition = api.Condition(type="Ready", status=api.ConditionStatus.FALSE, reason="InvalidSpec",
                               message=message, last_transition_time=now,
-                              observed_generation=meta.get("generation"))  # type: ignore[arg-type]
+                              observed_generation=meta.get("generation"))
     client.patch_status(str(meta.get("namespace")), str(meta.get("name")), {
         "phase": "Failed", "observedGeneration": meta.get("generation"),
         "conditions": [condition.model_dump(mode="json", by_alias=True, exclude_none=True)]})

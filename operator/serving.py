@@ -11,15 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from kquant.operator import builds, manifests
+from kquant.operator import builds, config, manifests
 from kquant.operator.api import v1alpha1 as api
 from kquant.operator.planner import memory, nodes, plan
 from kquant.quantizer import gguf_facts
-
-DEFAULT_SERVER_IMAGE = api.DEFAULT_SERVER_IMAGE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +69,7 @@ def _selected(node: Mapping[str, Any], selector: Mapping[str, str] | None) -> bo
 
 
 def candidates(qm: api.QuantizedModel, facts: gguf_facts.ModelFacts, node_list: Iterable[Mapping[str, Any]],
-               pods: list[Mapping[str, Any]]) -> list[Candidate]:
+               pods: Sequence[Mapping[str, Any]]) -> list[Candidate]:
     """Every GPU pool on a selected node with enough GPUs, with its offload plan."""
     serving = qm.spec.serving
     assert serving is not None
@@ -151,7 +149,7 @@ def surge_fits(candidate: Candidate | None, found: list[Candidate]) -> bool:
 
 
 def build(qm: api.QuantizedModel, variant: api.VariantStatus, candidate: Candidate | None,
-          surge: bool) -> ServingPlan:
+          surge: bool, settings: config.OperatorConfig = config.DEFAULTS) -> ServingPlan:
     serving = qm.spec.serving
     assert serving is not None and variant.path and variant.digest
     offload = candidate.offload if candidate else None
@@ -166,7 +164,7 @@ def build(qm: api.QuantizedModel, variant: api.VariantStatus, candidate: Candida
         if candidate and candidate.pool.product:
             node_selector.setdefault("nvidia.com/gpu.product", candidate.pool.product)
     container = {
-        "name": "llama-server", "image": serving.image or DEFAULT_SERVER_IMAGE,
+        "name": "llama-server", "image": serving.image or settings.server_image,
         "args": server_args(qm, variant.path, offload),
         "ports": [{"name": "http", "containerPort": manifests.SERVER_PORT}],
         "volumeMounts": [{"name": "storage", "mountPath": builds.STORAGE_MOUNT, "readOnly": True}],
@@ -187,7 +185,7 @@ def build(qm: api.QuantizedModel, variant: api.VariantStatus, candidate: Candida
     strategy = ({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
                 if surge else {"type": "Recreate"})
     meta = manifests._meta(qm, deployment_name(qm), "server")
-    deployment = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {
+    deployment: manifests.Manifest = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {
         "replicas": serving.replicas, "selector": {"matchLabels": labels}, "strategy": strategy,
         "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec}}}
     deployment["metadata"]["annotations"] = {"kquant.dev/serving-hash": serving_hash(qm, variant)}
@@ -197,15 +195,26 @@ def build(qm: api.QuantizedModel, variant: api.VariantStatus, candidate: Candida
     return ServingPlan(deployment, service, _status(qm, variant, candidate), candidate)
 
 
+def human_size(size_bytes: int | None) -> str | None:
+    """``131.4GiB``, ``98.9MiB``: the Size column of ``kubectl get qm``."""
+    if size_bytes is None:
+        return None
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size_bytes >= scale:
+            return f"{size_bytes / scale:.1f}{unit}"
+    return str(size_bytes)
+
+
 def _status(qm: api.QuantizedModel, variant: api.VariantStatus, candidate: Candidate | None) -> api.ServingStatus:
     endpoint = (f"http://{service_name(qm)}.{qm.metadata.namespace}.svc.cluster.local:"
                 f"{manifests.SERVER_PORT}/v1")
     if candidate is None:
         return api.ServingStatus(variant=variant.name, endpoint=endpoint, gpu_layers=0,
+                                 size=human_size(variant.size_bytes),
                                  explanation="served on CPU: spec.serving.gpus is 0")
     offload = candidate.offload
     return api.ServingStatus(
-        variant=variant.name, endpoint=endpoint, gpu_layers=offload.gpu_layers,
+        variant=variant.name, endpoint=endpoint, gpu_layers=offload.gpu_layers, size=human_size(variant.size_bytes),
         total_layers=offload.total_layers,
         predicted_gpu_bytes=sum(d.total for d in offload.devices),
         node_gpu_bytes=(candidate.pool.memory_bytes or 0) * candidate.gpus,

@@ -146,7 +146,7 @@ class NodeAgent:
         meta = claim.metadata
         folder = self.workloads / "volumes" / meta.namespace / meta.name
         folder.mkdir(parents=True, exist_ok=True)
-        body = {"apiVersion": "v1", "kind": "PersistentVolume",
+        body: dict[str, Any] = {"apiVersion": "v1", "kind": "PersistentVolume",
                 "metadata": {"name": f"pvc-{meta.uid}",
                              "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER}},
                 "spec": {"capacity": {"storage": claim.spec.resources.requests["storage"]},

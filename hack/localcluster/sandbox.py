@@ -74,12 +74,12 @@ class Sandbox:
         name = volume["name"]
         if "persistentVolumeClaim" in volume:
             claim = volume["persistentVolumeClaim"]["claimName"]
-            path = self.pvc_root / self.namespace / claim
+            path: pathlib.Path = self.pvc_root / self.namespace / str(claim)
             path.mkdir(parents=True, exist_ok=True)
             return path
         if "hostPath" in volume:
             return pathlib.Path(volume["hostPath"]["path"])
-        path = self.root / "volumes" / name
+        path = self.root / "volumes" / str(name)
         path.mkdir(parents=True, exist_ok=True)
         if "configMap" in volume:
             self._write_items(path, self._configmap(volume["configMap"]), volume["configMap"])
