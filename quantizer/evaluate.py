@@ -122,9 +122,7 @@ def gate(metrics: report.Metrics, ev: settings.Evaluation) -> report.Gate:
         if metrics.kl_divergence is None:
             reasons.append("maxKLDivergence is set, but there is no 16-bit reference to compare with")
         elif metrics.kl_divergence > ev.max_kl_divergence:
-            reasons.append(
-                f"KL divergence {metrics.kl_divergence:.4f} > maxKLDivergence {ev.max_kl_divergence}"
-            )
+            reasons.append(f"KL divergence {metrics.kl_divergence:.4f} > maxKLDivergence {ev.max_kl_divergence}")
     if ev.max_perplexity_increase is not None:
         if metrics.reference_perplexity is None:
             reasons.append("maxPerplexityIncrease is set, but there is no 16-bit reference to compare with")
@@ -140,15 +138,12 @@ def gate(metrics: report.Metrics, ev: settings.Evaluation) -> report.Gate:
         if metrics.top1_agreement is None:
             reasons.append("minTop1Agreement is set, but there is no 16-bit reference to compare with")
         elif metrics.top1_agreement < ev.min_top1_agreement:
-            reasons.append(
-                f"top-1 agreement {metrics.top1_agreement:.3f} < minTop1Agreement {ev.min_top1_agreement}"
-            )
+            reasons.append(f"top-1 agreement {metrics.top1_agreement:.3f} < minTop1Agreement {ev.min_top1_agreement}")
     if not math.isfinite(metrics.perplexity):
         reasons.append(f"perplexity is {metrics.perplexity}: the model's output is broken")
     if metrics.smoke is not None and not metrics.smoke.passed:
         reasons.append(
-            f"smoke generation failed: {metrics.smoke.bos_count} BOS token(s), "
-            f"text {metrics.smoke.text[:60]!r}"
+            f"smoke generation failed: {metrics.smoke.bos_count} BOS token(s), text {metrics.smoke.text[:60]!r}"
         )
     return report.Gate(passed=not reasons, reasons=reasons)
 
@@ -260,8 +255,7 @@ def evaluate(
             ref = np.load(ref_dir / _REF_LOGPROBS, mmap_mode="r")
             if int(llm.n_vocab()) != meta["vocab"]:
                 raise EvaluateError(
-                    f"{model.name} has {llm.n_vocab()} tokens in its vocabulary, "
-                    f"the reference {meta['vocab']}"
+                    f"{model.name} has {llm.n_vocab()} tokens in its vocabulary, the reference {meta['vocab']}"
                 )
         else:
             tokens = llm.tokenize(text.encode(), add_bos=False, special=False)
@@ -273,16 +267,16 @@ def evaluate(
             lq = _chunk_logprobs(llm, chunk)
             lp = None if ref is None else np.asarray(ref[row : row + len(lq)])
             s = score_chunk(lq, chunk[1:], lp)
-            total = ChunkScore(
-                total.positions + s.positions, total.nll + s.nll, total.kl + s.kl, total.agree + s.agree
-            )
+            total = ChunkScore(total.positions + s.positions, total.nll + s.nll, total.kl + s.kl, total.agree + s.agree)
             row += len(lq)
             if progress is not None:
                 progress(0.9 * (i + 1) / len(chunks))
         smoke = smoke_generate(llm, ev.smoke_prompt, ev.smoke_tokens)
+        parameters = int(llama_cpp.llama_model_n_params(llm.model))
     n = max(total.positions, 1)
     return report.Metrics(
         tokens=total.positions,
+        parameters=parameters,
         perplexity=math.exp(total.nll / n),
         reference_perplexity=meta.get("perplexity"),
         kl_divergence=None if ref is None else total.kl / n,

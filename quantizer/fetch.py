@@ -1,9 +1,11 @@
 """Step 1: the source weights, from the Hugging Face hub (or a server that speaks its API).
 
-``huggingface_hub.snapshot_download`` does the transfer: it keeps partial files (``.incomplete``)
-under the destination and continues them with HTTP Range requests, both inside one call and on the
-next run, so a Job that is killed mid-download resumes where it stopped. What it does not do is
-check LFS files against the sha256 the hub publishes, so that happens here afterwards. The
+Small files (config, tokenizer) come through ``huggingface_hub.snapshot_download``. LFS files
+(the weights) go through huggingface_hub's own ``http_get`` into a partial file with a stable name
+(``.kquant-partial/<name>.part``): a dropped connection is resumed with a Range request inside the
+call, and a Job that is killed resumes on its next run where it stopped (huggingface_hub 2.x
+deletes its partial files when a call fails, so it cannot do that by itself). Every LFS file is
+checked against the sha256 the hub publishes before it gets its final name. The
 revision is resolved to a commit first and the download pinned to it: a branch that moves during
 a long download cannot mix two commits.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import errno
 import fnmatch
 import hashlib
 import json
@@ -30,13 +33,15 @@ from pathlib import Path
 from typing import Any
 
 import huggingface_hub
-from huggingface_hub import errors
+from huggingface_hub import errors, file_download
+from huggingface_hub import utils as hf_utils
 from kquant.quantizer import settings
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "HF_TOKEN"
 DEFAULT_ENDPOINT = "https://huggingface.co"
+PARTIAL_DIR = ".kquant-partial"
 MANIFEST = ".kquant-fetch.json"
 """Written into the destination after a verified download: revision and file digests."""
 
@@ -150,8 +155,7 @@ def single_gguf_model(path: Path) -> GGUFModel:
     if len(models) > 1:
         names = ", ".join(m.first.name for m in models)
         raise FetchError(
-            f"{path} holds {len(models)} GGUF models ({names}); "
-            "narrow source.huggingface.allowPatterns to one"
+            f"{path} holds {len(models)} GGUF models ({names}); narrow source.huggingface.allowPatterns to one"
         )
     return models[0]
 
@@ -177,10 +181,11 @@ def _where(source: settings.HuggingFaceSource, endpoint: str) -> str:
 def _translate(exc: Exception, source: settings.HuggingFaceSource, endpoint: str) -> FetchError:
     """Turn huggingface_hub's exceptions into a reason a user can act on (and no token)."""
     where = _where(source, endpoint)
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FetchError(f"No space left on device while downloading {where}; grow storage.pvc.size")
     if isinstance(exc, errors.GatedRepoError):
         return FetchError(
-            f"source.huggingface.repo {source.repo!r} is gated: the token in {TOKEN_ENV} "
-            f"has no access ({where})"
+            f"source.huggingface.repo {source.repo!r} is gated: the token in {TOKEN_ENV} has no access ({where})"
         )
     if isinstance(exc, errors.RepositoryNotFoundError):
         return FetchError(
@@ -198,6 +203,8 @@ def _translate(exc: Exception, source: settings.HuggingFaceSource, endpoint: str
 
 
 def _is_permanent(exc: Exception) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
     permanent = (
         errors.RepositoryNotFoundError,
         errors.RevisionNotFoundError,
@@ -222,8 +229,7 @@ def remote_files(
     except Exception as exc:
         raise _translate(exc, source, endpoint) from None
     files = [
-        RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs is not None else None)
-        for s in (info.siblings or [])
+        RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs is not None else None) for s in (info.siblings or [])
     ]
     if not info.sha:
         raise FetchError(f"the hub did not resolve {_where(source, endpoint)} to a commit")
@@ -241,20 +247,55 @@ def verify(dest: Path, files: Sequence[RemoteFile], progress: Callable[[float], 
         size = path.stat().st_size
         if f.size is not None and size != f.size:
             path.unlink()
-            raise FetchError(
-                f"{f.name} has {size} bytes, the hub says {f.size}; removed it, rerun to fetch it again"
-            )
+            raise FetchError(f"{f.name} has {size} bytes, the hub says {f.size}; removed it, rerun to fetch it again")
         if f.sha256 is not None:
             actual = sha256_file(path)
             if actual != f.sha256:
                 path.unlink()
                 raise FetchError(
-                    f"{f.name} has sha256 {actual}, the hub says {f.sha256}; removed it, "
-                    "rerun to fetch it again"
+                    f"{f.name} has sha256 {actual}, the hub says {f.sha256}; removed it, rerun to fetch it again"
                 )
         done += f.size or 0
         if progress is not None:
             progress(done / total)
+
+
+def partial_path(dest: Path, name: str) -> Path:
+    """Where an LFS file grows until it is complete and verified; kept across runs to resume."""
+    return dest / PARTIAL_DIR / f"{name}.part"
+
+
+def _download_resumable(repo: str, revision: str, f: RemoteFile, dest: Path, endpoint: str, token: str | bool) -> bool:
+    """One LFS file, continued from its ``.part`` file with a Range request, verified, renamed.
+
+    huggingface_hub resumes inside one call, but since 2.x it deletes a partial file when the call
+    fails (each download gets a unique temporary name), so a Job that is killed would start a
+    200 GB file again. Here the partial file has a stable name and survives the process.
+    """
+    final = dest / f.name
+    if final.is_file() and final.stat().st_size == f.size:
+        return False  # from an earlier run: verified with the small files
+    part = partial_path(dest, f.name)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    if f.size is not None and have > f.size:
+        part.unlink()
+        have = 0
+    url = huggingface_hub.hf_hub_url(repo, f.name, revision=revision, endpoint=endpoint)
+    headers = hf_utils.build_hf_headers(token=token)  # type: ignore[attr-defined]  # no __all__ there
+    if have:
+        log.info("resuming %s at byte %d of %s", f.name, have, f.size)
+    with part.open("ab") as out:
+        file_download.http_get(
+            url, out, resume_size=have, headers=headers, expected_size=f.size, displayed_filename=f.name
+        )
+    actual = sha256_file(part)
+    if actual != f.sha256:
+        part.unlink()
+        raise FetchError(f"{f.name} has sha256 {actual}, the hub says {f.sha256}; removed it, rerun to fetch it again")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    part.replace(final)
+    return True
 
 
 def fetch(
@@ -284,16 +325,25 @@ def fetch(
         _where(source, endpoint),
         revision,
     )
+    large = [f for f in chosen if f.sha256 is not None]
+    small = sorted(f.name for f in chosen if f.sha256 is None)
+    verified: set[str] = set()
     for attempt in range(1, attempts + 1):
         try:
-            huggingface_hub.snapshot_download(
-                source.repo,
-                revision=revision,
-                allow_patterns=sorted(wanted),
-                local_dir=dest,
-                endpoint=endpoint,
-                token=_token(env),
-            )
+            for f in large:
+                if f.name not in verified and _download_resumable(
+                    source.repo, revision, f, dest, endpoint, _token(env)
+                ):
+                    verified.add(f.name)
+            if small:
+                huggingface_hub.snapshot_download(
+                    source.repo,
+                    revision=revision,
+                    allow_patterns=small,
+                    local_dir=dest,
+                    endpoint=endpoint,
+                    token=_token(env),
+                )
             break
         except Exception as exc:
             if _is_permanent(exc) or attempt == attempts:
@@ -302,7 +352,8 @@ def fetch(
             time.sleep(retry_delay * attempt)
     if progress is not None:
         progress(0.5)
-    verify(dest, chosen, None if progress is None else (lambda f: progress(0.5 + f / 2)))
+    unchecked = [f for f in chosen if f.name not in verified]
+    verify(dest, unchecked, None if progress is None else (lambda f: progress(0.5 + f / 2)))
     manifest: dict[str, Any] = {
         "repo": source.repo,
         "revision": revision,

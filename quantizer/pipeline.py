@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 SPACE_MARGIN = 1.02
 """Free space asked for beyond the planned file size: GGUF alignment padding and metadata."""
 
+METRICS_VERSION = 2
+"""Bumped when ``report.Metrics`` gains a field, so cached evaluations are redone."""
+
 _SIXTEEN_BIT = {
     constants.FileType.F32.value: 0,
     constants.FileType.F16.value: 1,
@@ -162,16 +165,12 @@ def prepare(spec: settings.BuildSpec, sink: progress.Sink) -> tuple[Path, Path |
 class Build:
     """Runs one ``BuildSpec`` and always produces a ``BuildReport``."""
 
-    def __init__(
-        self, spec: settings.BuildSpec, sink: progress.Sink, env: dict[str, str] | None = None
-    ) -> None:
+    def __init__(self, spec: settings.BuildSpec, sink: progress.Sink, env: dict[str, str] | None = None) -> None:
         self.spec = spec
         self.sink = sink
         self.env = env
         self.layout = Layout.for_spec(spec)
-        self.report = report.BuildReport(
-            status=report.BuildStatus.FAILED, quantizer_version=settings.QUANTIZER_VERSION
-        )
+        self.report = report.BuildReport(status=report.BuildStatus.FAILED, quantizer_version=settings.QUANTIZER_VERSION)
         self._current: str | None = None
         self._variant: tuple[str, int] | None = None
 
@@ -222,6 +221,9 @@ class Build:
                 )
             else:
                 self._fail(f"{type(exc).__name__} while {self._current or 'starting'}: {exc}")
+        except Exception as exc:  # a bug: keep the traceback in the log, still hand in a report
+            log.exception("unexpected error")
+            self._fail(f"internal error while {self._current or 'starting'}: {type(exc).__name__}: {exc}")
         self.sink.report(self.report)
         return self.report
 
@@ -343,8 +345,7 @@ class Build:
             facts = gguf_facts.read_facts(model.first)
         except Exception as exc:  # gguf-py raises ValueError, struct.error, IndexError, KeyError
             raise BuildError(
-                f"source GGUF {model.first.name} is corrupt or truncated: "
-                f"{type(exc).__name__}: {str(exc)[:200]}"
+                f"source GGUF {model.first.name} is corrupt or truncated: {type(exc).__name__}: {str(exc)[:200]}"
             ) from None
         cut = _truncation(model.shards)
         if cut is not None:
@@ -391,9 +392,7 @@ class Build:
         if imatrix_path is not None:
             data = imatrix.read_gguf(imatrix_path)
         self._current = f"plan-{variant.name}"
-        self._listener(
-            steps.Step(self._current, steps.StepKind.PLAN, {}, (), lambda p: None, variant.name), 0.0
-        )
+        self._listener(steps.Step(self._current, steps.StepKind.PLAN, {}, (), lambda p: None, variant.name), 0.0)
         try:
             plan = recipes.plan_variant(base, to_recipe(variant), data)
         except (recipes.RecipeError, ValueError) as exc:
@@ -494,6 +493,7 @@ class Build:
             "reference": None if ref_dir is None else self.layout.stamps.read("reference"),
             "text": text_sha(text),
             "evaluation": ev.model_dump(mode="json", by_alias=True),
+            "metricsVersion": METRICS_VERSION,
         }
 
         def run_evaluate(p: steps.Progress) -> None:
@@ -526,7 +526,9 @@ class Build:
             steps.StepKind.PUBLISH,
             {"evaluate": e.digest},
             (final,),
-            lambda p: result.append(publish.publish(staged, self.layout.root, done_report)),
+            lambda p: result.append(
+                publish.publish(staged, self.layout.root, done_report, parameters=metrics.parameters)
+            ),
             variant=variant.name,
         )
         return result[0] if result else report.VariantReport.model_validate_json(final.read_text())
@@ -554,9 +556,7 @@ class Build:
 
 def to_recipe(variant: settings.VariantSpec) -> recipes.VariantRecipe:
     """The recipe planner's own model of a variant (``recipes.VariantRecipe``)."""
-    return recipes.VariantRecipe.model_validate(
-        variant.model_dump(mode="json", by_alias=True, exclude={"digest"})
-    )
+    return recipes.VariantRecipe.model_validate(variant.model_dump(mode="json", by_alias=True, exclude={"digest"}))
 
 
 def _staged_name(variant: settings.VariantSpec, base: Path) -> str:

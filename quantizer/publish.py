@@ -13,8 +13,6 @@ nothing under a final name. ``report.json`` moves last, so a reader that sees it
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import logging
 import os
 import shutil
@@ -22,8 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import gguf
-from kquant.quantizer import constants, fetch, gguf_facts, report
+from kquant.quantizer import fetch, gguf_facts, report
 
 log = logging.getLogger(__name__)
 
@@ -47,38 +44,12 @@ def is_published(root: Path, digest: str) -> bool:
     return (variant_dir(root, digest) / REPORT_NAME).is_file()
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorSummary:
-    types: dict[str, int]
-    tensor_bytes: int
-    elements: int
-
-    @property
-    def bits_per_weight(self) -> float:
-        return self.tensor_bytes * 8 / self.elements if self.elements else 0.0
-
-
-def summarize(files: Sequence[Path]) -> TensorSummary:
-    """Tensor counts per type and bits per weight over all shards, read from the GGUF headers."""
-    counts: collections.Counter[str] = collections.Counter()
-    nbytes = elements = 0
-    for f in files:
-        try:
-            reader = gguf.GGUFReader(f)
-        except Exception as exc:  # gguf raises ValueError, struct.error, IndexError on garbage
-            raise PublishError(f"{f.name} is not a readable GGUF file: {exc}") from None
-        for t in reader.tensors:
-            code = int(t.tensor_type)
-            name = constants.TENSOR_TYPE_BY_CODE.get(code)
-            counts[name.value if name else f"type{code}"] += 1
-            nbytes += int(t.n_bytes)
-            elements += int(t.n_elements)
-    return TensorSummary(dict(sorted(counts.items())), nbytes, elements)
-
-
 def read_facts(path: Path) -> dict[str, Any]:
     """The GGUF header facts the offload planner needs, as JSON."""
-    facts = gguf_facts.read_facts(path)
+    try:
+        facts = gguf_facts.read_facts(path)
+    except Exception as exc:  # gguf-py raises ValueError, struct.error, IndexError on garbage
+        raise PublishError(f"{path.name} is not a readable GGUF file: {exc}") from None
     data: dict[str, Any] = facts.model_dump(mode="json", by_alias=True)
     return data
 
@@ -91,21 +62,26 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def publish(staged: Sequence[Path], root: Path, base: report.VariantReport) -> report.VariantReport:
+def bits_per_weight(tensor_bytes: int, parameters: int | None) -> float:
+    return tensor_bytes * 8 / parameters if parameters else 0.0
+
+
+def publish(
+    staged: Sequence[Path], root: Path, base: report.VariantReport, *, parameters: int | None
+) -> report.VariantReport:
     """Describe the staged GGUF file(s), write the report, then move everything to its final name.
 
     ``staged`` are files in ``staging_dir(root, base.digest)``; the first is the one llama.cpp
-    loads. Returns the completed report.
+    loads. ``parameters`` (llama.cpp's count, from the evaluation) gives bits per weight; the
+    header is read once, by ``gguf_facts`` (parsing a large vocabulary costs seconds). Returns the
+    completed report.
     """
     final = variant_dir(root, base.digest)
     stage = staging_dir(root, base.digest)
     if not staged:
         raise PublishError(f"variant {base.name}: the quantize step produced no file")
-    summary = summarize(staged)
-    entries = [
-        report.FileEntry(name=f.name, size_bytes=f.stat().st_size, sha256=fetch.sha256_file(f))
-        for f in staged
-    ]
+    facts = read_facts(staged[0])  # all shards: gguf_facts finds them by name
+    entries = [report.FileEntry(name=f.name, size_bytes=f.stat().st_size, sha256=fetch.sha256_file(f)) for f in staged]
     first_final = final / staged[0].name
     done = base.model_copy(
         update={
@@ -113,9 +89,9 @@ def publish(staged: Sequence[Path], root: Path, base: report.VariantReport) -> r
             "files": entries,
             "size_bytes": sum(e.size_bytes for e in entries),
             "sha256": entries[0].sha256,
-            "bits_per_weight": round(summary.bits_per_weight, 4),
-            "tensor_types": summary.types,
-            "facts": read_facts(staged[0]),
+            "bits_per_weight": round(bits_per_weight(facts["total_bytes"], parameters), 4),
+            "tensor_types": dict(sorted(facts["tensor_types"].items())),
+            "facts": facts,
         }
     )
     try:

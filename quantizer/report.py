@@ -55,6 +55,8 @@ class Metrics(_Model):
 
     tokens: int
     """Token positions scored."""
+    parameters: int | None = None
+    """Weights in the model as llama.cpp counts them (``llama_model_n_params``)."""
     perplexity: float
     reference_perplexity: float | None = None
     kl_divergence: float | None = None

@@ -166,9 +166,7 @@ class VariantSpec(_Model):
     @classmethod
     def _dns_label(cls, value: str) -> str:
         if not _NAME_RE.match(value):
-            raise ValueError(
-                f"name is {value!r}, but it must be lowercase letters, digits and '-', at most 40"
-            )
+            raise ValueError(f"name is {value!r}, but it must be lowercase letters, digits and '-', at most 40")
         return value
 
     @pydantic.model_validator(mode="after")
@@ -179,9 +177,7 @@ class VariantSpec(_Model):
         base = constants.FILE_TYPES[self.type].base
         sixteen = (constants.TensorType.F32, constants.TensorType.F16, constants.TensorType.BF16)
         if self.recipe is Recipe.DYNAMIC and base in sixteen:
-            raise ValueError(
-                f"recipe is dynamic but type is {self.type}; a dynamic mix needs a quantized type"
-            )
+            raise ValueError(f"recipe is dynamic but type is {self.type}; a dynamic mix needs a quantized type")
         return self
 
     @property

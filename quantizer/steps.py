@@ -140,9 +140,7 @@ def run_step(step: Step, stamps: StampStore, listener: StepListener | None = Non
     return StepOutcome(step.key, step.kind, step.variant, skipped=False, seconds=seconds)
 
 
-def run_steps(
-    steps: Sequence[Step], stamps: StampStore, listener: StepListener | None = None
-) -> list[StepOutcome]:
+def run_steps(steps: Sequence[Step], stamps: StampStore, listener: StepListener | None = None) -> list[StepOutcome]:
     """Run ``steps`` in order; the first exception stops the run and propagates."""
     keys = [s.key for s in steps]
     if len(set(keys)) != len(keys):

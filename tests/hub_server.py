@@ -86,6 +86,7 @@ class FakeHub:
         self.requests: list[Request] = []
         self._failures: dict[str, list[int]] = {}
         self._corrupt: set[str] = set()
+        self._outages: dict[str, int] = {}
         self._lock = threading.Lock()
         self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -125,19 +126,27 @@ class FakeHub:
         with self._lock:
             self._failures[path] = [after_bytes] * times
 
-    def corrupt(self, path: str) -> None:
-        """Serve flipped bytes for ``path`` (same size, wrong sha256)."""
-        self._corrupt.add(path)
+    def corrupt(self, path: str, on: bool = True) -> None:
+        """Serve flipped bytes for ``path`` (same size, wrong sha256), or stop doing so."""
+        if on:
+            self._corrupt.add(path)
+        else:
+            self._corrupt.discard(path)
 
-    def downloads(self, path: str) -> list[Request]:
-        return [
-            r
-            for r in self.requests
-            if (r.method == "GET" and r.path.endswith(f"/resolve/{path}"))
-            or (r.method == "GET" and "/resolve/" in r.path and r.path.endswith("/" + path))
-        ]
+    def outage(self, path: str, times: int = 1) -> None:
+        """Answer the next ``times`` GETs of ``path`` with 503, as an overloaded hub does (after any
+        pending ``fail`` cuts have happened)."""
+        with self._lock:
+            self._outages[path] = times
 
     # ------------------------------------------------------------ serving
+
+    def _take_outage(self, path: str) -> bool:
+        with self._lock:
+            if self._outages.get(path, 0) > 0:
+                self._outages[path] -= 1
+                return True
+        return False
 
     def _take_failure(self, path: str) -> int | None:
         with self._lock:
@@ -197,9 +206,7 @@ class FakeHub:
 
             def _repo(self, repo_id: str, revision: str) -> HubRepo | None:
                 repo = hub.repos.get(repo_id)
-                if repo is None or (
-                    repo.token and self.headers.get("Authorization") != f"Bearer {repo.token}"
-                ):
+                if repo is None or (repo.token and self.headers.get("Authorization") != f"Bearer {repo.token}"):
                     self._error(404, "RepoNotFound", "Repository not found")
                     return None
                 if revision not in (*repo.branches, repo.commit):
@@ -263,6 +270,9 @@ class FakeHub:
                 f = repo.files.get(name)
                 if f is None:
                     self._error(404, "EntryNotFound", f"{name} does not exist in {repo_id}")
+                    return
+                if body and not hub._failures.get(name) and hub._take_outage(name):
+                    self._error(503, None, "Service Unavailable")
                     return
                 start = 0
                 rng = self.headers.get("Range")
