@@ -1,48 +1,185 @@
-"""``kquant``: the operator and the command-line tools around it."""
+"""``kquant``: the operator and the command-line tools around it.
+
+    kquant operator [-n NS] [--liveness URL] [--peering NAME]   run the operator (the chart's Deployment)
+    kquant status NAME [-n NS]                                   variants, serving plan, conditions
+    kquant plan MANIFEST --gpu 24GiB [--gpus N]                  offload plan beside the seed formula
+    kquant promote FILE --variant X                              the Git edit that promotes a variant
+    kquant quantize MANIFEST --variant X [--storage DIR]         build one variant on this machine
+
+Each command lives in ``kquant.operator.commands``; this module only parses arguments and prints.
+Errors a user can fix print one line and exit 1; a bad command line exits 2.
+"""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
+import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Annotated, TypeVar
+
+import click
+import typer
+from kquant.operator.commands import common
+from rich.console import Console
+
+app = typer.Typer(name="kquant", help="kquant: quantized LLMs on Kubernetes.", add_completion=False,
+                  no_args_is_help=True, pretty_exceptions_enable=False)  # fmt: skip
+console = Console(highlight=False)
+errors = Console(stderr=True, highlight=False)
+R = TypeVar("R")
 
 
-def _operator(args: argparse.Namespace) -> int:
+def _run(action: Callable[[], R]) -> R:
+    """Call ``action``; a ``CommandError`` becomes one line on stderr and exit status 1."""
+    try:
+        return action()
+    except common.CommandError as exc:
+        errors.print(f"kquant: {exc}", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+@app.command("operator")
+def operator_(
+    namespace: Annotated[list[str] | None, typer.Option("-n", "--namespace",
+                         help="watch only this namespace (repeatable); all namespaces when unset")] = None,
+    liveness: Annotated[str | None, typer.Option(help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")]
+    = None,
+    peering: Annotated[str | None, typer.Option(help="kopf peering object name; with several replicas one is active")]
+    = None,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="debug logging")] = False,
+) -> None:  # fmt: skip
+    """Run the operator against the current kubeconfig or in-cluster."""
     import kopf
     from kquant.operator import handlers  # noqa: F401  (registers the handlers)
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    namespaces = args.namespace or []
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    namespaces = namespace or []
     asyncio.run(kopf.operator(
         clusterwide=not namespaces, namespaces=namespaces,
-        standalone=args.peering is None, peering_name=args.peering,
-        liveness_endpoint=args.liveness,
-    ))
-    return 0
+        standalone=peering is None, peering_name=peering, liveness_endpoint=liveness,
+    ))  # fmt: skip
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kquant", description="kquant: quantized LLMs on Kubernetes")
-    sub = parser.add_subparsers(dest="command", required=True)
-    op = sub.add_parser("operator", help="run the operator against the current kubeconfig or in-cluster")
-    op.add_argument("-n", "--namespace", action="append",
-                    help="watch only this namespace (repeatable); all namespaces when unset")
-    op.add_argument("--liveness", default=None,
-                    help="serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz")
-    op.add_argument("--peering", default=None,
-                    help="kopf peering object name; with several replicas only one is active")
-    op.add_argument("-v", "--verbose", action="store_true")
-    op.set_defaults(run=_operator)
-    return parser
+@app.command()
+def status(
+    name: Annotated[str, typer.Argument(help="the QuantizedModel's name")],
+    namespace: Annotated[str | None, typer.Option("-n", "--namespace",
+                         help="its namespace; the kubeconfig context's when unset")] = None,
+) -> None:  # fmt: skip
+    """Show a QuantizedModel's variants, phase, serving plan and conditions."""
+    from kquant.operator.commands import render
+    from kquant.operator.commands import status as status_cmd
+
+    qm = _run(lambda: status_cmd.fetch(name, namespace or status_cmd.current_namespace()))
+    console.print(render.status_view(qm))
+
+
+@app.command()
+def plan(
+    manifest: Annotated[pathlib.Path, typer.Argument(help="a QuantizedModel manifest")],
+    gpu: Annotated[str, typer.Option(help="memory of one GPU, e.g. 24GiB or 81559MiB")],
+    gpus: Annotated[int | None, typer.Option(help="GPUs per server pod; spec.serving.gpus when unset")] = None,
+    variant: Annotated[str | None, typer.Option(help="the variant to plan; the served one when unset")] = None,
+    gguf: Annotated[pathlib.Path | None, typer.Option(help="read the model's facts from this GGUF's header")] = None,
+    facts: Annotated[pathlib.Path | None, typer.Option(help="a ModelFacts JSON or a quantizer report")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print both plans as JSON")] = False,
+) -> None:  # fmt: skip
+    """The offload plan for a manifest's variant on given GPUs, beside the seed formula's. No cluster needed.
+
+    Without --gguf or --facts, the model's facts are estimated from a builtin table of well-known
+    models (DeepSeek-R1, SmolLM2-135M, Llama-3.1-8B) and the variant's type and recipe.
+    """
+    import json
+
+    from kquant.operator.commands import plan as plan_cmd
+    from kquant.operator.commands import render
+    from kquant.operator.planner import plan as planner
+
+    def compute() -> plan_cmd.Comparison:
+        qm = common.load_model(manifest)
+        chosen = plan_cmd.pick_variant(qm, variant)
+        found, source = plan_cmd.load_facts(qm, chosen, gguf, facts)
+        return plan_cmd.compare(qm, chosen, found, source, common.parse_size(gpu), gpus)
+
+    result = _run(compute)
+    if as_json:
+        console.print_json(json.dumps({"variant": result.variant, "facts": result.facts_source,
+                                       "kquant": planner.plan_to_dict(result.auto),
+                                       "seed": planner.plan_to_dict(result.seed)}))  # fmt: skip
+        return
+    console.print(render.plan_view(result))
+
+
+@app.command()
+def promote(
+    file: Annotated[pathlib.Path, typer.Argument(help="the manifest (or kustomize patch) in a Git working tree")],
+    variant: Annotated[str, typer.Option(help="the variant to serve; must be in spec.variants")],
+    base: Annotated[list[pathlib.Path] | None, typer.Option(
+        help="manifest(s) that declare spec.variants, when FILE is a patch without them")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the diff, write nothing")] = False,
+) -> None:  # fmt: skip
+    """Set spec.serving.variant in FILE, keeping its comments and formatting, and print the diff."""
+    from kquant.operator.commands import promote as promote_cmd
+
+    def compute() -> promote_cmd.Promotion:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise common.CommandError(f"cannot read {file}: {exc.strerror}") from None
+        bases = [d for b in base or [] for d in common.read_documents(b)]
+        return promote_cmd.promote(text, variant, bases, str(file))
+
+    result = _run(compute)
+    if not result.changed:
+        typer.echo(f"{file}: already serves {variant}; nothing to change")
+        return
+    diff = promote_cmd.unified_diff(file.read_text(encoding="utf-8"), result.text, str(file))
+    if not dry_run:
+        file.write_text(result.text, encoding="utf-8")
+    typer.echo(diff, nl=False)  # plain text: a diff is for pipes and patch tools
+    if not dry_run:
+        typer.echo(f'next: git commit -m "promote {variant}" -- {file} && git push', err=True)
+
+
+@app.command()
+def quantize(
+    manifest: Annotated[pathlib.Path, typer.Argument(help="a QuantizedModel manifest")],
+    variant: Annotated[str, typer.Option(help="the variant to build")],
+    storage: Annotated[pathlib.Path, typer.Option(help="where downloads, intermediates and the variant go")]
+    = pathlib.Path("kquant-models"),
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="debug logging")] = False,
+) -> None:  # fmt: skip
+    """Build one variant on this machine (a workstation with its own GPU), with progress bars."""
+    from kquant.operator.commands import plan as plan_cmd
+    from kquant.operator.commands import quantize as quantize_cmd
+    from kquant.quantizer import report
+
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+
+    def spec() -> object:
+        qm = common.load_model(manifest)
+        return quantize_cmd.local_spec(qm, plan_cmd.pick_variant(qm, variant), storage.resolve())
+
+    build_spec = _run(spec)
+    result = quantize_cmd.run(build_spec, console)  # type: ignore[arg-type]
+    if result.status is report.BuildStatus.FAILED:
+        raise typer.Exit(1)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    result: int = args.run(args)
-    return result
+    """The ``kquant`` console script; returns the exit status instead of raising SystemExit."""
+    command = typer.main.get_command(app)
+    try:
+        command.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="kquant", standalone_mode=True)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except click.exceptions.Abort:
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

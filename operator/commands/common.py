@@ -1,0 +1,54 @@
+"""What several subcommands share: reading a manifest, sizes, and errors that end a command."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from typing import Any
+
+import yaml
+from kquant.operator.api import v1alpha1 as api
+
+_SIZE_RE = re.compile(r"^\s*(?P<n>\d+(\.\d+)?)\s*(?P<unit>[KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+GiB = 1 << 30
+
+
+class CommandError(Exception):
+    """A failure the user can fix; the CLI prints the message (no traceback) and exits 1."""
+
+
+def parse_size(text: str) -> int:
+    """``24GiB``, ``24G``, ``81559MiB`` or a plain byte count; units are binary either way, as
+    GPU vendors quote memory in GiB while writing GB."""
+    match = _SIZE_RE.match(text)
+    if not match:
+        raise CommandError(f"--gpu is {text!r}, but it must be a size such as 24GiB, 80G or 81559MiB")
+    unit = (match["unit"] or "").upper().rstrip("B").rstrip("I")
+    return int(float(match["n"]) * _UNITS[unit])
+
+
+def read_documents(path: pathlib.Path) -> list[Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise CommandError(f"{path} is not YAML: {exc}") from None
+
+
+def load_model(path: pathlib.Path) -> api.QuantizedModel:
+    """The one QuantizedModel in ``path``, validated by the same models the operator uses."""
+    docs = [d for d in read_documents(path) if isinstance(d, dict) and d.get("kind") == api.KIND]
+    if len(docs) != 1:
+        raise CommandError(f"{path} holds {len(docs)} QuantizedModel documents, but this command needs exactly one")
+    try:
+        return api.validate_body(docs[0])
+    except ValueError as exc:
+        raise CommandError(f"{path}: {exc}") from None
+
+
+def gib(n: int | float | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f} GiB"

@@ -1,0 +1,124 @@
+"""``kquant plan MANIFEST --gpu 24GiB``: the offload plan for a manifest's served variant, no cluster.
+
+The plan comes from the operator's own planner, with the serving settings the manifest gives
+(context, parallel slots, cache types, flash attention, a fixed ``gpuLayers``), next to what the
+seed formula ``floor(VRAM / file size * (layers - 4))`` would have picked, so the difference is
+visible before anything is scheduled.
+
+The model's facts come from, in order: ``--gguf`` (the header of a GGUF file, read by memory map),
+``--facts`` (a ``ModelFacts`` JSON or a quantizer report holding one), or the builtin shapes of a few
+well-known models (``shapes``), estimated from their published ``config.json``. The output says
+which one was used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any
+
+import pydantic
+from kquant.operator.api import v1alpha1 as api
+from kquant.operator.commands import common, shapes
+from kquant.operator.planner import memory, plan
+from kquant.quantizer import gguf_facts, recipes
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """The planner's answer and the seed formula's, for one variant on one GPU configuration."""
+
+    variant: str
+    facts: gguf_facts.ModelFacts
+    facts_source: str
+    auto: plan.OffloadPlan
+    seed: plan.OffloadPlan
+
+
+def facts_from_json(data: Any, variant: str) -> gguf_facts.ModelFacts:
+    """``ModelFacts`` from a facts JSON, a variant report (``facts``) or a build report (``variants[]``)."""
+    if isinstance(data, dict) and isinstance(data.get("variants"), list):
+        found = [v for v in data["variants"] if isinstance(v, dict) and v.get("name") == variant]
+        if not found:
+            names = ", ".join(str(v.get("name")) for v in data["variants"] if isinstance(v, dict))
+            raise common.CommandError(f"the report has no variant {variant!r} (it has: {names or 'none'})")
+        data = found[0]
+    if isinstance(data, dict) and "facts" in data:
+        data = data["facts"]
+    if not data:
+        raise common.CommandError(f"the report of variant {variant!r} holds no facts (the build did not finish?)")
+    try:
+        return gguf_facts.ModelFacts.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise common.CommandError(f"not a ModelFacts JSON or quantizer report: {exc.errors()[0]['msg']}") from None
+
+
+def load_facts(
+    qm: api.QuantizedModel, variant: api.Variant, gguf: pathlib.Path | None, facts: pathlib.Path | None
+) -> tuple[gguf_facts.ModelFacts, str]:
+    """The variant's facts and a line that says where they came from."""
+    if gguf is not None and facts is not None:
+        raise common.CommandError("pass either --gguf or --facts, not both")
+    if gguf is not None:
+        try:
+            return gguf_facts.read_facts(gguf), f"GGUF header of {gguf}"
+        except (OSError, ValueError) as exc:
+            raise common.CommandError(f"cannot read GGUF {gguf}: {exc}") from None
+    if facts is not None:
+        try:
+            data = json.loads(facts.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise common.CommandError(f"cannot read JSON {facts}: {exc}") from None
+        return facts_from_json(data, variant.name), f"facts in {facts}"
+    try:
+        found, how = shapes.estimate(qm, variant)
+    except shapes.UnknownModelError as exc:
+        raise common.CommandError(str(exc)) from None
+    except recipes.RecipeError as exc:
+        raise common.CommandError(f"{qm.ref}: the build of this variant would fail: {exc}") from None
+    return found, f"estimate: {how}"
+
+
+def context_settings(serving: api.Serving) -> memory.ContextSettings:
+    """The memory-relevant llama-server settings, as the operator passes them (``serving.server_args``)."""
+    return memory.ContextSettings(
+        context=serving.context_size, cache_type_k=serving.cache_type_k, cache_type_v=serving.cache_type_v,
+        parallel=serving.parallel, flash_attention=serving.flash_attention is not api.FlashAttention.OFF,
+    )  # fmt: skip
+
+
+def compare(
+    qm: api.QuantizedModel, variant: api.Variant, facts: gguf_facts.ModelFacts, facts_source: str,
+    gpu_bytes: int, gpus: int | None = None,
+) -> Comparison:  # fmt: skip
+    """Plan ``variant`` with the planner and with the seed formula on ``gpus`` GPUs of ``gpu_bytes``."""
+    serving = qm.spec.serving or api.Serving(variant=variant.name)
+    count = serving.gpus if gpus is None else gpus
+    if count < 0:
+        raise common.CommandError(f"--gpus is {count}, but it must not be negative")
+    forced = serving.gpu_layers if isinstance(serving.gpu_layers, int) else None
+    ctx = context_settings(serving)
+    memory_per_gpu = (gpu_bytes,) * count
+    try:
+        auto = plan.plan(plan.PlanRequest(facts, ctx, memory_per_gpu, forced))
+        seed = plan.plan(plan.PlanRequest(facts, ctx, memory_per_gpu,
+                                          settings=plan.PlannerSettings(planner=plan.PlannerKind.SEED)))
+    except ValueError as exc:
+        raise common.CommandError(f"{qm.ref}: {exc}") from None
+    return Comparison(variant.name, facts, facts_source, auto, seed)
+
+
+def pick_variant(qm: api.QuantizedModel, name: str | None) -> api.Variant:
+    """``name``, else the served variant, else the only one."""
+    wanted = name or (qm.spec.serving.variant if qm.spec.serving else None)
+    if wanted is None:
+        if len(qm.spec.variants) == 1:
+            return qm.spec.variants[0]
+        names = ", ".join(v.name for v in qm.spec.variants)
+        raise common.CommandError(f"{qm.ref} serves no variant; pick one with --variant ({names})")
+    try:
+        return qm.spec.variant(wanted)
+    except KeyError:
+        names = ", ".join(v.name for v in qm.spec.variants)
+        raise common.CommandError(f"--variant is {wanted!r}, but spec.variants has only {names}") from None
