@@ -32,12 +32,11 @@ from kubernetes import client, config, watch
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "hack"), str(REPO / "tests")]
 
-from localcluster import cluster as localcluster  # noqa: E402
-from localcluster import controlplane  # noqa: E402
-
 from kquant.operator import builds  # noqa: E402
 from kquant.operator.api import v1alpha1 as api  # noqa: E402
 from kquant.quantizer import gguf_facts, report  # noqa: E402
+from localcluster import cluster as localcluster  # noqa: E402
+from localcluster import controlplane  # noqa: E402
 
 PAUSE = "registry.k8s.io/pause:3.10"
 
@@ -88,7 +87,7 @@ def rss_mib(pid: int) -> float:
 
 def percentiles(values: list[float]) -> str:
     ordered = sorted(values)
-    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
     return f"p50 {statistics.median(ordered) * 1000:7.1f} ms   p99 {p99 * 1000:7.1f} ms   (n={len(ordered)})"
 
 
@@ -131,7 +130,8 @@ def main() -> None:
     try:
         api_client = config.new_client_from_config(str(paths.kubeconfig))
         ext = client.ApiextensionsV1Api(api_client)
-        ext.create_custom_resource_definition(yaml.safe_load((REPO / "crds/kquant.dev_quantizedmodels.yaml").read_text()))
+        crd = yaml.safe_load((REPO / "crds/kquant.dev_quantizedmodels.yaml").read_text())
+        ext.create_custom_resource_definition(crd)
         time.sleep(3)
         core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
         namespace = "bench"

@@ -189,10 +189,17 @@ class NodeAgent:
             if runner is not None:
                 runner.stop(float(grace) if grace is not None else None)
                 runner.finished.wait()
+            elif pod["status"].get("phase") not in ("Succeeded", "Failed"):
+                # Not ours to stop (the agent restarted): still end it in a terminal phase first.
+                try:
+                    self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"],
+                                                          {"status": {"phase": "Failed"}})
+                except client.ApiException as exc:
+                    log.info("pod %s: final status not written: %s", meta["name"], exc.reason)
             try:
-                self.core.delete_namespaced_pod(
-                    meta["name"], meta["namespace"], grace_period_seconds=0,
-                    body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=meta["uid"])))
+                # The grace period goes in the body: a body's DeleteOptions replace the query's.
+                self.core.delete_namespaced_pod(meta["name"], meta["namespace"], body=client.V1DeleteOptions(
+                    grace_period_seconds=0, preconditions=client.V1Preconditions(uid=meta["uid"])))
             except client.ApiException as exc:
                 if exc.status not in (404, 409):
                     log.warning("deleting pod %s failed: %s", meta["name"], exc.reason)

@@ -120,6 +120,11 @@ class PodRunner(threading.Thread):
             log.exception("pod %s: runner failed", self.key)
         finally:
             self._kill_all()
+            # A killed pod ends in a terminal phase, as the kubelet reports it: the API server
+            # removes a bound pod at once (grace period 0) only when it is no longer running.
+            self.phase = self._phase()
+            if self.phase not in ("Succeeded", "Failed"):
+                self.phase = "Failed"
             with contextlib.suppress(Exception):
                 self._report()
             self.finished.set()

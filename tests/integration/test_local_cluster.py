@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import pytest
@@ -166,3 +167,26 @@ def test_deployment_with_failing_readiness_never_becomes_available(cluster: Clus
     pod = core.list_namespaced_pod(namespace, label_selector="app=sick").items[0]
     assert pod.status.phase == "Running"
     assert not pod.status.container_statuses[0].ready
+
+
+def test_deleting_a_running_pod_stops_its_process_gracefully(cluster: Cluster, namespace: str,
+                                                             tmp_path: pathlib.Path) -> None:
+    api = cluster.api_client()
+    core = client.CoreV1Api(api)
+    marker = tmp_path / "terminated"
+    script = "trap 'echo got TERM > /out/terminated; exit 0' TERM; while true; do sleep 0.2; done"
+    pod = _shell_pod("graceful", script, container={"volumeMounts": [{"name": "out", "mountPath": "/out"}]},
+                     volumes=[{"name": "out", "hostPath": {"path": str(tmp_path)}}])
+    utils.create_from_dict(api, pod, namespace=namespace)
+    wait_for(lambda: pod_phase(core, namespace, "graceful") == "Running", what="the pod to run")
+    core.delete_namespaced_pod("graceful", namespace)
+
+    def gone() -> bool:
+        try:
+            core.read_namespaced_pod("graceful", namespace)
+        except client.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    wait_for(gone, timeout=30, what="the deleted pod to disappear")
+    assert marker.read_text().strip() == "got TERM"

