@@ -46,6 +46,8 @@ MODELS: dict[str, gguf_models.Shape] = {
                               tied=True, weight_type=gguf.GGMLQuantizationType.Q8_0, name="bench-tied"),
     "swa": gguf_models.Shape(arch="olmo2", n_layer=12, n_embd=1024, n_head=16, n_head_kv=4, n_ff=2816,
                              n_vocab=32000, sliding_window=1024, name="bench-swa"),
+    "mla": gguf_models.Shape(arch="deepseek2", n_layer=8, n_embd=1024, n_head=16, n_ff=2816, n_vocab=32000,
+                             n_expert=8, n_expert_used=2, n_ff_exp=512, name="bench-mla"),
 }  # fmt: skip
 
 
@@ -58,6 +60,12 @@ class Case:
     ngl: int = 0
     n_cpu_moe: int = 0
     parallel: int = 1
+    split: tuple[int, ...] = ()
+    """``-ts`` over two RPC devices; empty for one device."""
+
+    @property
+    def devices(self) -> int:
+        return max(len(self.split), 1)
 
     def settings(self) -> memory.ContextSettings:
         return memory.ContextSettings(self.context, self.cache, self.cache, parallel=self.parallel,
@@ -68,11 +76,14 @@ class Case:
                "-fa", "on" if self.flash else "off", "-np", str(self.parallel)]  # fmt: skip
         if self.n_cpu_moe:
             out += ["--n-cpu-moe", str(self.n_cpu_moe)]
+        if self.split:
+            out += ["-ts", ",".join(str(x) for x in self.split)]
         return out
 
     def label(self) -> str:
         extra = f" cmoe{self.n_cpu_moe}" if self.n_cpu_moe else ""
         extra += f" np{self.parallel}" if self.parallel > 1 else ""
+        extra += f" ts{','.join(str(x) for x in self.split)}" if self.split else ""
         return (f"{self.model:5s} c{self.context:<5d} {self.cache!s:5s} fa={'on ' if self.flash else 'off'} "
                 f"ngl{self.ngl:<2d}{extra}")  # fmt: skip
 
@@ -94,17 +105,25 @@ CASES = [
     Case("swa", 8192, ngl=13),
     Case("swa", 32768, ngl=6),
     Case("swa", 4096, flash=False, ngl=13),
+    Case("mla", 8192, ngl=9),
+    Case("mla", 16384, C.Q8_0, ngl=4),
+    Case("mla", 4096, flash=False, ngl=0),
+    Case("dense", 8192, ngl=17, split=(1, 1)),
+    Case("tied", 16384, C.Q8_0, ngl=10, split=(3, 1)),
 ]
 
-FIT_CASES = [  # (model, context, cache, budget MiB)
-    ("dense", 8192, C.F16, 200),
-    ("dense", 8192, C.F16, 350),
-    ("dense", 32768, C.Q8_0, 400),
-    ("dense", 4096, C.F16, 600),
-    ("tied", 16384, C.F16, 300),
-    ("swa", 32768, C.F16, 300),
-    ("moe", 8192, C.F16, 300),
-    ("moe", 8192, C.F16, 450),
+FIT_CASES = [  # (model, context, cache, budget MiB per device)
+    ("dense", 8192, C.F16, (200,)),
+    ("dense", 8192, C.F16, (350,)),
+    ("dense", 32768, C.Q8_0, (400,)),
+    ("dense", 4096, C.F16, (600,)),
+    ("tied", 16384, C.F16, (300,)),
+    ("swa", 32768, C.F16, (300,)),
+    ("moe", 8192, C.F16, (300,)),
+    ("moe", 8192, C.F16, (450,)),
+    ("mla", 8192, C.F16, (250,)),
+    ("dense", 8192, C.F16, (200, 200)),
+    ("dense", 16384, C.F16, (150, 300)),
 ]
 
 
@@ -132,66 +151,73 @@ def seed_bytes(facts: gguf_facts.ModelFacts, ngl: int) -> float:
     return min(ngl, facts.block_count) * facts.file_bytes / (facts.block_count - 4)
 
 
-def run_cases(binaries: Path, endpoint: list[str]) -> dict[str, list[float]]:
+def _collect(errors: dict[str, list[float]], key: str, pred: float, measured: float) -> None:
+    e = rel(pred, measured)
+    if e is not None:
+        errors[key].append(e)
+
+
+def run_cases(binaries: Path, endpoints: list[str]) -> dict[str, list[float]]:
     errors: dict[str, list[float]] = {k: [] for k in ("model", "kv", "compute", "host compute", "seed")}
     print("Per-device bytes, predicted vs llama-fit-params (MiB; model and KV truncated like llama.cpp)")
-    print(f"{'case':42s} | {'RPC0 model':>15s} {'KV':>13s} {'compute':>17s} | {'Host model':>15s} {'KV':>13s} "
-          f"{'compute':>15s} | seed total vs measured")  # fmt: skip
+    print(f"{'case':46s} {'dev':4s} | {'model':>15s} {'KV':>13s} {'compute':>17s} | {'Host model':>15s} "
+          f"{'KV':>13s} {'compute':>15s} | seed total vs measured")  # fmt: skip
     for case in CASES:
         path = model_path(case.model)
         facts = gguf_facts.read_facts(path)
-        m = fit_params.measure(binaries, path, endpoint, ["-ngl", str(case.ngl), *case.args()])
-        placement = memory.Placement(case.ngl, (1.0,), case.n_cpu_moe)
+        m = fit_params.measure(binaries, path, endpoints[: case.devices], ["-ngl", str(case.ngl), *case.args()])
+        split = tuple(float(x) for x in case.split) or (1.0,)
+        placement = memory.Placement(case.ngl, split, case.n_cpu_moe)
         bd = memory.breakdown(facts, case.settings(), placement, memory.Backend.RPC)
-        dev, host = bd.devices[0], bd.host
-        pairs: dict[str, list[tuple[float, float]]] = {
-            "model": [(dev.model // MiB, m.devices[0].model), (host.model // MiB, m.host.model)],
-            "kv": [(dev.kv // MiB, m.devices[0].context), (host.kv // MiB, m.host.context)],
-            "compute": [(dev.compute / MiB, m.compute_bytes[0] / MiB)],
-            "host compute": [(host.compute / MiB, m.host_compute_bytes / MiB)],
-        }
-        for key, values in pairs.items():
-            for p, q in values:
-                e = rel(p, q)
-                if e is not None:
-                    errors[key].append(e)
-        measured_total = m.devices[0].model + m.devices[0].context + m.compute_bytes[0] / MiB
+        host = bd.host
+        _collect(errors, "model", host.model // MiB, m.host.model)
+        _collect(errors, "kv", host.kv // MiB, m.host.context)
+        _collect(errors, "host compute", host.compute / MiB, m.host_compute_bytes / MiB)
+        measured_total = sum(d.model + d.context for d in m.devices) + sum(m.compute_bytes) / MiB
         seed_total = seed_bytes(facts, case.ngl) / MiB
-        seed_err = rel(seed_total, measured_total)
-        if seed_err is not None:
-            errors["seed"].append(seed_err)
-        print(
-            f"{case.label():42s} | {dev.model // MiB:6d} vs {m.devices[0].model:<6d} {dev.kv // MiB:5d} vs "
-            f"{m.devices[0].context:<5d} {dev.compute / MiB:7.2f} vs {m.compute_bytes[0] / MiB:<7.2f} | "
-            f"{host.model // MiB:6d} vs {m.host.model:<6d} {host.kv // MiB:5d} vs {m.host.context:<5d} "
-            f"{host.compute / MiB:6.2f} vs {m.host_compute_bytes / MiB:<6.2f} | "
-            f"{seed_total:7.1f} vs {measured_total:7.1f}"
-        )
+        _collect(errors, "seed", seed_total, measured_total)
+        for i, dev in enumerate(bd.devices):
+            got = m.devices[i]
+            _collect(errors, "model", dev.model // MiB, got.model)
+            _collect(errors, "kv", dev.kv // MiB, got.context)
+            _collect(errors, "compute", dev.compute / MiB, m.compute_bytes[i] / MiB)
+            line = (f"{case.label() if i == 0 else '':46s} RPC{i} | {dev.model // MiB:6d} vs {got.model:<6d} "
+                    f"{dev.kv // MiB:5d} vs {got.context:<5d} {dev.compute / MiB:7.2f} vs "
+                    f"{m.compute_bytes[i] / MiB:<7.2f} |")  # fmt: skip
+            if i == 0:
+                line += (f" {host.model // MiB:6d} vs {m.host.model:<6d} {host.kv // MiB:5d} vs "
+                         f"{m.host.context:<5d} {host.compute / MiB:6.2f} vs {m.host_compute_bytes / MiB:<6.2f} | "
+                         f"{seed_total:7.1f} vs {measured_total:7.1f}")  # fmt: skip
+            print(line)
     return errors
 
 
-def run_fit(binaries: Path, endpoint: list[str]) -> list[str]:
+def run_fit(binaries: Path, endpoints: list[str]) -> list[str]:
     print("\n--fit against emulated budgets (-fitt = free - budget): planner and seed -ngl vs llama.cpp")
     differences = []
-    for name, ctx, cache, budget in FIT_CASES:
+    settings = plan.PlannerSettings(backend=memory.Backend.RPC, cuda_context_bytes=0, margin_bytes=0)
+    for name, ctx, cache, budgets in FIT_CASES:
         path = model_path(name)
         facts = gguf_facts.read_facts(path)
+        devices = endpoints[: len(budgets)]
         args = ["-c", str(ctx), "-ctk", str(cache), "-ctv", str(cache), "-fa", "on"]
-        probe = fit_params.fit(binaries, path, endpoint, args, [0])
-        target = max(probe.free_mib[0] - budget, 0)
-        result = fit_params.fit(binaries, path, endpoint, args, [target])
-        seen_budget = result.free_mib[0] - target
-        settings = plan.PlannerSettings(backend=memory.Backend.RPC, cuda_context_bytes=0, margin_bytes=0)
+        probe = fit_params.fit(binaries, path, devices, args, [0] * len(devices))
+        targets = [max(free - b, 0) for free, b in zip(probe.free_mib, budgets, strict=True)]
+        result = fit_params.fit(binaries, path, devices, args, targets)
+        seen = tuple(free - t for free, t in zip(result.free_mib, targets, strict=True))
         ctx_settings = memory.ContextSettings(ctx, cache, cache, kv_unified=False)
-        p = plan.plan(plan.PlanRequest(facts, ctx_settings, (seen_budget * MiB,), settings=settings))
+        p = plan.plan(plan.PlanRequest(facts, ctx_settings, tuple(b * MiB for b in seen), settings=settings))
         fit_ngl = result.gpu_layers if result.gpu_layers >= 0 else facts.block_count + 1
-        seed_ngl = seed.seed_gpu_layers(seen_budget * MiB, facts.file_bytes, facts.block_count)
-        same = p.gpu_layers == fit_ngl
-        line = (f"{name:5s} c{ctx:<5d} {cache!s:5s} budget {seen_budget:4d} MiB: fit -ngl {fit_ngl:2d}"
-                f"{' -ot ' + result.overrides if result.overrides else ''} | planner -ngl {p.gpu_layers:2d}"
-                f"{f' --n-cpu-moe {p.n_cpu_moe}' if p.n_cpu_moe else ''} | seed -ngl {seed_ngl:2d}")  # fmt: skip
+        seed_ngl = seed.seed_gpu_layers(sum(seen) * MiB, facts.file_bytes, facts.block_count)
+        fit_extra = f" -ts {','.join(map(str, result.tensor_split))}" if result.tensor_split else ""
+        fit_extra += f" -ot {result.overrides}" if result.overrides else ""
+        ours = f" -ts {','.join(f'{x:g}' for x in p.tensor_split)}" if len(p.tensor_split) > 1 else ""
+        ours += f" --n-cpu-moe {p.n_cpu_moe}" if p.n_cpu_moe else ""
+        budget_text = "+".join(str(b) for b in seen)
+        line = (f"{name:5s} c{ctx:<5d} {cache!s:5s} budget {budget_text:>9s} MiB: fit -ngl {fit_ngl:2d}{fit_extra}"
+                f" | planner -ngl {p.gpu_layers:2d}{ours} | seed -ngl {seed_ngl:2d}")  # fmt: skip
         print(line)
-        if not same or (result.overrides and not p.n_cpu_moe):
+        if p.gpu_layers != fit_ngl or (result.overrides and not p.n_cpu_moe):
             differences.append(line)
     return differences
 
@@ -214,9 +240,9 @@ def main() -> int:
     if binaries is None:
         print("llama.cpp binaries missing: run hack/build-llama.sh first")
         return 1
-    with fit_params.rpc_servers(binaries, 1) as endpoint:
-        errors = run_cases(binaries, endpoint)
-        differences = run_fit(binaries, endpoint)
+    with fit_params.rpc_servers(binaries, 2) as endpoints:
+        errors = run_cases(binaries, endpoints)
+        differences = run_fit(binaries, endpoints)
     summary(errors, differences)
     return 0
 

@@ -133,7 +133,12 @@ def measure(binaries: Path, model: Path, endpoints: Sequence[str], args: Sequenc
         raise RuntimeError(f"llama-fit-params printed no Host row:\n{out}")
     compute: dict[str, int] = {}
     for m in _COMPUTE_RE.finditer(err):
-        name = m["dev"].split("[", 1)[0]
+        # Buffer names look like "RPC0[127.0.0.1:50052]"; llama.cpp prints "RPC0" for every RPC
+        # device, so the endpoint in brackets tells them apart.
+        name, _, rest = m["dev"].partition("[")
+        endpoint = rest.rstrip("]")
+        if endpoint in endpoints:
+            name = f"RPC{list(endpoints).index(endpoint)}"
         compute[name] = round(float(m["mib"]) * MiB)
     # The debug log is written by a logging thread and a line is now and then lost; fall back to
     # the whole-MiB figure of the printed row then.

@@ -26,7 +26,8 @@ class Shape:
     """The hyperparameters of a test model."""
 
     arch: str = "llama"
-    """``llama`` (dense or MoE) or ``olmo2`` (sliding window when ``sliding_window`` > 0)."""
+    """``llama`` (dense or MoE), ``olmo2`` (sliding window when ``sliding_window`` > 0) or
+    ``deepseek2`` (MLA: the KV cache holds the compressed latent only; MoE with shared experts)."""
     n_layer: int = 8
     n_embd: int = 512
     n_head: int = 8
@@ -40,6 +41,15 @@ class Shape:
     sliding_window: int = 0
     weight_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F16
     name: str = "kquant-test"
+    # deepseek2 (MLA) only:
+    q_lora_rank: int = 384
+    kv_lora_rank: int = 128
+    qk_rope: int = 32
+    qk_nope: int = 64
+    v_head: int = 64
+    n_expert_shared: int = 1
+    n_ff_exp: int = 256
+    n_dense_lead: int = 1
 
     @property
     def head_dim(self) -> int:
@@ -114,10 +124,60 @@ def _add_block(writer: gguf.GGUFWriter, shape: Shape, i: int, rng: np.random.Gen
         _add(writer, f"{b}.ffn_down.weight", (e, shape.n_ff), wt, rng)
 
 
+def _add_mla_block(writer: gguf.GGUFWriter, s: Shape, i: int, rng: np.random.Generator) -> None:
+    """A deepseek2 block with MLA attention (split ``attn_k_b``/``attn_v_b``) and a dense or MoE FFN."""
+    wt, f32 = s.weight_type, gguf.GGMLQuantizationType.F32
+    e, h = s.n_embd, s.n_head
+    b = f"blk.{i}"
+    _add(writer, f"{b}.attn_norm.weight", (e,), f32, rng)
+    _add(writer, f"{b}.attn_q_a_norm.weight", (s.q_lora_rank,), f32, rng)
+    _add(writer, f"{b}.attn_kv_a_norm.weight", (s.kv_lora_rank,), f32, rng)
+    _add(writer, f"{b}.attn_q_a.weight", (s.q_lora_rank, e), wt, rng)
+    _add(writer, f"{b}.attn_q_b.weight", (h * (s.qk_nope + s.qk_rope), s.q_lora_rank), wt, rng)
+    _add(writer, f"{b}.attn_kv_a_mqa.weight", (s.kv_lora_rank + s.qk_rope, e), wt, rng)
+    _add(writer, f"{b}.attn_k_b.weight", (h, s.kv_lora_rank, s.qk_nope), wt, rng)
+    _add(writer, f"{b}.attn_v_b.weight", (h, s.v_head, s.kv_lora_rank), wt, rng)
+    _add(writer, f"{b}.attn_output.weight", (e, h * s.v_head), wt, rng)
+    _add(writer, f"{b}.ffn_norm.weight", (e,), f32, rng)
+    if i < s.n_dense_lead:
+        _add(writer, f"{b}.ffn_gate.weight", (s.n_ff, e), wt, rng)
+        _add(writer, f"{b}.ffn_up.weight", (s.n_ff, e), wt, rng)
+        _add(writer, f"{b}.ffn_down.weight", (e, s.n_ff), wt, rng)
+        return
+    x, f, shared = s.n_expert, s.n_ff_exp, s.n_ff_exp * s.n_expert_shared
+    _add(writer, f"{b}.ffn_gate_inp.weight", (x, e), f32, rng)
+    _add(writer, f"{b}.ffn_gate_exps.weight", (x, f, e), wt, rng)
+    _add(writer, f"{b}.ffn_up_exps.weight", (x, f, e), wt, rng)
+    _add(writer, f"{b}.ffn_down_exps.weight", (x, e, f), wt, rng)
+    _add(writer, f"{b}.ffn_gate_shexp.weight", (shared, e), wt, rng)
+    _add(writer, f"{b}.ffn_up_shexp.weight", (shared, e), wt, rng)
+    _add(writer, f"{b}.ffn_down_shexp.weight", (e, shared), wt, rng)
+
+
+def _mla_metadata(writer: gguf.GGUFWriter, s: Shape) -> None:
+    """deepseek2's keys as convert_hf_to_gguf writes them for MLA: one KV head of the latent width."""
+    writer.add_head_count_kv(1)
+    writer.add_key_length(s.kv_lora_rank + s.qk_rope)
+    writer.add_value_length(s.kv_lora_rank)
+    writer.add_key_length_mla(s.qk_nope + s.qk_rope)
+    writer.add_value_length_mla(s.v_head)
+    writer.add_q_lora_rank(s.q_lora_rank)
+    writer.add_kv_lora_rank(s.kv_lora_rank)
+    writer.add_rope_dimension_count(s.qk_rope)
+    writer.add_leading_dense_block_count(s.n_dense_lead)
+    writer.add_expert_feed_forward_length(s.n_ff_exp)
+    writer.add_expert_shared_count(s.n_expert_shared)
+    writer.add_expert_count(s.n_expert)
+    writer.add_expert_used_count(s.n_expert_used or 2)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+
+
 def write_model(path: Path, shape: Shape, seed: int = 0) -> Path:
     """Write ``shape`` as a GGUF file at ``path`` and return the path."""
-    if shape.arch not in ("llama", "olmo2"):
-        raise ValueError(f"arch is {shape.arch!r}, but only 'llama' and 'olmo2' are supported")
+    if shape.arch not in ("llama", "olmo2", "deepseek2"):
+        raise ValueError(f"arch is {shape.arch!r}, but only 'llama', 'olmo2' and 'deepseek2' are supported")
+    if shape.arch == "deepseek2" and (shape.n_expert < 1 or shape.n_layer in (26, 27)):
+        raise ValueError("deepseek2 test models need n_expert >= 1 and n_layer other than 26 or 27 (lite)")
     if shape.arch == "olmo2" and shape.n_expert:
         raise ValueError("olmo2 test models are dense; set n_expert to 0")
     rng = np.random.default_rng(seed)
@@ -129,15 +189,18 @@ def write_model(path: Path, shape: Shape, seed: int = 0) -> Path:
     writer.add_embedding_length(shape.n_embd)
     writer.add_feed_forward_length(shape.n_ff)
     writer.add_head_count(shape.n_head)
-    writer.add_head_count_kv(shape.n_head_kv)
-    writer.add_rope_dimension_count(hd)
+    if shape.arch == "deepseek2":
+        _mla_metadata(writer, shape)
+    else:
+        writer.add_head_count_kv(shape.n_head_kv)
+        writer.add_rope_dimension_count(hd)
+        if shape.n_expert:
+            writer.add_expert_count(shape.n_expert)
+            writer.add_expert_used_count(shape.n_expert_used or 2)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_vocab_size(shape.n_vocab)
     writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
-    if shape.n_expert:
-        writer.add_expert_count(shape.n_expert)
-        writer.add_expert_used_count(shape.n_expert_used or 2)
     if shape.sliding_window:
         writer.add_sliding_window(shape.sliding_window)
     _vocab(writer, shape.n_vocab)
@@ -150,7 +213,10 @@ def write_model(path: Path, shape: Shape, seed: int = 0) -> Path:
     if not shape.tied:
         _add(writer, "output.weight", (v, e), wt, rng)
     for i in range(shape.n_layer):
-        _add_block(writer, shape, i, rng)
+        if shape.arch == "deepseek2":
+            _add_mla_block(writer, shape, i, rng)
+        else:
+            _add_block(writer, shape, i, rng)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -160,6 +226,8 @@ def write_model(path: Path, shape: Shape, seed: int = 0) -> Path:
 
 def expected_layer_bytes(shape: Shape) -> int:
     """Bytes of one block of ``shape`` as written by ``write_model`` (a check for readers)."""
+    if shape.arch == "deepseek2":
+        raise ValueError("expected_layer_bytes knows llama and olmo2 blocks only; read deepseek2 files instead")
     info = gguf.GGML_QUANT_SIZES[shape.weight_type]
     e = shape.n_embd
     q_dim, kv_dim = shape.n_head * shape.head_dim, shape.n_head_kv * shape.head_dim

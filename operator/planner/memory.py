@@ -185,14 +185,6 @@ def layer_devices(n_layer: int, placement: Placement) -> tuple[int, ...]:
     return tuple(devices)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Phase:
-    """Activations live at the same time in one part of the graph (bytes)."""
-
-    attention: int
-    ffn: int
-
-
 def _attention_bytes(facts: gguf_facts.ModelFacts, settings: ContextSettings, il: int, u: int) -> int:
     """Peak activations inside block ``il``'s attention for ``u`` tokens."""
     n_head = facts.head_count[il]
@@ -200,13 +192,17 @@ def _attention_bytes(facts: gguf_facts.ModelFacts, settings: ContextSettings, il
     if n_head == 0:
         return 0
     e = facts.embedding_length
-    k_len = facts.key_length_mla if facts.is_mla and facts.key_length_mla else facts.key_length
-    v_len = facts.value_length_mla if facts.is_mla and facts.value_length_mla else facts.value_length
-    residual = 2 * e * u * F32  # the block input and its norm
-    q = n_head * k_len * u * F32
-    kv_new = n_head_kv * (facts.key_length + facts.value_length) * u * F32
-    out = 2 * n_head * v_len * u * F32  # the attention result and its merged-heads copy
-    base = residual + q + kv_new + out  # 5.5 x n_embd per token for GQA 4, as measured
+    if facts.is_mla:
+        # Absorbed MLA: per head the latent query (kv_lora_rank + rope), the latent result
+        # (kv_lora_rank) and its projection to value_length_mla, beside 4 residual rows (measured).
+        per_head = 2 * facts.key_length + (facts.value_length_mla or 0)
+        base = (4 * e + n_head * per_head) * u * F32
+    else:
+        residual = 2 * e * u * F32  # the block input and its norm
+        q = n_head * facts.key_length * u * F32
+        kv_new = n_head_kv * (facts.key_length + facts.value_length) * u * F32
+        out = 2 * n_head * facts.value_length * u * F32  # the attention result and its merged-heads copy
+        base = residual + q + kv_new + out  # 5.5 x n_embd per token for GQA 4, as measured
     if settings.flash_attention:
         return base
     cells = kv_cells_per_stream(facts, settings, facts.swa_layers[il])
@@ -242,6 +238,57 @@ def _mask_bytes(facts: gguf_facts.ModelFacts, settings: ContextSettings, u: int)
     return total
 
 
+SCHED_COPIES = 4
+"""``GGML_SCHED_MAX_COPIES``: input copies per device when pipeline parallelism is on."""
+
+
+def pipeline_parallel(layer_device: Sequence[int], n_devices: int, n_cpu_moe: int) -> bool:
+    """llama_context's rule: several GPUs, everything offloaded, layer split, no tensor overrides.
+
+    (CUDA and RPC devices both support the async compute and events it needs.) ``--n-cpu-moe`` is
+    a tensor override, so it turns pipeline parallelism off.
+    """
+    return n_devices > 1 and CPU not in layer_device and n_cpu_moe == 0
+
+
+def device_compute(
+    facts: gguf_facts.ModelFacts,
+    settings: ContextSettings,
+    layers: Sequence[int],
+    *,
+    has_output: bool,
+    first: bool = True,
+    pipelined: bool = False,
+) -> int:
+    """The compute buffer of one GPU that runs ``layers`` (and the output layer if ``has_output``).
+
+    Without pipeline parallelism: the masks plus the largest block's activations, or the logits.
+    With it, every split's inputs exist once per copy: the masks where blocks run and the hidden
+    state (twice after the first GPU: the incoming rows and the residual).
+    """
+    u = _ubatch(settings)
+    e = facts.embedding_length
+    row = e * u * F32
+    masks = _mask_bytes(facts, settings, u)
+    logits = (facts.vocab_size + e) * u * F32  # output norm and the logits for every token
+    body = max((_block_bytes(facts, settings, il, u, on_cpu=False) for il in layers), default=0)
+    if not pipelined:
+        best = masks + body if layers else 0
+        return max(best, logits) if has_output else best
+    if not layers and not has_output:
+        return 0
+    inputs = (masks if layers else 0) + (row if first else 2 * row)
+    return SCHED_COPIES * inputs + (max(body, logits) if has_output else body)
+
+
+def _ubatch(settings: ContextSettings) -> int:
+    return min(settings.ubatch, pad(settings.context, 256))
+
+
+def _block_bytes(facts: gguf_facts.ModelFacts, settings: ContextSettings, il: int, u: int, *, on_cpu: bool) -> int:
+    return max(_attention_bytes(facts, settings, il, u), _ffn_bytes(facts, il, u, on_cpu))
+
+
 def compute_bytes(
     facts: gguf_facts.ModelFacts,
     settings: ContextSettings,
@@ -252,34 +299,39 @@ def compute_bytes(
 ) -> tuple[tuple[int, ...], int]:
     """Compute buffer per GPU and on the host, for a placement given as ``layer_devices``' result."""
     n_layer = facts.block_count
-    u = min(settings.ubatch, pad(settings.context, 256))
+    u = _ubatch(settings)
     e = facts.embedding_length
+    row = e * u * F32  # one hidden state for the whole ubatch
     masks = _mask_bytes(facts, settings, u)
-    logits = (facts.vocab_size + e) * u * F32  # output norm and the logits for every token
-    # Inputs always start on the CPU: the masks and the embedding rows (twice: the rows and
-    # their copy for the first device); without flash attention also the row indices that scatter
-    # new V values into the transposed V cache (int64 per value).
-    inputs = masks + 2 * e * u * F32
+    # Without flash attention: the row indices that scatter new V values into the transposed V
+    # cache (int64 per value), an input like the masks.
+    v_idxs = 0
     if not settings.flash_attention:
         v_width = max((facts.value_length * h for h in facts.head_count_kv), default=0)
-        inputs += u * v_width * 8
-
-    def peak(device: int) -> int:
-        layers = [il for il in range(n_layer) if layer_device[il] == device]
-        best = 0
-        if layers:
-            body = max(
-                max(_attention_bytes(facts, settings, il, u), _ffn_bytes(facts, il, u, device == CPU))
-                for il in layers
-            )
-            best = masks + body
-        if layer_device[n_layer] == device:
-            # the CPU keeps the final residual row beside the logits as well
-            best = max(best, logits + (e * u * F32 if device == CPU else 0))
-        return best
-
-    gpu = [peak(d) for d in range(n_devices)]
-    host = max(peak(CPU), inputs)
+        v_idxs = u * v_width * 8
+    pp = pipeline_parallel(layer_device, n_devices, n_cpu_moe)
+    copies = SCHED_COPIES if pp else 1
+    first_gpu = min((d for d in layer_device if d != CPU), default=0)
+    gpu = [
+        device_compute(
+            facts,
+            settings,
+            [il for il in range(n_layer) if layer_device[il] == d],
+            has_output=layer_device[n_layer] == d,
+            first=d == first_gpu,
+            pipelined=pp,
+        )
+        for d in range(n_devices)
+    ]
+    # The host runs its blocks, the output layer when it is not offloaded (keeping the final
+    # residual row beside the logits), and always holds the inputs once per copy: masks, V row
+    # indices and the embedding rows, plus the rows' copy handed to the first device.
+    cpu_layers = [il for il in range(n_layer) if layer_device[il] == CPU]
+    host = copies * (masks + row + v_idxs) + row
+    if cpu_layers:
+        host = max(host, masks + max(_block_bytes(facts, settings, il, u, on_cpu=True) for il in cpu_layers))
+    if layer_device[n_layer] == CPU:
+        host = max(host, (facts.vocab_size + 2 * e) * u * F32)
     moe_on_cpu = [il for il in range(min(n_cpu_moe, n_layer)) if facts.layer_expert_bytes[il]]
     if moe_on_cpu:
         # Experts in host memory run their matrix products on the CPU, one split at a time: the

@@ -370,10 +370,14 @@ def _greedy_counts(request: PlanRequest, ngl: int, n_cpu_moe: int, budgets: Sequ
     n_layer = facts.block_count
     n_gpu = len(budgets)
     start = max(n_layer + 1 - ngl, 0)
-    # Compute reserves from a placement with every block on GPU 0 and the output on GPU 1.
-    probe = tuple([0] * n_layer + [1])
-    layer_phase, output_phase = memory.compute_bytes(facts, ctx, probe, 2, memory.Backend.RPC)[0]
-    reserve = [layer_phase] * (n_gpu - 1) + [max(layer_phase, output_phase)]
+    # Compute reserves per role, with the largest block anywhere (a safe bound).
+    pipelined = ngl > n_layer and n_cpu_moe == 0  # llama.cpp's pipeline parallelism on several GPUs
+    every = range(n_layer)
+
+    def reserve_for(first: bool, has_output: bool) -> int:
+        return memory.device_compute(facts, ctx, every, has_output=has_output, first=first, pipelined=pipelined)
+
+    reserve = [reserve_for(d == 0, False) for d in range(n_gpu - 1)] + [reserve_for(n_gpu == 1, True)]
     counts = [0] * n_gpu
     used = [0] * n_gpu
     d = n_gpu - 1

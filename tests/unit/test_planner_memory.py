@@ -176,3 +176,28 @@ def test_cuda_op_offload_adds_the_biggest_cpu_weight_at_partial_offload() -> Non
 def test_negative_gpu_layers_are_refused() -> None:
     with pytest.raises(ValueError, match="gpuLayers is -1"):
         memory.layer_devices(8, memory.Placement(-1))
+
+
+BENCH_DENSE = gguf_models.shape_facts(
+    gguf_models.Shape(n_layer=16, n_embd=1024, n_head=16, n_head_kv=4, n_ff=2816, n_vocab=32000)
+)
+# llama-fit-params -ngl 99 -ts 1,1[,1] -fa on on RPC devices (MiB, two decimals): pipeline parallelism
+PIPELINED = [
+    (2048, (1.0, 1.0), (38.54, 88.55), 18.05),
+    (8192, (1.0, 1.0), (62.54, 112.55), 42.05),
+    (2048, (1.0, 1.0, 1.0), (38.54, 46.54, 88.55), 18.05),
+]
+
+
+@pytest.mark.parametrize(("ctx", "split", "gpus", "host"), PIPELINED)
+def test_pipeline_parallelism_keeps_four_copies_of_the_inputs(
+    ctx: int, split: tuple[float, ...], gpus: tuple[float, ...], host: float
+) -> None:
+    settings = memory.ContextSettings(ctx)
+    bd = memory.breakdown(BENCH_DENSE, settings, memory.Placement(17, split), RPC)
+    assert [round(mib(d.compute), 1) for d in bd.devices] == pytest.approx(gpus, rel=0.05)
+    assert mib(bd.host.compute) == pytest.approx(host, rel=0.05)
+    # Partial offload or --n-cpu-moe turn it off: no copies.
+    partial = memory.breakdown(BENCH_DENSE, settings, memory.Placement(16, split), RPC)
+    assert mib(partial.devices[0].compute) < gpus[0] - 10
+    assert not memory.pipeline_parallel(partial.layer_device, len(split), 0)

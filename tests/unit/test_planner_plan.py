@@ -89,10 +89,15 @@ def test_cuda_overheads_are_reserved_per_gpu() -> None:
 
 
 def test_two_gpus_split_layers_so_each_fits() -> None:
-    # neither GPU holds the whole model (156.75 MiB); the output layer and its logits need 94.75 MiB
-    gpus = (60 * MiB, 120 * MiB)
+    # Neither GPU holds the whole model (156.75 MiB); with the layers split over two GPUs llama.cpp
+    # turns on pipeline parallelism, which keeps 4 copies of each GPU's inputs.
+    gpus = (80 * MiB, 160 * MiB)
     p = plan.plan(request(gpus))
     assert p.fits and p.full_offload, p.explanation
+    # The same GPUs a little smaller: full offload no longer fits, and the plan falls back to
+    # partial offload, where llama.cpp runs without pipeline parallelism.
+    smaller = plan.plan(request((60 * MiB, 120 * MiB)))
+    assert smaller.fits and smaller.gpu_layers == 8
     assert len(p.tensor_split) == 2
     assert all(d.total <= b for d, b in zip(p.devices, gpus, strict=True))
     assert p.devices[1].model >= TINY.output_bytes  # the output layer is on the last GPU
