@@ -363,9 +363,7 @@ class _Collector:
         block = f"blk.{layer.group(1)}"
         # The converter splits gate_up into ffn_gate_exps and ffn_up_exps (some versions keep a fused
         # ffn_gate_up_exps); llama.cpp ignores entries for tensors a file does not have.
-        gate_up_names = [
-            f"{block}.{stem}.weight" for stem in ("ffn_gate_exps", "ffn_up_exps", "ffn_gate_up_exps")
-        ]
+        gate_up_names = [f"{block}.{stem}.weight" for stem in ("ffn_gate_exps", "ffn_up_exps", "ffn_gate_up_exps")]
         down_name = f"{block}.ffn_down_exps.weight"
 
         def record(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

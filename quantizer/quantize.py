@@ -110,9 +110,7 @@ def dry_run(src: Path, job: QuantizeJob) -> dict[str, constants.TensorType]:
         name = match["new"] or match["old"]
         types[match["name"]] = constants.TensorType(name.upper())
     if not types:
-        raise QuantizeError(
-            f"llama.cpp's dry run of {src} listed no tensors; its log ends with: {log[-500:]}"
-        )
+        raise QuantizeError(f"llama.cpp's dry run of {src} listed no tensors; its log ends with: {log[-500:]}")
     return types
 
 

@@ -128,7 +128,7 @@ class RolePolicy:
 
 ROLE_POLICIES: dict[Role, RolePolicy] = {
     Role.TOKEN_EMBD: RolePolicy(0.5, 4.0),
-    Role.OUTPUT: RolePolicy(2.0, 5.0),
+    Role.OUTPUT: RolePolicy(4.0, 6.0),
     Role.ATTN_QK: RolePolicy(0.5, 4.0),
     Role.ATTN_V: RolePolicy(1.5, 4.0),
     Role.ATTN_OUTPUT: RolePolicy(1.0, 4.0),
@@ -242,9 +242,7 @@ class TensorSpec:
 
     def nbytes(self, tensor_type: constants.TensorType) -> int:
         """Bytes this tensor takes stored as ``tensor_type`` (``ggml_nbytes``)."""
-        return constants.TENSOR_TYPES[tensor_type].row_bytes(self.row_length) * (
-            self.n_elements // self.row_length
-        )
+        return constants.TENSOR_TYPES[tensor_type].row_bytes(self.row_length) * (self.n_elements // self.row_length)
 
     def fits(self, tensor_type: constants.TensorType) -> bool:
         return self.row_length % constants.TENSOR_TYPES[tensor_type].block_size == 0
@@ -336,16 +334,29 @@ _STEM_ROLES: tuple[tuple[tuple[str, ...], Role], ...] = (
 )
 
 
+def _is_token_embd(name: str) -> bool:
+    return name.startswith("token_embd") or name == "per_layer_token_embd.weight"
+
+
 def classify(name: str, n_dims: int, *, leave_output_tensor: bool = False) -> Role:
     """The role of a tensor, from its GGUF name (llama.cpp's naming) and number of dimensions."""
     if n_dims < 2 or not name.endswith("weight") or any(part in name for part in _NEVER_QUANTIZED):
         return Role.KEPT
     if name == "output.weight":
         return Role.KEPT if leave_output_tensor else Role.OUTPUT
-    if name.startswith("token_embd") or name == "per_layer_token_embd.weight":
+    if _is_token_embd(name):
         return Role.TOKEN_EMBD
     stem = _BLOCK.sub("", name)
     return next((role for prefixes, role in _STEM_ROLES if stem.startswith(prefixes)), Role.OTHER)
+
+
+def roles_for(tensors: Sequence[TensorSpec], *, leave_output_tensor: bool = False) -> dict[str, Role]:
+    """Every tensor's role; with tied embeddings (no ``output.weight``) the token embedding is also
+    the output matrix, so it takes the output's role, as llama.cpp's own mixes treat it."""
+    roles = {t.name: classify(t.name, len(t.shape), leave_output_tensor=leave_output_tensor) for t in tensors}
+    if "output.weight" not in roles and roles.get("token_embd.weight") is Role.TOKEN_EMBD:
+        roles["token_embd.weight"] = Role.OUTPUT
+    return roles
 
 
 def relative_error(tensor_type: constants.TensorType, *, with_imatrix: bool) -> float:
@@ -590,9 +601,7 @@ def overrides_for(
     return tuple(rules)
 
 
-def first_match(
-    name: str, overrides: Sequence[tuple[str, constants.TensorType]]
-) -> constants.TensorType | None:
+def first_match(name: str, overrides: Sequence[tuple[str, constants.TensorType]]) -> constants.TensorType | None:
     """The type the first rule matching ``name`` gives, as llama.cpp's ``regex_search`` loop does."""
     for pattern, tensor_type in overrides:
         if re.search(pattern, name):
@@ -627,10 +636,11 @@ def pinned_types(
         if role is Role.KEPT:
             pinned[t.name] = t.type
             continue
-        if role is Role.TOKEN_EMBD and variant.token_embedding_type is not None:
+        # llama.cpp applies these two parameters by tensor name, whatever role a tied embedding plays
+        if _is_token_embd(t.name) and variant.token_embedding_type is not None:
             pinned[t.name] = variant.token_embedding_type  # llama.cpp applies it without fallback
             continue
-        if role is Role.OUTPUT and variant.output_tensor_type is not None:
+        if t.name == "output.weight" and variant.output_tensor_type is not None:
             pinned[t.name] = variant.output_tensor_type
             continue
         wanted = first_match(t.name, user)
@@ -650,9 +660,7 @@ def predicted_loss(
     """The loss model's figure for any assignment (uniform plans are scored the same way)."""
     scale = sensitivities(tensors, roles, importance)
     return sum(
-        ROLE_POLICIES[roles[t.name]].weight
-        * scale[t.name]
-        * relative_error(types[t.name], with_imatrix=has_imatrix)
+        ROLE_POLICIES[roles[t.name]].weight * scale[t.name] * relative_error(types[t.name], with_imatrix=has_imatrix)
         for t in tensors
     )
 
@@ -664,9 +672,7 @@ def rows_for(tensors: Sequence[TensorSpec], types: Mapping[str, constants.Tensor
 def budget_for(variant: VariantRecipe, n_elements: int, default_bytes: int) -> tuple[int, str]:
     """The byte budget and how to name it in errors."""
     if variant.target_size_gib is not None:
-        return int(
-            variant.target_size_gib * GIB
-        ), f"variant {variant.name}: targetSizeGiB {variant.target_size_gib}"
+        return int(variant.target_size_gib * GIB), f"variant {variant.name}: targetSizeGiB {variant.target_size_gib}"
     if variant.target_bits_per_weight is not None:
         return (
             int(variant.target_bits_per_weight * n_elements / 8),
@@ -720,10 +726,7 @@ def plan_variant(
     :func:`plan_dynamic` and are turned into one regex rule per (tensor stem, type).
     """
     tensors = read_tensors(src_gguf)
-    roles = {
-        t.name: classify(t.name, len(t.shape), leave_output_tensor=variant.leave_output_tensor)
-        for t in tensors
-    }
+    roles = roles_for(tensors, leave_output_tensor=variant.leave_output_tensor)
     importance = importance_of(imatrix)
     has_imatrix = imatrix is not None
     n_elements = sum(t.n_elements for t in tensors)
@@ -769,12 +772,10 @@ def plan_variant(
     # so llama.cpp resolves them exactly as the plan did.
     skip = set(kept)
     if variant.token_embedding_type is not None:
-        skip |= {t.name for t in tensors if roles[t.name] is Role.TOKEN_EMBD}
+        skip |= {t.name for t in tensors if _is_token_embd(t.name)}
     if variant.output_tensor_type is not None:
-        skip |= {t.name for t in tensors if roles[t.name] is Role.OUTPUT}
-    generated = overrides_for(
-        {n: ty for n, ty in choice.types.items() if n not in pinned or n not in skip}, skip
-    )
+        skip.add("output.weight")
+    generated = overrides_for({n: ty for n, ty in choice.types.items() if n not in pinned or n not in skip}, skip)
     dynamic_job = dataclasses.replace(job, overrides=job.overrides + generated)
     return RecipePlan(
         variant=variant.name,

@@ -86,9 +86,7 @@ def write_random_llama(path: Path, spec: RandomModel = RandomModel()) -> Path:
     writer = gguf.GGUFWriter(path, "llama")
     _write_header(writer, spec)
     kv = spec.n_head_kv * spec.head_dim
-    writer.add_tensor(
-        "token_embd.weight", (rng.standard_normal((spec.n_vocab, spec.n_embd))).astype(np.float16)
-    )
+    writer.add_tensor("token_embd.weight", (rng.standard_normal((spec.n_vocab, spec.n_embd))).astype(np.float16))
     for i in range(spec.n_layer):
         writer.add_tensor(f"blk.{i}.attn_norm.weight", norm())
         writer.add_tensor(f"blk.{i}.attn_q.weight", matrix(spec.n_embd, spec.n_embd))
@@ -97,9 +95,7 @@ def write_random_llama(path: Path, spec: RandomModel = RandomModel()) -> Path:
         writer.add_tensor(f"blk.{i}.attn_output.weight", matrix(spec.n_embd, spec.n_embd))
         writer.add_tensor(f"blk.{i}.ffn_norm.weight", norm())
         if spec.n_expert:
-            writer.add_tensor(
-                f"blk.{i}.ffn_gate_inp.weight", matrix(spec.n_expert, spec.n_embd).astype(np.float32)
-            )
+            writer.add_tensor(f"blk.{i}.ffn_gate_inp.weight", matrix(spec.n_expert, spec.n_embd).astype(np.float32))
             writer.add_tensor(f"blk.{i}.ffn_gate_exps.weight", matrix(spec.n_expert, spec.n_ff, spec.n_embd))
             writer.add_tensor(f"blk.{i}.ffn_up_exps.weight", matrix(spec.n_expert, spec.n_ff, spec.n_embd))
             writer.add_tensor(f"blk.{i}.ffn_down_exps.weight", matrix(spec.n_expert, spec.n_embd, spec.n_ff))
@@ -124,12 +120,7 @@ def synthetic_imatrix_values(path: Path, seed: int = 1) -> dict[str, tuple[npt.N
     out: dict[str, tuple[npt.NDArray[np.float32], int]] = {}
     for tensor in reader.tensors:
         shape = [int(n) for n in tensor.shape]
-        if (
-            len(shape) < 2
-            or "norm" in tensor.name
-            or "gate_inp" in tensor.name
-            or tensor.name == "token_embd.weight"
-        ):
+        if len(shape) < 2 or "norm" in tensor.name or "gate_inp" in tensor.name or tensor.name == "token_embd.weight":
             continue
         n_mat = shape[2] if len(shape) > 2 else 1
         out[tensor.name] = (rng.lognormal(0.0, 1.0, shape[0] * n_mat).astype(np.float32), n_mat)
@@ -151,9 +142,7 @@ def write_tiny_tokenizer(folder: Path, vocab_size: int = 320) -> None:
     )
     text = ["the quick brown fox jumps over the lazy dog", "quantization keeps the important columns"] * 20
     model.train_from_iterator(text, trainer)
-    fast: Any = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=model, bos_token="<s>", eos_token="</s>"
-    )  # type: ignore[no-untyped-call]
+    fast: Any = transformers.PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>")  # type: ignore[no-untyped-call]
     fast.save_pretrained(folder)
 
 
@@ -176,4 +165,48 @@ def write_random_hf(folder: Path, model_type: str, **config: int) -> Path:
     model: Any = transformers.AutoModelForCausalLM.from_config(cfg)  # type: ignore[no-untyped-call]
     model.save_pretrained(folder)
     write_tiny_tokenizer(folder, base["vocab_size"])
+    return folder
+
+
+def cached_f16_gguf(hf_dir: Path, name: str) -> Path:
+    """``hf_dir`` converted to f16 once by the pipeline's converter, cached next to part A's fixtures
+    under ``~/.cache/kquant/fixtures/gguf/<name>.f16.gguf`` (written under a temporary name)."""
+    from kquant.quantizer import convert, settings
+
+    root = Path.home() / ".cache" / "kquant" / "fixtures" / "gguf"
+    out = root / f"{name}.f16.gguf"
+    if not out.is_file():
+        convert.convert(hf_dir, out, settings.ConvertType.F16)
+    return out
+
+
+def write_random_hf_like(folder: Path, tokenizer_dir: Path, **config: float) -> Path:
+    """A random llama whose widths are multiples of 256, using ``tokenizer_dir``'s tokenizer (so the
+    converter recognises its pre-tokenizer); embeddings are tied, as in SmolLM2."""
+    import torch
+    import transformers
+
+    if (folder / "config.json").is_file():
+        return folder
+    torch.manual_seed(0)
+    tokenizer: Any = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    base = {
+        "hidden_size": 256,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,
+        "initializer_range": 0.1,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    } | config
+    cfg = transformers.LlamaConfig(**base)
+    model: Any = transformers.LlamaForCausalLM(cfg)
+    staging = folder.with_name(folder.name + ".partial")
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.replace(folder)
     return folder

@@ -118,9 +118,7 @@ def test_overrides_and_tensor_settings_take_effect(dense: Path, tmp_path: Path) 
 
 def test_pure_and_leave_output_tensor(dense: Path, tmp_path: Path) -> None:
     dst = tmp_path / "p.gguf"
-    quantize.quantize(
-        dense, dst, quantize.QuantizeJob(file_type=F.Q4_K_M, pure=True, leave_output_tensor=True), None
-    )
+    quantize.quantize(dense, dst, quantize.QuantizeJob(file_type=F.Q4_K_M, pure=True, leave_output_tensor=True), None)
     types = tensor_types(dst)
     assert types["output.weight"] is T.F16
     assert {t for n, t in types.items() if n.startswith("blk.") and not n.endswith("norm.weight")} == {T.Q4_K}
@@ -132,9 +130,7 @@ def test_requantizing_needs_allow_requantize(dense: Path, tmp_path: Path) -> Non
     with pytest.raises(quantize.QuantizeError, match="requantizing from type q8_0 is disabled"):
         quantize.quantize(q8, tmp_path / "q4.gguf", quantize.QuantizeJob(file_type=F.Q4_0), None)
     assert not (tmp_path / "q4.gguf").exists()
-    quantize.quantize(
-        q8, tmp_path / "q4.gguf", quantize.QuantizeJob(file_type=F.Q4_0, allow_requantize=True), None
-    )
+    quantize.quantize(q8, tmp_path / "q4.gguf", quantize.QuantizeJob(file_type=F.Q4_0, allow_requantize=True), None)
     assert tensor_types(tmp_path / "q4.gguf")["blk.0.ffn_up.weight"] is T.Q4_0
 
 
@@ -212,9 +208,7 @@ def test_plans_are_what_llama_cpp_does(model: str, request: pytest.FixtureReques
     src: Path = request.getfixturevalue(model)
     data = synthetic_imatrix(src)
     uniform = recipes.plan_variant(src, recipes.VariantRecipe(name="u", type=F.Q4_K_M), data)
-    dynamic = recipes.plan_variant(
-        src, recipes.VariantRecipe(name="d", type=F.Q4_K_M, recipe="dynamic"), data
-    )
+    dynamic = recipes.plan_variant(src, recipes.VariantRecipe(name="d", type=F.Q4_K_M, recipe="dynamic"), data)
     assert dynamic.total_bytes <= uniform.total_bytes
     assert dynamic.predicted_loss < uniform.predicted_loss
     for plan in (uniform, dynamic):

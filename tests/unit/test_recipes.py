@@ -11,9 +11,7 @@ from kquant.quantizer import constants, recipes
 T = constants.TensorType
 
 
-def dense_model(
-    width: int = 256, ff: int = 512, layers: int = 4, vocab: int = 1024
-) -> list[recipes.TensorSpec]:
+def dense_model(width: int = 256, ff: int = 512, layers: int = 4, vocab: int = 1024) -> list[recipes.TensorSpec]:
     tensors = [recipes.TensorSpec("token_embd.weight", (width, vocab), T.F16)]
     for i in range(layers):
         tensors += [
@@ -34,9 +32,7 @@ def dense_model(
     return tensors
 
 
-def moe_model(
-    width: int = 512, ff: int = 256, layers: int = 4, experts: int = 16
-) -> list[recipes.TensorSpec]:
+def moe_model(width: int = 512, ff: int = 256, layers: int = 4, experts: int = 16) -> list[recipes.TensorSpec]:
     tensors = [recipes.TensorSpec("token_embd.weight", (width, 2048), T.F16)]
     for i in range(layers):
         tensors += [
@@ -72,6 +68,13 @@ def plan(
         has_imatrix=has_imatrix,
         budget_label="targetSizeGiB 1",
     )
+
+
+def q4k_m_like(t: recipes.TensorSpec) -> int:
+    """Bytes of ``t`` in a Q4_K file whose output matrix is Q6_K, as llama.cpp's Q4_K_M keeps it."""
+    if t.type is T.F32:
+        return t.nbytes(T.F32)
+    return t.nbytes(T.Q6_K if t.name in ("output.weight", "token_embd.weight") else T.Q4_K)
 
 
 def bits(tensor: recipes.TensorSpec, tensor_type: constants.TensorType) -> float:
@@ -129,7 +132,7 @@ def test_imatrix_types_need_an_imatrix() -> None:
 
 def test_plan_fits_budget_and_spends_it() -> None:
     tensors = dense_model()
-    uniform_q4k = sum(t.nbytes(T.Q4_K) if t.type is not T.F32 else t.nbytes(T.F32) for t in tensors)
+    uniform_q4k = sum(q4k_m_like(t) for t in tensors)
     choice = plan(tensors, uniform_q4k)
     assert choice.total_bytes <= uniform_q4k
     assert choice.total_bytes > 0.97 * uniform_q4k
@@ -139,22 +142,20 @@ def test_sensitive_tensors_keep_more_bits_than_experts() -> None:
     tensors = moe_model()
     by_name = {t.name: t for t in tensors}
     cheapest = plan(tensors, 10**12, base=T.IQ1_S).total_bytes  # everything maxed out
-    choice = plan(tensors, int(sum(t.n_elements for t in tensors) * 2.2 / 8), base=T.IQ1_S)
+    choice = plan(tensors, int(sum(t.n_elements for t in tensors) * 2.6 / 8), base=T.IQ1_S)
     assert choice.total_bytes <= cheapest
     expert_bits = max(bits(by_name[n], t) for n, t in choice.types.items() if "_exps" in n)
     attention_bits = min(bits(by_name[n], t) for n, t in choice.types.items() if ".attn_" in n)
     assert attention_bits >= 4.0
     assert expert_bits < attention_bits
-    assert bits(by_name["output.weight"], choice.types["output.weight"]) >= 5.0
+    assert bits(by_name["output.weight"], choice.types["output.weight"]) >= 6.0
     down = min(bits(by_name[n], t) for n, t in choice.types.items() if "ffn_down_exps" in n)
     assert down >= 2.0
 
 
 def test_budget_below_the_smallest_mix_names_both() -> None:
     tensors = moe_model()
-    with pytest.raises(
-        recipes.RecipeError, match=r"targetSizeGiB 1 is .* smallest mix this recipe allows is"
-    ):
+    with pytest.raises(recipes.RecipeError, match=r"targetSizeGiB 1 is .* smallest mix this recipe allows is"):
         plan(tensors, 1000, base=T.IQ1_S)
 
 
@@ -261,3 +262,21 @@ def test_render_lists_every_tensor_and_the_total() -> None:
     assert all(t.name in text for t in tensors)
     assert f"{plan_.total_bytes:,} bytes" in text
     assert "bits per weight" in text
+
+
+def test_tied_embedding_is_planned_as_the_output() -> None:
+    tensors = [t for t in dense_model() if t.name != "output.weight"]
+    roles = recipes.roles_for(tensors)
+    assert roles["token_embd.weight"] is recipes.Role.OUTPUT
+    assert recipes.roles_for(dense_model())["token_embd.weight"] is recipes.Role.TOKEN_EMBD
+    choice = recipes.plan_dynamic(
+        tensors,
+        base=T.Q4_K,
+        budget_bytes=sum(q4k_m_like(t) for t in tensors),
+        pinned={t.name: t.type for t in tensors if roles[t.name] is recipes.Role.KEPT},
+        roles=roles,
+        importance={},
+        has_imatrix=False,
+        budget_label="targetSizeGiB 1",
+    )
+    assert bits(tensors[0], choice.types["token_embd.weight"]) >= 6.0
