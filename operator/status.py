@@ -135,8 +135,14 @@ def progress_line(states: Sequence[BuildState]) -> str:
     return f"{built}/{total} variants built"
 
 
+STALLED_SERVING = frozenset({"GateFailed", "DoesNotFit", "NoGPUNodes", "NoModelFacts", "BuildFailed"})
+"""Serving reasons that no amount of waiting fixes: a person must change the spec or the cluster."""
+
+
 def _phase(states: Sequence[BuildState], serving: ServingState | None, quantized: bool) -> api.Phase:
     if any(s.phase in (BuildPhase.FAILED, BuildPhase.BLOCKED) for s in states) and not (serving and serving.ready):
+        return api.Phase.FAILED
+    if serving is not None and serving.reason in STALLED_SERVING and serving.serving is None:
         return api.Phase.FAILED
     running = next((s for s in states if s.phase is BuildPhase.RUNNING), None)
     if running is not None:
@@ -167,6 +173,15 @@ def compute(qm: api.QuantizedModel, states: Sequence[BuildState], serving: Servi
         ready = quantized[0]
         ready_reason, ready_message = quantized[1], quantized[2]
     new.append(_condition(api.ConditionType.READY, ready, ready_reason, ready_message, generation, now))
+    # kstatus (Flux, kubectl wait, Argo CD's generic check): Stalled=True ends the wait with a
+    # failure, Reconciling=True says work is under way.
+    stalled = (not ready and (quantized[1] in ("BuildFailed", "SecretNotFound")
+                              or ready_reason in STALLED_SERVING))
+    new.append(_condition(api.ConditionType.STALLED, stalled, ready_reason if stalled else "NotStalled",
+                          ready_message if stalled else "", generation, now))
+    new.append(_condition(api.ConditionType.RECONCILING, not ready and not stalled,
+                          ready_reason if not ready and not stalled else "Reconciled",
+                          ready_message if not ready and not stalled else "", generation, now))
     for condition in new:
         conditions = api.set_condition(conditions, condition)
     return api.QuantizedModelStatus(

@@ -21,7 +21,7 @@ from hub_server import FakeHub
 from kube import Cluster, wait_for
 from kubernetes import client
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 

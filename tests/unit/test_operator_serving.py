@@ -121,7 +121,8 @@ def test_status_while_building_and_when_ready() -> None:
     ready = status.compute(qm, done, status.ServingState(True, "Serving", "ok"), NOW)
     assert ready.phase is api.Phase.READY
     assert {c.type: c.status.value for c in ready.conditions or []} == {
-        "Quantized": "True", "Evaluated": "True", "Serving": "True", "Ready": "True"}
+        "Quantized": "True", "Evaluated": "True", "Serving": "True", "Ready": "True",
+        "Stalled": "False", "Reconciling": "False"}
     assert ready.variants is not None and ready.variants[0].path == f"{builds.STORAGE_MOUNT}/{'e' * 16}/q8.gguf"
 
 
@@ -131,6 +132,16 @@ def test_a_failed_build_fails_the_model_with_its_reason() -> None:
     assert failed.phase is api.Phase.FAILED
     quantized = failed.condition("Quantized")
     assert quantized is not None and quantized.reason == "BuildFailed" and "q8: boom" in quantized.message
+    stalled = failed.condition("Stalled")
+    assert stalled is not None and stalled.status.value == "True" and stalled.reason == "BuildFailed"
+
+
+def test_a_promoted_variant_that_failed_its_gate_stalls_the_model() -> None:
+    done = [_state("q8", status.BuildPhase.SUCCEEDED), _state("q4km", status.BuildPhase.SUCCEEDED, gate=False)]
+    result = status.compute(_qm(), done, status.ServingState(False, "GateFailed", "q4km failed"), NOW)
+    assert result.phase is api.Phase.FAILED
+    assert result.condition("Stalled").status.value == "True"  # type: ignore[union-attr]
+    assert result.condition("Reconciling").status.value == "False"  # type: ignore[union-attr]
 
 
 def test_condition_transition_time_survives_an_unchanged_status() -> None:
