@@ -52,3 +52,10 @@ def load_model(path: pathlib.Path) -> api.QuantizedModel:
 
 def gib(n: int | float | None) -> str:
     return "-" if n is None else f"{n / GiB:.2f} GiB"
+
+
+def size(n: int | None) -> str:
+    """A file size for humans: MiB below one GiB (a 135M model), GiB above."""
+    if n is None:
+        return "-"
+    return f"{n / 2**20:.2f} MiB" if n < GiB else gib(n)

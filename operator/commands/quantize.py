@@ -53,7 +53,7 @@ def result_table(build: report.BuildReport) -> Table:
     for column in ("variant", "type", "size", "bits/weight", "KL", "perplexity", "gate", "file"):
         table.add_column(column)
     for v in build.variants:
-        table.add_row(v.name, v.type, common.gib(v.size_bytes), f"{v.bits_per_weight:.2f}",
+        table.add_row(v.name, v.type, common.size(v.size_bytes), f"{v.bits_per_weight:.2f}",
                       "-" if v.kl_divergence is None else f"{v.kl_divergence:.4f}",
                       "-" if v.perplexity is None else f"{v.perplexity:.2f}",
                       "passed" if v.gate_passed else "failed: " + "; ".join(v.gate.reasons if v.gate else []),

@@ -36,7 +36,7 @@ def variants_table(qm: api.QuantizedModel) -> Table:
         mark = "* serving" if v.name == served else ("promoted" if v.name == wanted else "")
         table.add_row(
             v.name, v.type or (spec_variant.type.value if spec_variant.type else "-"),
-            common.gib(v.size_bytes), _num(v.bits_per_weight, 2), _num(v.kl_divergence),
+            common.size(v.size_bytes), _num(v.bits_per_weight, 2), _num(v.kl_divergence),
             _num(v.perplexity, 2), _gate(v.gate_passed), mark,
         )  # fmt: skip
     return table
