@@ -68,9 +68,33 @@ def _selected(node: Mapping[str, Any], selector: Mapping[str, str] | None) -> bo
     return all(labels.get(k) == v for k, v in (selector or {}).items())
 
 
+_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
+             "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
+
+
+def quantity_bytes(value: str | int | None) -> int | None:
+    """A Kubernetes memory quantity (``128Gi``, ``64G``, ``1000``) in bytes; None if unset."""
+    if value is None:
+        return None
+    text = str(value)
+    for suffix, scale in _SUFFIXES.items():
+        if text.endswith(suffix) and text[: -len(suffix)].replace(".", "", 1).isdigit():
+            return int(float(text[: -len(suffix)]) * scale)
+    return int(float(text))
+
+
+def _host_memory(node: Mapping[str, Any], serving: api.Serving) -> int | None:
+    """What the server may use of the node's memory: its limit if set, else the node's allocatable."""
+    allocatable = quantity_bytes(((node.get("status") or {}).get("allocatable") or {}).get("memory"))
+    limits = serving.resources.limits if serving.resources and serving.resources.limits else {}
+    limit = quantity_bytes(limits.get("memory"))
+    known = [m for m in (allocatable, limit) if m is not None]
+    return min(known) if known else None
+
+
 def candidates(qm: api.QuantizedModel, facts: gguf_facts.ModelFacts, node_list: Iterable[Mapping[str, Any]],
                pods: Sequence[Mapping[str, Any]]) -> list[Candidate]:
-    """Every GPU pool on a selected node with enough GPUs, with its offload plan."""
+    """Every GPU pool on a selected node with enough GPUs, with its offload plan (host memory included)."""
     serving = qm.spec.serving
     assert serving is not None
     forced = serving.gpu_layers if isinstance(serving.gpu_layers, int) else None
@@ -82,7 +106,8 @@ def candidates(qm: api.QuantizedModel, facts: gguf_facts.ModelFacts, node_list: 
             if pool.memory_bytes is None or pool.allocatable < serving.gpus:
                 continue
             request = plan.PlanRequest(facts=facts, context=_context(serving, facts),
-                                       gpu_memory=(pool.memory_bytes,) * serving.gpus, gpu_layers=forced)
+                                       gpu_memory=(pool.memory_bytes,) * serving.gpus, gpu_layers=forced,
+                                       host_memory=_host_memory(node, serving))
             found.append(Candidate(node=node["metadata"]["name"], pool=pool, gpus=serving.gpus,
                                    offload=plan.plan(request)))
     return found
