@@ -154,13 +154,12 @@ def test_condition_transition_time_survives_an_unchanged_status() -> None:
 
 
 def test_host_memory_bounds_partial_offload() -> None:
-    # 4M tokens of f32 KV cache: the GPU takes a few layers, the rest would need far more host
-    # memory than the node has, so the variant fits nowhere.
-    nodes_with_memory = [{**n, "status": {"allocatable": {**n["status"]["allocatable"], "memory": "128Gi"}}}
-                         for n in NODES]
+    # 4M tokens of f32 KV cache (32 GiB) overflow the 24 GiB GPU; the layers left on the CPU need
+    # more than the node's 8 GiB, so the variant fits nowhere. Unknown memory leaves it to the GPU.
+    small = NODES[0]
+    small_8g = {**small, "status": {"allocatable": {**small["status"]["allocatable"], "memory": "8Gi"}}}
     qm = _qm(contextSize=4_194_304, cacheTypeK="f32", cacheTypeV="f32", flashAttention="on", resources=None)
     facts = shape_facts(Shape())
-    assert serving.choose(serving.candidates(qm, facts, NODES, [])) is not None  # memory unknown: GPU only
-    found = serving.candidates(qm, facts, nodes_with_memory, [])
-    assert serving.choose(found) is None
+    assert serving.choose(serving.candidates(qm, facts, [small], [])) is not None
+    assert serving.choose(serving.candidates(qm, facts, [small_8g], [])) is None
     assert serving.quantity_bytes("128Gi") == 128 * GiB and serving.quantity_bytes("64G") == 64 * 10**9
