@@ -153,10 +153,8 @@ def prepare(spec: settings.BuildSpec, sink: progress.Sink) -> tuple[Path, Path |
     build = Build(spec, sink)
     try:
         src = build.prepare()
-    except Exception as exc:
-        if isinstance(exc, _expected_errors()):
-            return str(exc)
-        raise
+    except (*_expected_errors(), OSError) as exc:
+        return str(exc)
     if not src.quantizable:
         return "the source GGUF is already quantized: it is published as it is, there is nothing to plan"
     return src.base, src.imatrix
