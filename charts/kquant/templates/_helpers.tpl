@@ -57,7 +57,8 @@ app.kubernetes.io/part-of: kquant
 {{- end }}
 
 {{/*
-Arguments of `kquant operator`. They mirror `kopf run`'s own flags, so the CLI can hand them on.
+Arguments of `kquant operator` (kquant.operator.cli). Without --peering it runs standalone;
+without --namespace it serves all namespaces.
 */}}
 {{- define "kquant.operatorArgs" -}}
 - operator
@@ -67,15 +68,12 @@ Arguments of `kquant operator`. They mirror `kopf run`'s own flags, so the CLI c
 {{- if not (kindIs "invalid" .Values.peering.priority) }}
 - --priority={{ .Values.peering.priority }}
 {{- end }}
-{{- else }}
-- --standalone
 {{- end }}
-{{- if .Values.watchNamespaces }}
 {{- range .Values.watchNamespaces }}
 - --namespace={{ . }}
 {{- end }}
-{{- else }}
-- --all-namespaces
+{{- if eq .Values.logLevel "debug" }}
+- --verbose
 {{- end }}
 {{- range .Values.extraArgs }}
 - {{ . | quote }}
