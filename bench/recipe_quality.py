@@ -119,22 +119,17 @@ def run_model(name: str, hf_dir: Path, f16: Path, n_chunks: int, work: Path) -> 
     rows.append(Row(name, "uniform-q4km (no imatrix)", uniform.total_bytes, uniform.bits_per_weight, kl, top1, 0, 0))
     for variant in variants(uniform.total_bytes):
         start = time.perf_counter()
-        plan = recipes.plan_variant(f16, variant, data)
+        try:
+            plan = recipes.plan_variant(f16, variant, data)
+        except recipes.RecipeError as err:  # a budget below the recipe's floors is reported, not fatal
+            print(f"{name} {variant.name}: {err}", file=sys.stderr)
+            continue
         out = work / f"{name}-{variant.name}.gguf"
         quantize.quantize(f16, out, plan.job, data)
         seconds = time.perf_counter() - start
         kl, top1 = compare(reference, log_probs(out, chunks))
         rows.append(
-            Row(
-                name,
-                variant.name,
-                plan.total_bytes,
-                plan.bits_per_weight,
-                kl,
-                top1,
-                plan.predicted_loss,
-                seconds,
-            )
+            Row(name, variant.name, plan.total_bytes, plan.bits_per_weight, kl, top1, plan.predicted_loss, seconds)
         )
         print(f"{name} {variant.name}: {plan.type_counts()}", file=sys.stderr)
     return rows
