@@ -6,6 +6,7 @@ import datetime
 import io
 import pathlib
 
+import typer
 import yaml
 from kquant.operator import builds, cli
 from kquant.operator.api import v1alpha1 as api
@@ -29,8 +30,10 @@ def test_main_returns_exit_codes_instead_of_raising() -> None:
 
 def test_operator_keeps_its_flags() -> None:
     # Parse only (the chart's Deployment and the e2e tests run the operator itself).
-    group = cli.typer.main.get_command(cli.app)
-    sub = group.get_command(group.make_context("kquant", ["operator"]), "operator")  # type: ignore[attr-defined]
+    group = typer.main.get_command(cli.app)
+    assert isinstance(group, typer.core.TyperGroup)
+    sub = group.get_command(group.make_context("kquant", ["operator"]), "operator")
+    assert sub is not None
     params = sub.make_context("operator", ["-n", "a", "--namespace", "b", "--liveness",
                                            "http://0.0.0.0:8080/healthz", "--peering", "kquant", "-v"]).params
     assert params == {"namespace": ["a", "b"], "liveness": "http://0.0.0.0:8080/healthz", "peering": "kquant",
