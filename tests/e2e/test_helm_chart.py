@@ -108,8 +108,9 @@ def test_template_watch_namespaces_uses_roles(helm: Helm) -> None:
     }  # fmt: skip
     peerings = [d for d in docs if d["kind"] == "KopfPeering"]
     assert sorted(p["metadata"]["namespace"] for p in peerings) == ["dev", "ml"]
-    args = _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[2:] == ["--peering=kquant", "--priority=7", "--namespace=ml", "--namespace=dev"]
+    container = _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][2:] == ["--peering=kquant", "--namespace=ml", "--namespace=dev"]
+    assert {"name": "KQUANT_PEERING_PRIORITY", "value": "7"} in container["env"]
 
 
 def test_template_names_fit_in_63_characters(helm: Helm) -> None:

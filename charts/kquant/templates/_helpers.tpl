@@ -65,9 +65,6 @@ without --namespace it serves all namespaces.
 - --liveness=http://0.0.0.0:{{ .Values.healthPort }}/healthz
 {{- if .Values.peering.enabled }}
 - --peering={{ .Values.peering.name }}
-{{- if not (kindIs "invalid" .Values.peering.priority) }}
-- --priority={{ .Values.peering.priority }}
-{{- end }}
 {{- end }}
 {{- range .Values.watchNamespaces }}
 - --namespace={{ . }}
