@@ -66,6 +66,16 @@ def test_raw_kopf_style_body_with_status() -> None:
     assert patch["conditions"][0]["lastTransitionTime"] == "2026-11-25T13:00:00Z"
 
 
+def test_kopf_body() -> None:
+    # What a kopf handler receives: a Body whose nested values are read-only views.
+    kopf = pytest.importorskip("kopf")
+    body = _load(EXAMPLES[3])
+    body["metadata"]["namespace"] = "ml"
+    model = api.QuantizedModel.model_validate(kopf.Body(body))
+    assert model.ref == "ml/smollm2-promo"
+    assert [v.name for v in model.spec.variants] == ["q8", "q6k", "q4km", "dyn"]
+
+
 def test_defaults_and_snake_case_construction() -> None:
     spec = api.QuantizedModelSpec(
         source=api.Source(huggingface=api.HuggingFaceSource(repo="a/b")),
