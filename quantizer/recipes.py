@@ -40,7 +40,7 @@ import enum
 import heapq
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -436,12 +436,15 @@ def plan_dynamic(
     importance: Mapping[str, float],
     has_imatrix: bool,
     budget_label: str,
+    imatrix_names: Collection[str] | None = None,
 ) -> DynamicChoice:
     """Choose a type per tensor that fits ``budget_bytes`` with the least predicted loss.
 
     ``pinned`` tensors (user overrides, tensors llama.cpp keeps) are fixed; every other tensor
-    picks from :func:`candidates_for`. Raises :class:`RecipeError` naming the budget and the
-    smallest achievable size when even the cheapest mix is too big.
+    picks from :func:`candidates_for`. With ``imatrix_names``, only those tensors count as having
+    imatrix data (llama.cpp refuses IQ1/IQ2 types for a tensor the imatrix does not name).
+    Raises :class:`RecipeError` naming the budget and the smallest achievable size when even the
+    cheapest mix is too big.
     """
     scale = sensitivities(tensors, roles, importance)
     types: dict[str, constants.TensorType] = {}
@@ -455,9 +458,10 @@ def plan_dynamic(
             total += t.nbytes(pinned[t.name])
             loss += weight * relative_error(pinned[t.name], with_imatrix=has_imatrix)
             continue
+        covered = has_imatrix and (imatrix_names is None or t.name in imatrix_names)
         points = [
             (t.nbytes(c), weight * relative_error(c, with_imatrix=has_imatrix), c)
-            for c in candidates_for(t, roles[t.name], base, has_imatrix=has_imatrix)
+            for c in candidates_for(t, roles[t.name], base, has_imatrix=covered)
         ]
         options[t.name] = _lower_hull(points)
         nbytes, cost, cheapest = options[t.name][0]
@@ -476,6 +480,7 @@ def plan_dynamic(
         scale=scale,
         base=base,
         has_imatrix=has_imatrix,
+        imatrix_names=imatrix_names,
         types=types,
         total=total,
         loss=loss,
@@ -547,6 +552,7 @@ def _fill(
     scale: Mapping[str, float],
     base: constants.TensorType,
     has_imatrix: bool,
+    imatrix_names: Collection[str] | None,
     types: dict[str, constants.TensorType],
     total: int,
     loss: float,
@@ -561,7 +567,8 @@ def _fill(
                 continue
             weight = ROLE_POLICIES[roles[t.name]].weight * scale[t.name]
             now = weight * relative_error(types[t.name], with_imatrix=has_imatrix)
-            for c in candidates_for(t, roles[t.name], base, has_imatrix=has_imatrix):
+            covered = has_imatrix and (imatrix_names is None or t.name in imatrix_names)
+            for c in candidates_for(t, roles[t.name], base, has_imatrix=covered):
                 extra = t.nbytes(c) - t.nbytes(types[t.name])
                 saved = now - weight * relative_error(c, with_imatrix=has_imatrix)
                 if extra > 0 and saved > 0 and total + extra <= budget and (best is None or saved > best[0]):
@@ -766,6 +773,7 @@ def plan_variant(
         importance=importance,
         has_imatrix=has_imatrix,
         budget_label=label,
+        imatrix_names=None if imatrix is None else frozenset(imatrix),
     )
     kept = [t.name for t in tensors if roles[t.name] is Role.KEPT]
     # Explicit embedding/output types travel as llama.cpp parameters; the user's rules go first
@@ -775,7 +783,7 @@ def plan_variant(
         skip |= {t.name for t in tensors if _is_token_embd(t.name)}
     if variant.output_tensor_type is not None:
         skip.add("output.weight")
-    generated = overrides_for({n: ty for n, ty in choice.types.items() if n not in pinned or n not in skip}, skip)
+    generated = overrides_for(choice.types, skip)
     dynamic_job = dataclasses.replace(job, overrides=job.overrides + generated)
     return RecipePlan(
         variant=variant.name,

@@ -280,3 +280,21 @@ def test_tied_embedding_is_planned_as_the_output() -> None:
         budget_label="targetSizeGiB 1",
     )
     assert bits(tensors[0], choice.types["token_embd.weight"]) >= 6.0
+
+
+def test_tensors_missing_from_the_imatrix_get_no_imatrix_types() -> None:
+    tensors = moe_model()
+    roles = recipes.roles_for(tensors)
+    choice = recipes.plan_dynamic(
+        tensors,
+        base=T.IQ1_S,
+        budget_bytes=int(sum(t.n_elements for t in tensors) * 2.6 / 8),
+        pinned={t.name: t.type for t in tensors if roles[t.name] is recipes.Role.KEPT},
+        roles=roles,
+        importance={},
+        has_imatrix=True,
+        budget_label="targetSizeGiB 1",
+        imatrix_names={t.name for t in tensors if t.name != "blk.2.ffn_up_exps.weight"},
+    )
+    assert not constants.TENSOR_TYPES[choice.types["blk.2.ffn_up_exps.weight"]].needs_imatrix
+    assert constants.TENSOR_TYPES[choice.types["blk.1.ffn_up_exps.weight"]].needs_imatrix
