@@ -233,9 +233,7 @@ def peering_crds() -> str:
                 }],
             },
         })  # fmt: skip
-    header = (
-        "# kopf's peering CRDs (https://docs.kopf.dev/en/stable/peering/), written by hack/gen_crds.py.\n"
-    )
+    header = "# kopf's peering CRDs (https://docs.kopf.dev/en/stable/peering/), written by hack/gen_crds.py.\n"
     return header + "---\n".join(yaml.dump(d, Dumper=_Dumper, sort_keys=False, width=100) for d in docs)
 
 
@@ -274,9 +272,7 @@ def values_docs(text: str) -> dict[tuple[str, ...], tuple[str, Schema]]:
     return docs
 
 
-def _value_schema(
-    value: Any, path: tuple[str, ...], docs: dict[tuple[str, ...], tuple[str, Schema]]
-) -> Schema:
+def _value_schema(value: Any, path: tuple[str, ...], docs: dict[tuple[str, ...], tuple[str, Schema]]) -> Schema:
     description, extra = docs.get(path, ("", {}))
     if not description:
         raise ValueError(f"charts/kquant/values.yaml: {'.'.join(path)} has no comment; document every value")
@@ -316,9 +312,7 @@ def outputs() -> dict[pathlib.Path, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--check", action="store_true", help="compare instead of writing; exit 1 on a difference"
-    )
+    parser.add_argument("--check", action="store_true", help="compare instead of writing; exit 1 on a difference")
     args = parser.parse_args(argv)
     status = 0
     for target, text in outputs().items():

@@ -300,9 +300,7 @@ LabelMap = Annotated[
 class SecretKeyRef(_Model):
     """A key of a Secret in the QuantizedModel's namespace."""
 
-    name: str = pydantic.Field(
-        min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the Secret."
-    )
+    name: str = pydantic.Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the Secret.")
     key: str = pydantic.Field(
         default="token",
         min_length=1,
@@ -318,9 +316,7 @@ class ConfigMapKeyRef(_Model):
     name: str = pydantic.Field(
         min_length=1, max_length=253, pattern=DNS_SUBDOMAIN, description="Name of the ConfigMap."
     )
-    key: str = pydantic.Field(
-        min_length=1, max_length=253, pattern=CONFIG_KEY, description="Key inside the ConfigMap."
-    )
+    key: str = pydantic.Field(min_length=1, max_length=253, pattern=CONFIG_KEY, description="Key inside the ConfigMap.")
 
 
 class Toleration(_Model):
@@ -383,8 +379,7 @@ class _HubSource(_Model):
         pydantic.Field(
             default=None,
             max_length=32,
-            description="Glob patterns (huggingface_hub `allow_patterns`) of the files to fetch; "
-            "all files when unset.",
+            description="Glob patterns (huggingface_hub `allow_patterns`) of the files to fetch; all files when unset.",
         )
     )
     endpoint: str | None = pydantic.Field(
@@ -502,9 +497,7 @@ class Calibration(_Model):
     chunks: int = pydantic.Field(
         default=128, ge=1, le=100_000, description="Number of text chunks to run. Defaults to 128."
     )
-    context_size: int = pydantic.Field(
-        default=512, ge=32, le=131_072, description="Tokens per chunk. Defaults to 512."
-    )
+    context_size: int = pydantic.Field(default=512, ge=32, le=131_072, description="Tokens per chunk. Defaults to 512.")
 
 
 class TensorOverride(_Model):
@@ -636,8 +629,7 @@ class Variant(_Model):
     )
     keep_split: bool = pydantic.Field(
         default=False,
-        description="Write the variant as shards like its split source (`--keep-split`), "
-        "instead of one file.",
+        description="Write the variant as shards like its split source (`--keep-split`), instead of one file.",
     )
 
     @pydantic.model_validator(mode="after")
@@ -645,9 +637,7 @@ class Variant(_Model):
         if self.type is None and self.recipe != Recipe.PASSTHROUGH:
             raise SpecRuleError("type", "type is required unless recipe is passthrough")
         if self.target_size_gib is not None and self.target_bits_per_weight is not None:
-            raise SpecRuleError(
-                "targetBitsPerWeight", "set at most one of targetSizeGiB and targetBitsPerWeight"
-            )
+            raise SpecRuleError("targetBitsPerWeight", "set at most one of targetSizeGiB and targetBitsPerWeight")
         has_target = self.target_size_gib is not None or self.target_bits_per_weight is not None
         if has_target and self.recipe != Recipe.DYNAMIC:
             raise SpecRuleError("recipe", "a size or bits-per-weight target needs recipe dynamic")
@@ -689,9 +679,7 @@ class Evaluation(_Model):
         description="ConfigMap key with the evaluation text. Unset: the held-out text the quantizer ships.",
     )
     chunks: int = pydantic.Field(default=16, ge=1, le=10_000, description="Chunks to score. Defaults to 16.")
-    context_size: int = pydantic.Field(
-        default=512, ge=32, le=131_072, description="Tokens per chunk. Defaults to 512."
-    )
+    context_size: int = pydantic.Field(default=512, ge=32, le=131_072, description="Tokens per chunk. Defaults to 512.")
     max_kl_divergence: float | None = pydantic.Field(
         default=None,
         alias="maxKLDivergence",
@@ -835,8 +823,7 @@ class Quantizer(PodSettings):
         default=None,
         min_length=1,
         max_length=512,
-        description="Quantizer image. Defaults to the operator's KQUANT_QUANTIZER_IMAGE "
-        "(Helm value quantizerImage).",
+        description="Quantizer image. Defaults to the operator's KQUANT_QUANTIZER_IMAGE (Helm value quantizerImage).",
     )
     backoff_limit: int = pydantic.Field(
         default=2, ge=0, le=10, description="Retries of a failed build Job. Defaults to 2."
@@ -851,9 +838,7 @@ class Sampling(_Model):
 
     temperature: float | None = pydantic.Field(default=None, ge=0, le=5, description="`--temp`.")
     top_p: float | None = pydantic.Field(default=None, ge=0, le=1, description="`--top-p`.")
-    top_k: int | None = pydantic.Field(
-        default=None, ge=0, le=100_000, description="`--top-k`; 0 disables it."
-    )
+    top_k: int | None = pydantic.Field(default=None, ge=0, le=100_000, description="`--top-k`; 0 disables it.")
     min_p: float | None = pydantic.Field(default=None, ge=0, le=1, description="`--min-p`.")
     seed: int | None = pydantic.Field(
         default=None, ge=-1, le=2**32 - 1, description="`--seed`; -1 picks a random seed."
@@ -899,16 +884,13 @@ class Serving(PodSettings):
         le=4_194_304,
         description="Context size in tokens, shared by all parallel slots (`-c`). Defaults to 4096.",
     )
-    parallel: int = pydantic.Field(
-        default=1, ge=1, le=256, description="Parallel slots (`-np`). Defaults to 1."
-    )
+    parallel: int = pydantic.Field(default=1, ge=1, le=256, description="Parallel slots (`-np`). Defaults to 1.")
     cache_type_k: CacheType = pydantic.Field(
         default=CacheType.F16, description="K cache type (`--cache-type-k`). Defaults to f16."
     )
     cache_type_v: CacheType = pydantic.Field(
         default=CacheType.F16,
-        description="V cache type (`--cache-type-v`); a quantized one needs flash attention. "
-        "Defaults to f16.",
+        description="V cache type (`--cache-type-v`); a quantized one needs flash attention. Defaults to f16.",
     )
     flash_attention: FlashAttention = pydantic.Field(
         default=FlashAttention.AUTO, description="`--flash-attn`. Defaults to auto."
@@ -919,21 +901,19 @@ class Serving(PodSettings):
         "the node's GPU memory and the context; a number forces it. Defaults to auto.",
     )
     sampling: Sampling | None = pydantic.Field(default=None, description="Default sampling parameters.")
-    extra_args: list[Annotated[str, pydantic.StringConstraints(min_length=1, max_length=256)]] | None = (
-        pydantic.Field(
-            default=None,
-            max_length=32,
-            description="More llama-server arguments. Flags kquant sets from this spec are refused.",
-            json_schema_extra=_cel_list(
-                _cel(
-                    "self.all(a, !((a.contains('=') ? a.substring(0, a.indexOf('=')) : a) in "
-                    + _quoted(MANAGED_SERVER_FLAGS)
-                    + "))",
-                    "must not repeat a flag that kquant derives from spec.serving (model, host, port, "
-                    "context, parallel, gpu layers, cache types, flash attention, sampling)",
-                )
-            ),
-        )
+    extra_args: list[Annotated[str, pydantic.StringConstraints(min_length=1, max_length=256)]] | None = pydantic.Field(
+        default=None,
+        max_length=32,
+        description="More llama-server arguments. Flags kquant sets from this spec are refused.",
+        json_schema_extra=_cel_list(
+            _cel(
+                "self.all(a, !((a.contains('=') ? a.substring(0, a.indexOf('=')) : a) in "
+                + _quoted(MANAGED_SERVER_FLAGS)
+                + "))",
+                "must not repeat a flag that kquant derives from spec.serving (model, host, port, "
+                "context, parallel, gpu layers, cache types, flash attention, sampling)",
+            )
+        ),
     )
 
     @pydantic.field_validator("extra_args")
@@ -968,8 +948,7 @@ class QuantizedModelSpec(_Model):
                 ".serving.variant",
             ),
             _cel(
-                "!has(self.source.huggingface) || "
-                "self.variants.all(v, !has(v.recipe) || v.recipe != 'passthrough')",
+                "!has(self.source.huggingface) || self.variants.all(v, !has(v.recipe) || v.recipe != 'passthrough')",
                 "recipe passthrough needs a gguf source; a huggingface source is always quantized",
                 ".variants",
             ),
@@ -1011,9 +990,7 @@ class QuantizedModelSpec(_Model):
         names = [v.name for v in self.variants]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise SpecRuleError(
-                "variants", f"variant names must be unique; repeated: {', '.join(duplicates)}"
-            )
+            raise SpecRuleError("variants", f"variant names must be unique; repeated: {', '.join(duplicates)}")
         if self.serving is not None and self.serving.variant not in names:
             raise SpecRuleError(
                 "serving.variant",
@@ -1033,9 +1010,7 @@ class QuantizedModelSpec(_Model):
                     f"({', '.join(bad)} does neither)",
                 )
         if len(passthrough) > 1:
-            raise SpecRuleError(
-                "variants", "at most one variant may be recipe passthrough: two would be the same file"
-            )
+            raise SpecRuleError("variants", "at most one variant may be recipe passthrough: two would be the same file")
         return self
 
     def variant(self, name: str) -> Variant:
@@ -1063,9 +1038,7 @@ class Condition(_Model):
         description="CamelCase reason for the last transition, for machines.",
     )  # fmt: skip
     message: str = pydantic.Field(default="", max_length=32768, description="Details for humans.")
-    last_transition_time: datetime.datetime = pydantic.Field(
-        description="When status last changed (RFC 3339)."
-    )
+    last_transition_time: datetime.datetime = pydantic.Field(description="When status last changed (RFC 3339).")
     observed_generation: int | None = pydantic.Field(
         default=None, ge=0, description="metadata.generation the condition was computed from."
     )
@@ -1109,9 +1082,7 @@ class VariantStatus(_Model):
         "A variant is rebuilt when it changes.",
     )  # fmt: skip
     type: str | None = pydantic.Field(default=None, max_length=32, description="llama.cpp file type built.")
-    size_bytes: int | None = pydantic.Field(
-        default=None, ge=0, description="Total bytes of the GGUF file(s)."
-    )
+    size_bytes: int | None = pydantic.Field(default=None, ge=0, description="Total bytes of the GGUF file(s).")
     sha256: str | None = pydantic.Field(
         default=None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the (first) GGUF file."
     )
@@ -1119,9 +1090,7 @@ class VariantStatus(_Model):
     kl_divergence: float | None = pydantic.Field(
         default=None, alias="klDivergence", ge=0, description="Mean KL divergence from the unquantized model."
     )
-    perplexity: float | None = pydantic.Field(
-        default=None, ge=0, description="Perplexity on the evaluation text."
-    )
+    perplexity: float | None = pydantic.Field(default=None, ge=0, description="Perplexity on the evaluation text.")
     top1_agreement: float | None = pydantic.Field(
         default=None, ge=0, le=1, description="Share of positions with the unquantized model's top token."
     )
@@ -1170,9 +1139,7 @@ class QuantizedModelStatus(_Model):
     observed_generation: int | None = pydantic.Field(
         default=None, ge=0, description="metadata.generation this status describes."
     )
-    phase: Phase | None = pydantic.Field(
-        default=None, description="Overall phase; see conditions for details."
-    )
+    phase: Phase | None = pydantic.Field(default=None, description="Overall phase; see conditions for details.")
     progress: str | None = pydantic.Field(
         default=None, max_length=256, description="Short progress note, such as `q4km 2/5 quantizing 63%`."
     )
@@ -1188,9 +1155,7 @@ class QuantizedModelStatus(_Model):
         description="One entry per built variant.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
-    serving: ServingStatus | None = pydantic.Field(
-        default=None, description="The served variant and its plan."
-    )
+    serving: ServingStatus | None = pydantic.Field(default=None, description="The served variant and its plan.")
     kopf: dict[str, Any] | None = pydantic.Field(
         default=None,
         description="kopf's own bookkeeping (handler progress); not part of the API.",
@@ -1242,8 +1207,7 @@ class QuantizedModel(_Model):
     model_config = pydantic.ConfigDict(
         json_schema_extra=_cel_list(
             _cel(
-                f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && "
-                f"self.metadata.name.matches('{DNS_1035_LABEL}')",
+                f"self.metadata.name.size() <= {MAX_NAME_LENGTH} && self.metadata.name.matches('{DNS_1035_LABEL}')",
                 f"metadata.name {_NAME_RULE}",
             ),
         )
@@ -1251,9 +1215,7 @@ class QuantizedModel(_Model):
 
     KIND: ClassVar[str] = KIND
 
-    api_version: Literal["kquant.dev/v1alpha1"] = pydantic.Field(
-        default="kquant.dev/v1alpha1", alias="apiVersion"
-    )
+    api_version: Literal["kquant.dev/v1alpha1"] = pydantic.Field(default="kquant.dev/v1alpha1", alias="apiVersion")
     kind: Literal["QuantizedModel"] = "QuantizedModel"
     metadata: ObjectMeta
     spec: QuantizedModelSpec
@@ -1282,9 +1244,7 @@ class QuantizedModel(_Model):
 
     def to_body(self) -> dict[str, Any]:
         """The object as JSON for the API server (camelCase, no nulls, no status)."""
-        body: dict[str, Any] = self.model_dump(
-            mode="json", by_alias=True, exclude_none=True, exclude={"status"}
-        )
+        body: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude={"status"})
         return body
 
 

@@ -27,9 +27,7 @@ pytestmark = pytest.mark.integration
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "kquant.dev_quantizedmodels.yaml"
-TABLE: dict[str, Any] = yaml.safe_load(
-    (pathlib.Path(__file__).with_name("invalid_manifests.yaml")).read_text()
-)
+TABLE: dict[str, Any] = yaml.safe_load((pathlib.Path(__file__).with_name("invalid_manifests.yaml")).read_text())
 EXAMPLES = sorted(REPO.glob("examples/*/quantizedmodel.yaml"))
 
 
@@ -127,9 +125,7 @@ def test_base_of_the_table_is_accepted(objects: client.CustomObjectsApi, namespa
     assert created["metadata"]["generation"] == 1
 
 
-def test_token_is_refused_even_without_strict_validation(
-    objects: client.CustomObjectsApi, namespace: str
-) -> None:
+def test_token_is_refused_even_without_strict_validation(objects: client.CustomObjectsApi, namespace: str) -> None:
     # Clients that do not ask for strict validation get unknown fields silently dropped; a
     # token must not be one of them, so the schema declares the field in order to refuse it.
     body = merge_patch(TABLE["base"], {"spec": {"source": {"huggingface": {"token": "hf_secret"}}}})
@@ -173,9 +169,7 @@ def _full_status(generation: int) -> api.QuantizedModelStatus:
     )  # fmt: skip
 
 
-def test_status_written_by_the_models_survives_the_server(
-    objects: client.CustomObjectsApi, namespace: str
-) -> None:
+def test_status_written_by_the_models_survives_the_server(objects: client.CustomObjectsApi, namespace: str) -> None:
     created = _create(objects, namespace, yaml.safe_load(EXAMPLES[0].read_text()))
     status = _full_status(created["metadata"]["generation"])
     stored = _dict(
