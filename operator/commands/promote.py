@@ -71,7 +71,14 @@ def _edit_line(line: str, rest_start: int, new: str) -> str:
     if old is None or old.startswith(("{", "[", "&", "*", "|", ">")):
         raise common.CommandError("spec.serving.variant is not a plain scalar on its line; edit it by hand")
     newline = "\n" if line.endswith("\n") else ""
-    return line[:rest_start] + match["pre"] + _quoted_like(old, new) + match["post"] + newline
+    value = _quoted_like(old, new)
+    post = match["post"]
+    comment = re.match(r"^( +)#", post)
+    if comment is not None:
+        # Keep an aligned trailing comment in its column where the padding allows.
+        pad = max(1, len(comment[1]) - (len(value) - len(old)))
+        post = " " * pad + post[len(comment[1]):]
+    return line[:rest_start] + match["pre"] + value + post + newline
 
 
 def _find_and_edit(lines: list[str], new: str) -> bool:

@@ -32,7 +32,7 @@ def test_promote_changes_one_line_and_keeps_comments(manifest: pathlib.Path) -> 
     changed = [(a, b) for a, b in zip(before.splitlines(), after.splitlines(), strict=True) if a != b]
     comment = "# promote: change to q4km (or dyn) in Git and let it sync"
     assert changed == [(f"    variant: q8                       {comment}",
-                        f"    variant: q4km                       {comment}")]
+                        f"    variant: q4km                     {comment}")]
     assert "-    variant: q8 " in result.output and "+    variant: q4km " in result.output
     assert result.output.startswith(f"--- a/{manifest}")
     assert yaml.safe_load(after)["spec"]["serving"]["variant"] == "q4km"
@@ -79,7 +79,7 @@ def test_kustomize_patch_checks_variants_against_the_base(tmp_path: pathlib.Path
     assert no_base.exit_code == 1 and "--base" in no_base.output
     ok = runner.invoke(cli.app, ["promote", str(patch), "--variant", "q4km", "--base", str(EXAMPLE)])
     assert ok.exit_code == 0, ok.output
-    assert "    variant: 'q4km'   # promoted on 2026-11-25\n" in patch.read_text()
+    assert "    variant: 'q4km' # promoted on 2026-11-25\n" in patch.read_text()
     bad = runner.invoke(cli.app, ["promote", str(patch), "--variant", "nope", "--base", str(EXAMPLE)])
     assert bad.exit_code == 1 and "declares only q8, q6k, q4km, dyn" in bad.output
 
