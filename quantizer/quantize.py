@@ -25,7 +25,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,7 @@ _TENSOR_LINE = re.compile(
     r"\[\s*\d+/\s*\d+\]\s+(?P<name>\S+)\s+-\s+\[[^\]]*\],\s+type\s*=\s*(?P<old>\w+),\s+"
     r"size\s*=\s*[\d.]+\s*MiB(?:\s*->\s*[\d.]+\s*MiB\s*\((?P<new>\w+)\))?"
 )
+_STEP = re.compile(r"\[\s*(?P<done>\d+)/\s*(?P<total>\d+)\]")
 _FAILURE = re.compile(r"failed to quantize: (?P<reason>[^\n]*)")
 _NEEDS_IMATRIX = re.compile(r"offending tensor:\s*(?P<tensor>\S+)\s+-\s*target type:\s*(?P<type>\w+)")
 
@@ -77,13 +78,15 @@ def quantize(
     dst: Path,
     job: QuantizeJob,
     imatrix: imatrix_mod.ImatrixData | None,
+    progress: Callable[[float], None] | None = None,
 ) -> None:
     """Quantize ``src`` into ``dst``; nothing appears under ``dst`` unless the whole run succeeded.
 
     llama.cpp writes into a temporary folder next to ``dst`` (same filesystem), and the finished
     file (or shards, with ``keep_split``) is renamed into place at the end.
     With ``keep_split`` and a sharded source, ``dst`` is the first shard's name
-    (``x-00001-of-00003.gguf``) and the others land next to it.
+    (``x-00001-of-00003.gguf``) and the others land next to it. ``progress`` gets the fraction of
+    tensors done, read from llama.cpp's ``[ i/ n]`` log lines as they appear.
     """
     keep_split = job.keep_split and SPLIT_NAME.search(src.name) is not None
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +94,7 @@ def quantize(
     try:
         # with keep_split llama.cpp appends "-0000i-of-0000n.gguf" to the name it is given
         target = tmp / (SPLIT_NAME.sub("", dst.name) if keep_split else dst.name)
-        _run(src, target, job, imatrix, dry=False, keep_split=keep_split)
+        _run(src, target, job, imatrix, dry=False, keep_split=keep_split, progress=progress)
         for produced in sorted(tmp.iterdir()):
             os.replace(produced, dst.parent / produced.name)
     finally:
@@ -122,6 +125,7 @@ def _run(
     *,
     dry: bool,
     keep_split: bool,
+    progress: Callable[[float], None] | None = None,
 ) -> str:
     """Call ``llama_model_quantize`` once and return its log; raise :class:`QuantizeError` on failure."""
     if not src.is_file():
@@ -146,7 +150,7 @@ def _run(
         params.imatrix = _imatrix_array(imatrix, keep_alive)
 
     out = b"" if dst is None else os.fsencode(dst)
-    with _captured_log() as chunks:
+    with _captured_log(progress) as chunks:
         rc = llama_cpp.llama_model_quantize(os.fsencode(src), out, ctypes.byref(params))
     log = "".join(chunks)
     if rc != 0:
@@ -180,12 +184,16 @@ def _imatrix_array(imatrix: imatrix_mod.ImatrixData, keep_alive: list[Any]) -> A
 
 
 @contextlib.contextmanager
-def _captured_log() -> Iterator[list[str]]:
+def _captured_log(progress: Callable[[float], None] | None = None) -> Iterator[list[str]]:
     """Route llama.cpp's log into a list for the duration of the block, then restore the old sink."""
     chunks: list[str] = []
 
     def sink(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-        chunks.append(text.decode("utf-8", errors="replace"))
+        chunk = text.decode("utf-8", errors="replace")
+        chunks.append(chunk)
+        if progress is not None and (step := _STEP.match(chunk)) is not None:
+            with contextlib.suppress(Exception):  # an exception cannot cross back into C
+                progress(int(step["done"]) / int(step["total"]))
 
     callback = llama_cpp.llama_log_callback(sink)
     previous = llama_cpp.llama_log_callback()

@@ -107,7 +107,10 @@ def test_overrides_and_tensor_settings_take_effect(dense: Path, tmp_path: Path) 
         nthread=2,
     )
     dst = tmp_path / "o.gguf"
-    quantize.quantize(dense, dst, job, None)
+    seen: list[float] = []
+    quantize.quantize(dense, dst, job, None, progress=seen.append)
+    assert seen == sorted(seen)
+    assert seen[-1] == 1.0
     types = tensor_types(dst)
     assert {types[f"blk.{i}.attn_v.weight"] for i in range(4)} == {T.Q8_0}
     assert [types[f"blk.{i}.ffn_down.weight"] for i in range(4)] == [T.Q2_K, T.Q2_K, T.Q5_K, T.Q5_K]
