@@ -14,15 +14,17 @@ as a ``BuildReport`` with status Failed and a reason; the CLI turns that into a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,9 +153,10 @@ def prepare(spec: settings.BuildSpec, sink: progress.Sink) -> tuple[Path, Path |
     """Run the steps a plan needs (fetch, convert, calibrate; cached); the base GGUF and imatrix,
     or the reason they could not be made."""
     build = Build(spec, sink)
+    handled: tuple[type[Exception], ...] = (*_expected_errors(), OSError)
     try:
         src = build.prepare()
-    except (*_expected_errors(), OSError) as exc:
+    except handled as exc:
         return str(exc)
     if not src.quantizable:
         return "the source GGUF is already quantized: it is published as it is, there is nothing to plan"
@@ -234,8 +237,11 @@ class Build:
     # ------------------------------------------------------------ the run
 
     def _run(self) -> None:
-        src = self.prepare()
-        ref_dir = self._reference(src.base, src.base_digest) if src.quantizable else None
+        # The operator runs one Job per variant; Jobs of one source share the work folder, so the
+        # shared steps run under a lock: the first Job does them, the others then find them done.
+        with _locked(self.layout.work / ".lock"):
+            src = self.prepare()
+            ref_dir = self._reference(src.base, src.base_digest) if src.quantizable else None
         for index, variant in enumerate(self.spec.variants, start=1):
             self._variant = (variant.name, index)
             if src.quantizable:
@@ -586,6 +592,17 @@ def _truncation(shards: tuple[Path, ...]) -> str | None:
         if size < end:
             return f"{s.name} has {size} bytes, but its tensors need {end}"
     return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _discard(_: object) -> None:
