@@ -27,7 +27,7 @@ sys.path[:0] = [str(REPO / "hack"), str(REPO / "tests")]
 
 from hub_server import FakeHub  # noqa: E402
 from localcluster import cluster as localcluster  # noqa: E402
-from localcluster import controlplane  # noqa: E402
+from localcluster import controlplane, services  # noqa: E402
 
 NAMESPACE = "demo"
 RELEASE_NAMESPACE = "kquant-system"
@@ -87,12 +87,10 @@ def follow(custom: client.CustomObjectsApi, timeout: float = 1800) -> dict[str, 
 
 
 def chat(core: client.CoreV1Api, question: str) -> str:
-    """Ask the served model through its Service's endpoint (the pod's address on this machine)."""
-    slices = client.DiscoveryV1Api(core.api_client).list_namespaced_endpoint_slice(
-        NAMESPACE, label_selector=f"kubernetes.io/service-name={MODEL}").items
-    address = next(e.addresses[0] for s in slices for e in s.endpoints or [] if e.conditions.ready)
+    """Ask the served model through its Service (see localcluster.services: no kube-proxy here)."""
+    address = services.ready_address(core, NAMESPACE, MODEL)
     body = json.dumps({"messages": [{"role": "user", "content": question}], "max_tokens": 48}).encode()
-    request = urllib.request.Request(f"http://{address}:8080/v1/chat/completions", data=body,
+    request = urllib.request.Request(f"http://{address}/v1/chat/completions", data=body,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
         return str(json.loads(response.read())["choices"][0]["message"]["content"]).strip()

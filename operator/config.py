@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Mapping
 
@@ -19,6 +20,9 @@ class OperatorConfig:
     """``spec.quantizer.image`` when unset (chart value ``quantizerImage``)."""
     server_image: str = api.DEFAULT_SERVER_IMAGE
     """``spec.serving.image`` when unset (chart value ``serverImage``)."""
+    peering_priority: int = 0
+    """kopf peering priority. kopf pauses every peer when priorities tie, so replicas must differ:
+    the chart's ``peering.priority`` if set, else a number derived from the pod's name."""
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -26,7 +30,19 @@ class OperatorConfig:
         return cls(
             quantizer_image=environ.get("KQUANT_QUANTIZER_IMAGE") or DEFAULT_QUANTIZER_IMAGE,
             server_image=environ.get("KQUANT_SERVER_IMAGE") or api.DEFAULT_SERVER_IMAGE,
+            peering_priority=_priority(environ),
         )
+
+
+def _priority(environ: Mapping[str, str]) -> int:
+    explicit = environ.get("KQUANT_PEERING_PRIORITY")
+    if explicit:
+        return int(explicit)
+    pod = environ.get("POD_NAME")
+    if not pod:
+        return 0
+    # Stable for one pod, different between replicas (a tie would pause every replica).
+    return int.from_bytes(hashlib.sha256(pod.encode()).digest()[:3], "big")
 
 
 DEFAULTS = OperatorConfig()

@@ -32,6 +32,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.execution.max_workers = 16
     memo.kube = kube.Kube.from_environment()
+    settings.peering.priority = memo.kube.settings.peering_priority
     memo.locks = defaultdict(threading.Lock)
     memo.locks_guard = threading.Lock()
 

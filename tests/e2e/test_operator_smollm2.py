@@ -20,6 +20,7 @@ from e2e_helpers import OperatorProcess, condition, qm_status
 from hub_server import FakeHub
 from kube import Cluster, wait_for
 from kubernetes import client
+from localcluster import services
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -38,9 +39,11 @@ def _server_pods(core: client.CoreV1Api, namespace: str) -> list[Any]:
     return [p for p in pods if not p.metadata.deletion_timestamp]
 
 
-def _chat(pod_ip: str, question: str) -> dict[str, Any]:
+def _chat(core: client.CoreV1Api, namespace: str, question: str) -> dict[str, Any]:
+    """A chat completion through the model's Service, as a client in the cluster would send it."""
+    address = services.ready_address(core, namespace, "smollm2")
     body = json.dumps({"messages": [{"role": "user", "content": question}], "max_tokens": 16}).encode()
-    request = urllib.request.Request(f"http://{pod_ip}:8080/v1/chat/completions", data=body,
+    request = urllib.request.Request(f"http://{address}/v1/chat/completions", data=body,
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
         answer: dict[str, Any] = json.loads(response.read())
@@ -87,7 +90,7 @@ def test_build_serve_and_promote(cluster: Cluster, namespace: str, operator: Ope
     [pod] = _server_pods(core, namespace)
     args = pod.spec.containers[0].args
     assert args[args.index("--ctx-size") + 1] == "2048" and "--metrics" in args
-    answer = _chat(pod.status.pod_ip, "What is the capital of France?")
+    answer = _chat(core, namespace, "What is the capital of France?")
     assert answer["choices"][0]["message"]["content"].strip()
     assert answer["model"] == "smollm2-q4km"
 
@@ -100,5 +103,6 @@ def test_build_serve_and_promote(cluster: Cluster, namespace: str, operator: Ope
     wait_for(lambda: len(_server_pods(core, namespace)) == 1 and _server_pods(core, namespace)[0].metadata.uid
              != pod.metadata.uid, timeout=120, what="the old server pod to go")
     [new_pod] = _server_pods(core, namespace)
-    assert _chat(new_pod.status.pod_ip, "Say hello.")["model"] == "smollm2-q8"
+    assert _chat(core, namespace, "Say hello.")["model"] == "smollm2-q8"
+    assert new_pod.metadata.labels["kquant.dev/variant"] == "q8"
     assert len(batch.list_namespaced_job(namespace).items) == 2  # promotion rebuilt nothing

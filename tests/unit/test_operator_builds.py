@@ -104,3 +104,18 @@ def test_storage_claim_is_kept_on_delete_only_when_asked() -> None:
     existing = copy.deepcopy(_body())
     existing["spec"]["storage"]["pvc"] = {"claimName": "shared-models"}
     assert manifests.storage_claim(api.QuantizedModel.model_validate(existing)) is None
+
+
+def test_replicas_get_distinct_peering_priorities() -> None:
+    from kquant.operator import config
+
+    first = config.OperatorConfig.from_environment({"POD_NAME": "kquant-operator-6f4fbc4546-dghj7"})
+    second = config.OperatorConfig.from_environment({"POD_NAME": "kquant-operator-6f4fbc4546-x2k9p"})
+    assert first.peering_priority != second.peering_priority
+    assert config.OperatorConfig.from_environment({"KQUANT_PEERING_PRIORITY": "100", "POD_NAME": "a"}) \
+        .peering_priority == 100
+    images = config.OperatorConfig.from_environment({"KQUANT_SERVER_IMAGE": "registry.local/llama:1"})
+    qm = api.QuantizedModel.model_validate(_body())
+    assert images.server_image == "registry.local/llama:1" and images.quantizer_image == config.DEFAULT_QUANTIZER_IMAGE
+    job = manifests.build_objects(qm, builds.plan_builds(qm, "ml")[0], images)[-1]
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == config.DEFAULT_QUANTIZER_IMAGE
