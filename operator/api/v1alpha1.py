@@ -766,8 +766,9 @@ class PVCStorage(_Model):
         "nodes share it. Defaults to ReadWriteOnce.",
     )
     keep_on_delete: bool = pydantic.Field(
-        default=False,
-        description="Keep the claim kquant created when the QuantizedModel is deleted.",
+        default=True,
+        description="Keep the claim kquant created when the QuantizedModel is deleted: it holds hours of "
+        "downloads and builds. Set false to delete it with the QuantizedModel. Defaults to true.",
     )
 
     @pydantic.field_validator("size")

@@ -94,13 +94,12 @@ def test_gpu_builds_ask_for_gpus_and_a_gpu_node() -> None:
 
 
 def test_storage_claim_is_kept_on_delete_only_when_asked() -> None:
-    qm = api.QuantizedModel.model_validate(_body())
-    claim = manifests.storage_claim(qm)
-    assert claim is not None and "ownerReferences" in claim["metadata"]
-    keep = _body()
-    keep["spec"]["storage"]["pvc"]["keepOnDelete"] = True
-    kept = manifests.storage_claim(api.QuantizedModel.model_validate(keep))
-    assert kept is not None and "ownerReferences" not in kept["metadata"]
+    kept = manifests.storage_claim(api.QuantizedModel.model_validate(_body()))
+    assert kept is not None and "ownerReferences" not in kept["metadata"]  # kept by default
+    drop = _body()
+    drop["spec"]["storage"]["pvc"]["keepOnDelete"] = False
+    dropped = manifests.storage_claim(api.QuantizedModel.model_validate(drop))
+    assert dropped is not None and dropped["metadata"]["ownerReferences"][0]["uid"] == "1234"
     existing = copy.deepcopy(_body())
     existing["spec"]["storage"]["pvc"] = {"claimName": "shared-models"}
     assert manifests.storage_claim(api.QuantizedModel.model_validate(existing)) is None
