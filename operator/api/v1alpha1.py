@@ -846,7 +846,9 @@ class Sampling(_Model):
     )
 
 
-DEFAULT_SERVER_IMAGE = "ghcr.io/ggml-org/llama.cpp:server-cuda"
+DEFAULT_SERVER_IMAGE = "ghcr.io/kquant-dev/llama-server:0.3.36-cuda"
+"""llama-server from the llama.cpp that llama-cpp-python 0.3.36 vendors (ggml-org/llama.cpp@0c1e57098):
+the build the quantizer links and the tests run (hack/images/llama-server.Dockerfile)."""
 
 
 class Serving(PodSettings):
