@@ -26,11 +26,11 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import llama_cpp
-
 from kquant.quantizer import constants, imatrix, pipeline, progress, quantize, report, settings, steps
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
@@ -55,15 +55,17 @@ class _Quiet:
 
 
 def build(source: dict[str, Any], root: Path, chunks: int) -> report.BuildReport:
-    spec = settings.parse_spec({
-        "source": source,
-        "calibration": {"chunks": chunks, "contextSize": 512},
-        "convertType": "f16",
-        "variants": VARIANTS,
-        "evaluation": {"chunks": chunks, "contextSize": 512},
-        "storageRoot": str(root),
-        "threads": os.cpu_count() or 1,
-    })
+    spec = settings.parse_spec(
+        {
+            "source": source,
+            "calibration": {"chunks": chunks, "contextSize": 512},
+            "convertType": "f16",
+            "variants": VARIANTS,
+            "evaluation": {"chunks": chunks, "contextSize": 512},
+            "storageRoot": str(root),
+            "threads": os.cpu_count() or 1,
+        }
+    )
     result = pipeline.Build(spec, _Quiet(), env={}).run()
     if result.status is not report.BuildStatus.SUCCEEDED:
         raise SystemExit(f"build failed in {result.failed_step}: {result.reason}")
@@ -103,6 +105,10 @@ def overhead(f16: Path, imatrix_path: Path, repeats: int, work: Path) -> list[tu
     keep: list[Any] = []
     params = bare_params(job, data, keep)
     pairs = []
+
+    def quantize_to(out: Path) -> Callable[[steps.Progress], None]:
+        return lambda progress: quantize.quantize(f16, out, job, data)
+
     for i in range(repeats):
         out_bare = work / f"bare-{i}.gguf"
         start = time.perf_counter()
@@ -112,8 +118,13 @@ def overhead(f16: Path, imatrix_path: Path, repeats: int, work: Path) -> list[tu
             raise SystemExit(f"bare llama_model_quantize failed with {rc}")
         out_bare.unlink()
         out_step = work / f"step-{i}" / "q4km.gguf"
-        step = steps.Step(f"quantize-{i}", steps.StepKind.QUANTIZE, {"i": i}, (out_step,),
-                          lambda p, o=out_step: quantize.quantize(f16, o, job, data))
+        step = steps.Step(
+            f"quantize-{i}",
+            steps.StepKind.QUANTIZE,
+            {"i": i},
+            (out_step,),
+            quantize_to(out_step),
+        )
         start = time.perf_counter()
         steps.run_step(step, steps.StampStore(work / "stamps"))
         stepped = time.perf_counter() - start
@@ -127,8 +138,10 @@ def compare(name: str, result: report.BuildReport) -> None:
         m = v.metrics
         kl = m.kl_divergence if m and m.kl_divergence is not None else float("nan")
         top1 = m.top1_agreement if m and m.top1_agreement is not None else float("nan")
-        print(f"{name:<11} {v.name:<6} {v.recipe:<8} {v.size_bytes:>13,} {v.bits_per_weight:>6.3f} "
-              f"{kl:>9.5f} {top1:>6.3f}")
+        print(
+            f"{name:<11} {v.name:<6} {v.recipe:<8} {v.size_bytes:>13,} {v.bits_per_weight:>6.3f} "
+            f"{kl:>9.5f} {top1:>6.3f}"
+        )
 
 
 def main() -> None:
@@ -138,24 +151,31 @@ def main() -> None:
     args = parser.parse_args()
     smol_hf = smollm2.hf_dir()
     rand_hf = quantize_models.write_random_hf_like(
-        Path.home() / ".cache" / "kquant" / "fixtures" / "random-256-hf", smol_hf)
+        Path.home() / ".cache" / "kquant" / "fixtures" / "random-256-hf", smol_hf
+    )
     with tempfile.TemporaryDirectory() as tmp, FakeHub() as hub:
         work = Path(tmp)
         hub.add_repo(REPO, smol_hf)
-        source = {"huggingface": {"repo": REPO, "endpoint": hub.url,
-                                  "allowPatterns": ["*.json", "*.safetensors", "*.jinja"]}}
+        source = {
+            "huggingface": {"repo": REPO, "endpoint": hub.url, "allowPatterns": ["*.json", "*.safetensors", "*.jinja"]}
+        }
         print(f"== 1. step wall times, SmolLM2-135M-Instruct, {os.cpu_count()} CPU threads")
         smol = build(source, work / "smol", args.chunks)
         print_steps(smol)
 
-        layout = pipeline.Layout.for_spec(settings.parse_spec({
-            "source": source, "convertType": "f16", "variants": VARIANTS, "storageRoot": str(work / "smol")}))
+        layout = pipeline.Layout.for_spec(
+            settings.parse_spec(
+                {"source": source, "convertType": "f16", "variants": VARIANTS, "storageRoot": str(work / "smol")}
+            )
+        )
         print(f"\n== 2. quantize step / bare llama_model_quantize (Q4_K_M + imatrix, {args.repeats} runs)")
         pairs = overhead(layout.base_gguf(settings.ConvertType.F16), layout.imatrix, args.repeats, work)
         for bare, stepped in pairs:
             print(f"bare {bare:6.3f} s   step {stepped:6.3f} s   ratio {stepped / bare:5.3f}")
         ratio = statistics.median(s / b for b, s in pairs)
-        print(f"median ratio {ratio:.3f} (goal <= 1.05)")
+        best = min(s for _, s in pairs) / min(b for b, _ in pairs)
+        # On a shared machine single runs swing by 2x; the best of each is the least disturbed.
+        print(f"median of ratios {ratio:.3f}, best step / best bare {best:.3f} (goal <= 1.05)")
 
         print("\n== 3. uniform Q4_K_M vs dynamic at the same or smaller size (KL vs f16, held-out text)")
         rand = build({"local": {"path": str(rand_hf)}}, work / "rand", args.chunks)

@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from kquant.quantizer import settings
 
-MINIMAL = {
-    "source": {"huggingface": {"repo": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "main"}},
+REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MINIMAL: dict[str, object] = {
+    "source": {"huggingface": {"repo": REPO, "revision": "main"}},
     "variants": [{"name": "q4km", "type": "Q4_K_M"}],
     "storageRoot": "/models",
 }
@@ -78,9 +79,7 @@ def test_errors_name_the_field(changes: dict[str, object], fragment: str) -> Non
 
 def test_load_from_yaml_file_and_env(tmp_path: Path) -> None:
     path = tmp_path / "spec.yaml"
-    path.write_text(
-        "source:\n  local: {path: /data/model}\nvariants:\n- {name: q8, type: Q8_0}\nstorageRoot: /m\n"
-    )
+    path.write_text("source:\n  local: {path: /data/model}\nvariants:\n- {name: q8, type: Q8_0}\nstorageRoot: /m\n")
     assert settings.load_spec(path).variants[0].name == "q8"
     from_env = settings.load_spec(None, {settings.SPEC_ENV: json.dumps(MINIMAL)})
     assert from_env.variants[0].name == "q4km"
@@ -105,8 +104,8 @@ def test_digest_tracks_what_changes_the_file() -> None:
     same = spec(
         evaluation={"maxKLDivergence": 0.5},
         storageRoot="/elsewhere",
-        source={"huggingface": {**MINIMAL["source"]["huggingface"], "endpoint": "http://mirror"}},
-    )  # type: ignore[index]
+        source={"huggingface": {"repo": REPO, "revision": "main", "endpoint": "http://mirror"}},
+    )
     assert settings.variant_digest(same, same.variants[0]) == d
     for changed in (
         spec(calibration={"chunks": 64}),
