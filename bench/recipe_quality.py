@@ -49,7 +49,8 @@ class Row:
     bpw: float
     kl: float
     top1: float
-    predicted: float
+    predicted: float | None
+    """The loss model's figure; only for plans scored with the imatrix."""
     seconds: float
 
 
@@ -111,12 +112,12 @@ def run_model(name: str, hf_dir: Path, f16: Path, n_chunks: int, work: Path) -> 
     )
     chunks = chunks_of(f16, evaluate.builtin_text("heldout.txt"), n_chunks)
     reference = log_probs(f16, chunks)
-    rows = [Row(name, "f16", f16.stat().st_size, 16.0, 0.0, 1.0, 0.0, 0.0)]
+    rows = [Row(name, "f16", f16.stat().st_size, 16.0, 0.0, 1.0, None, 0.0)]
     uniform = recipes.plan_variant(f16, recipes.VariantRecipe(name="u", type=F.Q4_K_M), data)
     plain = work / f"{name}-q4km-noimatrix.gguf"
     quantize.quantize(f16, plain, uniform.job, None)
     kl, top1 = compare(reference, log_probs(plain, chunks))
-    rows.append(Row(name, "uniform-q4km (no imatrix)", uniform.total_bytes, uniform.bits_per_weight, kl, top1, 0, 0))
+    rows.append(Row(name, "uniform-q4km (no imatrix)", uniform.total_bytes, uniform.bits_per_weight, kl, top1, None, 0))
     for variant in variants(uniform.total_bytes):
         start = time.perf_counter()
         try:
@@ -156,7 +157,7 @@ def main() -> None:
     for r in rows:
         print(
             f"{r.model:<11} {r.variant:<26} {r.nbytes:>13,} {r.bpw:>6.3f} {r.kl:>9.5f} {r.top1:>6.3f} "
-            f"{r.predicted:>9.4f}"
+            f"{'-' if r.predicted is None else format(r.predicted, '.4f'):>9}"
         )
 
 
