@@ -93,7 +93,7 @@ def quantize(
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         # with keep_split llama.cpp appends "-0000i-of-0000n.gguf" to the name it is given
-        target = tmp / (SPLIT_NAME.sub("", dst.name) if keep_split else dst.name)
+        target = tmp / (SPLIT_NAME.sub("", dst.name).removesuffix(".gguf") if keep_split else dst.name)
         _run(src, target, job, imatrix, dry=False, keep_split=keep_split, progress=progress)
         for produced in sorted(tmp.iterdir()):
             os.replace(produced, dst.parent / produced.name)
