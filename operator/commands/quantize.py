@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pathlib
 
+import huggingface_hub.utils
 from kquant.operator import builds
 from kquant.operator.api import v1alpha1 as api
 from kquant.operator.commands import common
@@ -39,6 +40,10 @@ class RichSink:
     def progress(self, line: progress.ProgressLine) -> None:
         key = (line.variant, line.phase)
         if key not in self._tasks:
+            # Steps run one after another: a new step means the earlier ones are over (a skipped
+            # or cached step may never report 100%), so their bars and clocks stop.
+            for task in self._tasks.values():
+                self.bars.update(task, completed=1.0)
             label = f"{line.variant} {line.phase}" if line.variant else line.phase
             self._tasks[key] = self.bars.add_task(label, total=1.0)
         self.bars.update(self._tasks[key], completed=min(max(line.fraction, 0.0), 1.0))
@@ -77,5 +82,8 @@ def run(spec: settings.BuildSpec, console: Console) -> report.BuildReport:
     """Run the build in this process; the quantizer's pipeline and its resumable steps do the work."""
     from kquant.quantizer import pipeline  # imports llama.cpp and torch: only when a build runs
 
+    # The bars above replace the libraries' own tqdm bars, which would interleave with them;
+    # transformers follows huggingface_hub's switch when it is imported afterwards.
+    huggingface_hub.utils.disable_progress_bars()  # type: ignore[attr-defined]  # re-exported without "as"
     with RichSink(console) as sink:
         return pipeline.Build(spec, sink).run()

@@ -68,8 +68,8 @@ def _measured(variant: str, file_type: str, size: int, bpw: float, kl: float, pp
 def _status(qm: api.QuantizedModel) -> dict[str, Any]:
     """What the operator writes once both variants are built and q4km serves: numbers measured on
     SmolLM2-135M (the research notes' table), the plan of a CPU-only server."""
-    reports = {"q8": _measured("q8", "Q8_0", 144_810_848, 8.61, 0.014, 16.46, True),
-               "q4km": _measured("q4km", "Q4_K_M", 105_453_920, 6.27, 0.187, 15.63, True)}  # fmt: skip
+    reports = {"q8": _measured("q8", "Q8_0", 144_810_848, 8.47, 0.014, 16.46, True),
+               "q4km": _measured("q4km", "Q4_K_M", 105_453_920, 6.17, 0.187, 15.63, True)}  # fmt: skip
     states = [status.BuildState(build, status.BuildPhase.SUCCEEDED, report=reports[build.variant].model_copy(
         update={"digest": build.digest})) for build in builds.plan_builds(qm, qm.metadata.namespace or "default")]
     serving = status.ServingState(ready=True, reason="Serving", message="1/1 replicas of q4km ready",
@@ -99,7 +99,7 @@ def test_status_shows_variants_serving_and_conditions(
     lines = result.stdout.splitlines()
     q4km = next(line for line in lines if "Q4_K_M" in line)
     q8 = next(line for line in lines if "Q8_0" in line)
-    assert "* serving" in q4km and "0.1870" in q4km and "100.57 MiB" in q4km and "6.27" in q4km and "passed" in q4km
+    assert "* serving" in q4km and "0.1870" in q4km and "100.57 MiB" in q4km and "6.17" in q4km and "passed" in q4km
     assert "* serving" not in q8 and "0.0140" in q8
     assert "phase: Ready" in result.stdout and "2/2 variants built" in result.stdout
     assert "gpuLayers 0/31" in result.stdout

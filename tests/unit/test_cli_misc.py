@@ -58,7 +58,7 @@ def test_rich_sink_draws_bars_and_the_result() -> None:
         sink.progress(progress.ProgressLine("quantize", 1.0, "q4km", 1, 1))
         sink.report(report.BuildReport(status=report.BuildStatus.SUCCEEDED, quantizer_version="1", variants=[
             report.VariantReport(name="q4km", digest="d", type="Q4_K_M", recipe="uniform", path="/m/q4km.gguf",
-                                 size_bytes=105_453_920, bits_per_weight=6.27, kl_divergence=0.187,
+                                 size_bytes=105_453_920, bits_per_weight=6.17, kl_divergence=0.187,
                                  gate_passed=True)]))  # fmt: skip
     text = out.getvalue()
     assert "build Succeeded" in text and "q4km" in text and "0.1870" in text and "passed" in text
@@ -71,9 +71,9 @@ def test_status_view_marks_the_served_variant() -> None:
         observed_generation=1, phase=api.Phase.READY, progress="2/2 variants built",
         conditions=[api.Condition(type="Ready", status=api.ConditionStatus.TRUE, reason="Serving",
                                   message="1/1 replicas ready", last_transition_time=now)],
-        variants=[api.VariantStatus(name="q8", type="Q8_0", size_bytes=144_810_848, bits_per_weight=8.61,
+        variants=[api.VariantStatus(name="q8", type="Q8_0", size_bytes=144_810_848, bits_per_weight=8.47,
                                     kl_divergence=0.014, perplexity=16.46, gate_passed=True),
-                  api.VariantStatus(name="q4km", type="Q4_K_M", size_bytes=105_453_920, bits_per_weight=6.27,
+                  api.VariantStatus(name="q4km", type="Q4_K_M", size_bytes=105_453_920, bits_per_weight=6.17,
                                     kl_divergence=0.187, perplexity=15.63, gate_passed=True)],
         serving=api.ServingStatus(variant="q4km", gpu_layers=0, endpoint="http://smollm2.ml.svc:8080/v1"),
     )  # fmt: skip
