@@ -124,6 +124,7 @@ FIT_CASES = [  # (model, context, cache, budget MiB per device)
     ("mla", 8192, C.F16, (250,)),
     ("dense", 8192, C.F16, (200, 200)),
     ("dense", 16384, C.F16, (150, 300)),
+    ("dense", 8192, C.F16, (250, 330)),
 ]
 
 
@@ -213,13 +214,31 @@ def run_fit(binaries: Path, endpoints: list[str]) -> list[str]:
         fit_extra += f" -ot {result.overrides}" if result.overrides else ""
         ours = f" -ts {','.join(f'{x:g}' for x in p.tensor_split)}" if len(p.tensor_split) > 1 else ""
         ours += f" --n-cpu-moe {p.n_cpu_moe}" if p.n_cpu_moe else ""
+        if p.pipeline_disabled:
+            ours += " (-ot no-op: pipeline parallelism off)"
         budget_text = "+".join(str(b) for b in seen)
+        used = _measure_plan(binaries, path, devices, args, p)
+        within = all(u <= b for u, b in zip(used, seen, strict=True))
         line = (f"{name:5s} c{ctx:<5d} {cache!s:5s} budget {budget_text:>9s} MiB: fit -ngl {fit_ngl:2d}{fit_extra}"
-                f" | planner -ngl {p.gpu_layers:2d}{ours} | seed -ngl {seed_ngl:2d}")  # fmt: skip
+                f" | planner -ngl {p.gpu_layers:2d}{ours}, measured {'+'.join(str(u) for u in used)} MiB "
+                f"{'within' if within else 'OVER'} budget | seed -ngl {seed_ngl:2d}")  # fmt: skip
         print(line)
-        if p.gpu_layers != fit_ngl or (result.overrides and not p.n_cpu_moe):
+        if p.gpu_layers != fit_ngl or (result.overrides and not p.n_cpu_moe) or not within:
             differences.append(line)
     return differences
+
+
+def _measure_plan(
+    binaries: Path, path: Path, devices: list[str], args: list[str], p: plan.OffloadPlan
+) -> tuple[int, ...]:
+    """What llama.cpp allocates per device for the planner's own arguments (whole MiB)."""
+    server = list(p.server_args())
+    run = [*args, "-ngl", str(p.gpu_layers)]
+    for ours, theirs in (("--tensor-split", "-ts"), ("--override-tensor", "-ot"), ("--n-cpu-moe", "--n-cpu-moe")):
+        if ours in server:
+            run += [theirs, server[server.index(ours) + 1]]
+    m = fit_params.measure(binaries, path, devices, run)
+    return tuple(d.model + d.context + -(-c // MiB) for d, c in zip(m.devices, m.compute_bytes, strict=True))
 
 
 def summary(errors: dict[str, list[float]], differences: list[str]) -> None:

@@ -89,6 +89,9 @@ class Placement:
     """``-ts``: one proportion per GPU (the number of entries is the number of GPUs)."""
     n_cpu_moe: int = 0
     """``--n-cpu-moe N``: the experts of blocks ``0 .. N-1`` stay in host memory."""
+    pipelined: bool | None = None
+    """Pipeline parallelism: None follows llama.cpp's rule (``pipeline_parallel``); False models the
+    fallback llama.cpp takes when the pipelined compute buffers fail to allocate."""
 
     @property
     def n_devices(self) -> int:
@@ -116,6 +119,8 @@ class MemoryBreakdown:
     host: DeviceBytes
     layer_device: tuple[int, ...]
     """Device of blocks ``0 .. n_layer-1`` and then the output layer; ``CPU`` (-1) for the host."""
+    pipelined: bool = False
+    """Whether the compute buffers were modelled with pipeline parallelism (4 input copies)."""
 
 
 def pad(value: int, multiple: int) -> int:
@@ -210,15 +215,14 @@ def _attention_bytes(facts: gguf_facts.ModelFacts, settings: ContextSettings, il
     return base + kq
 
 
-def _ffn_bytes(facts: gguf_facts.ModelFacts, il: int, u: int, on_cpu: bool) -> int:
+def _ffn_bytes(facts: gguf_facts.ModelFacts, il: int, u: int, rows: int) -> int:
     """Peak activations inside block ``il``'s feed-forward (dense or MoE) for ``u`` tokens."""
     e = facts.embedding_length
     residual = 2 * e * u * F32
     dense = 3 * facts.feed_forward_length[il] * u * F32  # gate, up and the activated product
     if facts.layer_expert_bytes[il] == 0 or facts.expert_count == 0:
         # ggml-alloc's best-fit allocator leaves holes the size of a residual row between these;
-        # measured peaks are 3 n_ff + 4 n_embd per token on the CPU and 2..3 n_embd on a GPU.
-        rows = 4 if on_cpu else 3
+        # measured peaks are 3 n_ff plus ``rows`` x n_embd per token (see ``_block_bytes``).
         return rows * e * u * F32 + dense
     used = max(facts.expert_used_count, 1)
     n_ff_exp = facts.expert_feed_forward_length or facts.feed_forward_length[il]
@@ -271,7 +275,13 @@ def device_compute(
     row = e * u * F32
     masks = _mask_bytes(facts, settings, u)
     logits = (facts.vocab_size + e) * u * F32  # output norm and the logits for every token
-    body = max((_block_bytes(facts, settings, il, u, on_cpu=False) for il in layers), default=0)
+    rows = 3 if has_output or pipelined else 2
+    body = max((_block_bytes(facts, settings, il, u, rows) for il in layers), default=0)
+    if has_output and layers and facts.is_mla:
+        # deepseek2 graphs leave holes in the allocator before the logits: measured 0-5 hidden rows
+        # beyond the logits when blocks share the output GPU (more with larger vocabularies); 2 rows
+        # keep every measured case within 6%.
+        logits += 2 * row
     if not pipelined:
         best = masks + body if layers else 0
         return max(best, logits) if has_output else best
@@ -285,8 +295,14 @@ def _ubatch(settings: ContextSettings) -> int:
     return min(settings.ubatch, pad(settings.context, 256))
 
 
-def _block_bytes(facts: gguf_facts.ModelFacts, settings: ContextSettings, il: int, u: int, *, on_cpu: bool) -> int:
-    return max(_attention_bytes(facts, settings, il, u), _ffn_bytes(facts, il, u, on_cpu))
+def _block_bytes(facts: gguf_facts.ModelFacts, settings: ContextSettings, il: int, u: int, rows: int) -> int:
+    """Peak activations of block ``il``: its attention or its feed-forward.
+
+    ``rows``: hidden-state rows the dense feed-forward keeps live beside gate, up and their product,
+    as measured: 4 on the CPU, 3 on the GPU that also holds the output layer (or any GPU with
+    pipeline parallelism), 2 on other GPUs.
+    """
+    return max(_attention_bytes(facts, settings, il, u), _ffn_bytes(facts, il, u, rows))
 
 
 def compute_bytes(
@@ -296,6 +312,7 @@ def compute_bytes(
     n_devices: int,
     backend: Backend = Backend.CUDA,
     n_cpu_moe: int = 0,
+    pipelined: bool | None = None,
 ) -> tuple[tuple[int, ...], int]:
     """Compute buffer per GPU and on the host, for a placement given as ``layer_devices``' result."""
     n_layer = facts.block_count
@@ -309,7 +326,7 @@ def compute_bytes(
     if not settings.flash_attention:
         v_width = max((facts.value_length * h for h in facts.head_count_kv), default=0)
         v_idxs = u * v_width * 8
-    pp = pipeline_parallel(layer_device, n_devices, n_cpu_moe)
+    pp = pipeline_parallel(layer_device, n_devices, n_cpu_moe) and pipelined is not False
     copies = SCHED_COPIES if pp else 1
     first_gpu = min((d for d in layer_device if d != CPU), default=0)
     gpu = [
@@ -329,7 +346,7 @@ def compute_bytes(
     cpu_layers = [il for il in range(n_layer) if layer_device[il] == CPU]
     host = copies * (masks + row + v_idxs) + row
     if cpu_layers:
-        host = max(host, masks + max(_block_bytes(facts, settings, il, u, on_cpu=True) for il in cpu_layers))
+        host = max(host, masks + max(_block_bytes(facts, settings, il, u, 4) for il in cpu_layers))
     if layer_device[n_layer] == CPU:
         host = max(host, (facts.vocab_size + 2 * e) * u * F32)
     moe_on_cpu = [il for il in range(min(n_cpu_moe, n_layer)) if facts.layer_expert_bytes[il]]
@@ -383,9 +400,12 @@ def breakdown(
         host_model += facts.output_bytes
     else:
         model[out] += facts.output_device_bytes
-    gpu_compute, host_compute = compute_bytes(facts, settings, devices, n_dev, backend, placement.n_cpu_moe)
+    gpu_compute, host_compute = compute_bytes(
+        facts, settings, devices, n_dev, backend, placement.n_cpu_moe, placement.pipelined
+    )
     return MemoryBreakdown(
         devices=tuple(DeviceBytes(model[d], kv[d], gpu_compute[d]) for d in range(n_dev)),
         host=DeviceBytes(host_model, host_kv, host_compute),
+        pipelined=pipeline_parallel(devices, n_dev, placement.n_cpu_moe) and placement.pipelined is not False,
         layer_device=devices,
     )

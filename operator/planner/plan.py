@@ -23,6 +23,10 @@ MiB = memory.MiB
 GiB = memory.GiB
 MAX_GPUS = 8
 """The largest GPU count the does-not-fit advice considers (one node)."""
+NO_PIPELINE_OVERRIDE = "^kquant-no-pipeline-parallelism$=CPU"
+"""A tensor override that matches no tensor. llama.cpp has no switch for pipeline parallelism, but
+turns it off whenever any override is given; the planner passes this one when the pipelined
+compute buffers (4 copies of each GPU's inputs) would not fit and running without them does."""
 
 
 class PlannerKind(enum.StrEnum):
@@ -103,6 +107,8 @@ class OffloadPlan:
     """Per GPU, on top of ``devices``: CUDA context plus margin."""
     explanation: str
     smallest_fit: SmallestFit | None = None
+    pipeline_parallel: bool = False
+    """Whether llama.cpp will run with pipeline parallelism (several GPUs, everything offloaded)."""
 
     @property
     def full_offload(self) -> bool:
@@ -135,7 +141,14 @@ class OffloadPlan:
             args += ["--tensor-split", ",".join(_fmt_share(s) for s in self.tensor_split)]
         if self.n_cpu_moe:
             args += ["--n-cpu-moe", str(self.n_cpu_moe)]
+        if self.pipeline_disabled:
+            args += ["--override-tensor", NO_PIPELINE_OVERRIDE]
         return tuple(args)
+
+    @property
+    def pipeline_disabled(self) -> bool:
+        """Several GPUs hold everything, yet the plan runs without pipeline parallelism."""
+        return len(self.gpu_memory) > 1 and self.full_offload and not self.pipeline_parallel
 
 
 def plan(request: PlanRequest) -> OffloadPlan:
@@ -209,6 +222,7 @@ def plan_to_dict(p: OffloadPlan) -> dict[str, object]:
         "gpus": len(p.gpu_memory),
         "tensorSplit": list(p.tensor_split),
         "nCpuMoe": p.n_cpu_moe,
+        "pipelineParallel": p.pipeline_parallel,
         "devices": [{"model": d.model, "kv": d.kv, "compute": d.compute} for d in p.devices],
         "host": {"model": p.host.model, "kv": p.host.kv, "compute": p.host.compute},
         "predictedGPUBytes": list(p.predicted_gpu_bytes),
@@ -285,9 +299,9 @@ def _plan_at(request: PlanRequest) -> OffloadPlan:
         return _make_plan(request, memory.Placement(0, (1.0,)), fits=not settings.require_full_offload,
                           why="no GPU: everything runs on the CPU")  # fmt: skip
     if request.gpu_layers is not None:
-        placement = _placement(request, request.gpu_layers, 0, budgets)
-        bd = memory.breakdown(facts, request.context, placement, settings.backend)
-        ok = _fits(bd, budgets, request.host_memory)
+        found = _try(request, request.gpu_layers, 0, budgets)
+        placement = found[0] if found else _placement(request, request.gpu_layers, 0, budgets)
+        ok = found is not None
         if settings.require_full_offload and request.gpu_layers < n_total:
             ok = False
         return _make_plan(request, placement, fits=ok, why=f"gpuLayers {request.gpu_layers} was asked for")
@@ -326,37 +340,57 @@ def _candidates(request: PlanRequest, budgets: Sequence[int]) -> list[tuple[floa
     n_total = facts.block_count + 1
     options: list[tuple[float, memory.Placement]] = []
     for ngl in range(n_total, 0, -1):
-        placement = _placement(request, ngl, 0, budgets)
-        bd = memory.breakdown(facts, request.context, placement, settings.backend)
-        if _fits(bd, budgets, request.host_memory):
-            options.append((_host_read_per_token(facts, bd, 0), placement))
+        found = _try(request, ngl, 0, budgets)
+        if found:
+            options.append((_host_read_per_token(facts, found[1], 0), found[0]))
             break
     if facts.is_moe and settings.moe_on_cpu and not (options and options[0][1].gpu_layers == n_total):
         for k in range(1, facts.block_count + 1):
-            placement = _placement(request, n_total, k, budgets)
-            bd = memory.breakdown(facts, request.context, placement, settings.backend)
-            if _fits(bd, budgets, request.host_memory):
-                options.append((_host_read_per_token(facts, bd, k), placement))
+            found = _try(request, n_total, k, budgets)
+            if found:
+                options.append((_host_read_per_token(facts, found[1], k), found[0]))
                 break
     return options
+
+
+def _try(
+    request: PlanRequest, ngl: int, n_cpu_moe: int, budgets: Sequence[int]
+) -> tuple[memory.Placement, memory.MemoryBreakdown] | None:
+    """A placement for ``ngl`` / ``n_cpu_moe`` that fits, or None.
+
+    On several GPUs with everything offloaded llama.cpp turns on pipeline parallelism (4 copies of
+    every GPU's inputs). When those buffers do not fit but the plain ones do, the plan turns it off
+    (``NO_PIPELINE_OVERRIDE``) rather than giving up a layer, and records that.
+    """
+    multi_full = len(budgets) > 1 and ngl > request.facts.block_count and n_cpu_moe == 0
+    for pipelined in (None, False) if multi_full else (None,):
+        placement = _placement(request, ngl, n_cpu_moe, budgets, pipelined)
+        bd = memory.breakdown(request.facts, request.context, placement, request.settings.backend)
+        if _fits(bd, budgets, request.host_memory):
+            return placement, bd
+    return None
 
 
 def _even_split(n: int) -> tuple[float, ...]:
     return tuple(1.0 for _ in range(n))
 
 
-def _placement(request: PlanRequest, ngl: int, n_cpu_moe: int, budgets: Sequence[int]) -> memory.Placement:
+def _placement(
+    request: PlanRequest, ngl: int, n_cpu_moe: int, budgets: Sequence[int], pipelined: bool | None = None
+) -> memory.Placement:
     """A placement for ``ngl`` layers; with several GPUs, a split that fills each GPU to its budget."""
     if request.tensor_split is not None:
-        return memory.Placement(ngl, request.tensor_split, n_cpu_moe)
+        return memory.Placement(ngl, request.tensor_split, n_cpu_moe, pipelined)
     n_gpu = len(budgets)
     if n_gpu == 1:
-        return memory.Placement(ngl, (1.0,), n_cpu_moe)
-    counts = _greedy_counts(request, ngl, n_cpu_moe, budgets)
-    return memory.Placement(ngl, tuple(float(c) for c in counts), n_cpu_moe)
+        return memory.Placement(ngl, (1.0,), n_cpu_moe, pipelined)
+    counts = _greedy_counts(request, ngl, n_cpu_moe, budgets, pipelined is not False)
+    return memory.Placement(ngl, tuple(float(c) for c in counts), n_cpu_moe, pipelined)
 
 
-def _greedy_counts(request: PlanRequest, ngl: int, n_cpu_moe: int, budgets: Sequence[int]) -> list[int]:
+def _greedy_counts(
+    request: PlanRequest, ngl: int, n_cpu_moe: int, budgets: Sequence[int], allow_pipeline: bool
+) -> list[int]:
     """Layers per GPU: fill the last GPU first (it gets the output layer), then the one before it.
 
     llama.cpp assigns the offloaded range (last blocks, then the output layer) to GPUs in order
@@ -371,7 +405,7 @@ def _greedy_counts(request: PlanRequest, ngl: int, n_cpu_moe: int, budgets: Sequ
     n_gpu = len(budgets)
     start = max(n_layer + 1 - ngl, 0)
     # Compute reserves per role, with the largest block anywhere (a safe bound).
-    pipelined = ngl > n_layer and n_cpu_moe == 0  # llama.cpp's pipeline parallelism on several GPUs
+    pipelined = allow_pipeline and ngl > n_layer and n_cpu_moe == 0  # llama.cpp's rule on several GPUs
     every = range(n_layer)
 
     def reserve_for(first: bool, has_output: bool) -> int:
@@ -411,6 +445,7 @@ def _make_plan(request: PlanRequest, placement: memory.Placement, *, fits: bool,
         gpu_memory=request.gpu_memory,
         overhead_bytes=settings.overhead_bytes,
         explanation="",
+        pipeline_parallel=bd.pipelined,
     )
     return dataclasses.replace(plan_, explanation=explain(plan_, why))
 
@@ -425,6 +460,12 @@ def explain(p: OffloadPlan, why: str) -> str:
     else:
         where = f"the output layer and the last {p.gpu_layers - 1} of {n_layer} blocks on the GPU"
     parts = [f"{'fits' if p.fits else 'does not fit'}: -ngl {p.gpu_layers} puts {where} ({why})"]
+    if len(p.gpu_memory) > 1 and p.full_offload:
+        parts.append(
+            "pipeline parallelism on (4 copies of each GPU's inputs)"
+            if p.pipeline_parallel
+            else "pipeline parallelism off (its 4 copies of each GPU's inputs do not fit): a no-op --override-tensor"
+        )
     for i, (d, m) in enumerate(zip(p.devices, p.gpu_memory, strict=True)):
         parts.append(
             f"GPU{i}: weights {_gib(d.model)} + KV {_gib(d.kv)} + compute {_gib(d.compute)} "

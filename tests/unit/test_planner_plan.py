@@ -93,11 +93,20 @@ def test_two_gpus_split_layers_so_each_fits() -> None:
     # turns on pipeline parallelism, which keeps 4 copies of each GPU's inputs.
     gpus = (80 * MiB, 160 * MiB)
     p = plan.plan(request(gpus))
-    assert p.fits and p.full_offload, p.explanation
-    # The same GPUs a little smaller: full offload no longer fits, and the plan falls back to
-    # partial offload, where llama.cpp runs without pipeline parallelism.
+    assert p.fits and p.full_offload and p.pipeline_parallel, p.explanation
+    assert "pipeline parallelism on" in p.explanation
+    assert "--override-tensor" not in p.server_args()
+    # Smaller GPUs: the pipelined buffers do not fit, the plain ones do; a tensor override that
+    # matches nothing turns pipeline parallelism off (llama.cpp has no switch of its own).
     smaller = plan.plan(request((60 * MiB, 120 * MiB)))
-    assert smaller.fits and smaller.gpu_layers == 8
+    assert smaller.fits and smaller.full_offload and not smaller.pipeline_parallel, smaller.explanation
+    assert "pipeline parallelism off" in smaller.explanation
+    args = smaller.server_args()
+    assert args[args.index("--override-tensor") + 1] == plan.NO_PIPELINE_OVERRIDE
+    assert all(d.total <= b for d, b in zip(smaller.devices, (60 * MiB, 120 * MiB), strict=True))
+    # Smaller still: partial offload (the output layer and its logits take the second GPU).
+    partial = plan.plan(request((50 * MiB, 100 * MiB)))
+    assert partial.fits and partial.gpu_layers == 5 and partial.tensor_split == (4.0, 1.0)
     assert len(p.tensor_split) == 2
     assert all(d.total <= b for d, b in zip(p.devices, gpus, strict=True))
     assert p.devices[1].model >= TINY.output_bytes  # the output layer is on the last GPU
