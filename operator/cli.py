@@ -108,7 +108,9 @@ def plan(
     if as_json:
         console.print_json(json.dumps({"variant": result.variant, "facts": result.facts_source,
                                        "kquant": planner.plan_to_dict(result.auto),
-                                       "seed": planner.plan_to_dict(result.seed)}))  # fmt: skip
+                                       "seed": planner.plan_to_dict(result.seed),
+                                       "fewestGPUs": planner.plan_to_dict(result.fewest) if result.fewest else None,
+                                       }))  # fmt: skip
         return
     console.print(render.plan_view(result))
 

@@ -34,6 +34,9 @@ class Comparison:
     facts_source: str
     auto: plan.OffloadPlan
     seed: plan.OffloadPlan
+    fewest: plan.OffloadPlan | None
+    """The fewest GPUs of this size (up to ``plan.MAX_GPUS``) that hold everything: what the
+    operator requests from a node pool of such GPUs. None with a fixed ``gpuLayers``."""
 
 
 def facts_from_json(data: Any, variant: str) -> gguf_facts.ModelFacts:
@@ -104,9 +107,10 @@ def compare(
         auto = plan.plan(plan.PlanRequest(facts, ctx, memory_per_gpu, forced))
         seed = plan.plan(plan.PlanRequest(facts, ctx, memory_per_gpu,
                                           settings=plan.PlannerSettings(planner=plan.PlannerKind.SEED)))
+        fewest = None if forced is not None else plan.fewest_gpus(facts, ctx, gpu_bytes, plan.MAX_GPUS)
     except ValueError as exc:
         raise common.CommandError(f"{qm.ref}: {exc}") from None
-    return Comparison(variant.name, facts, facts_source, auto, seed)
+    return Comparison(variant.name, facts, facts_source, auto, seed, fewest)
 
 
 def pick_variant(qm: api.QuantizedModel, name: str | None) -> api.Variant:

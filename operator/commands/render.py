@@ -105,4 +105,14 @@ def plan_view(c: plan_cmd.Comparison) -> RenderableType:
     why = Text("kquant: " + c.auto.explanation.replace("; ", "\n  "))
     seed = Text("seed:   " + c.seed.explanation.replace("; ", "\n  "), style="dim")
     args = Text("llama-server " + " ".join(c.auto.server_args()), style="bold")
-    return Group(head, table, why, seed, args)
+    return Group(head, table, why, seed, args, fewest_line(c.fewest))
+
+
+def fewest_line(p: plan.OffloadPlan | None) -> Text:
+    """What the operator would request from a pool of GPUs of this size."""
+    if p is None:
+        return Text("spec.serving.gpuLayers is fixed: the GPU count is spec.serving.gpus", style="dim")
+    size = common.gib(p.gpu_memory[0]) if p.gpu_memory else "-"
+    if p.fits and p.full_offload:
+        return Text(f"a pool of {size} GPUs: request {len(p.gpu_memory)} GPU(s) for full offload")
+    return Text(f"a pool of {size} GPUs: even {len(p.gpu_memory)} do not hold everything", style="yellow")

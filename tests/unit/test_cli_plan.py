@@ -60,16 +60,19 @@ def test_plan_prints_the_planners_numbers(gpu_gib: int) -> None:
     assert seed_plan["gpuLayers"] < 62
 
 
-def test_eight_gpus_hold_everything() -> None:
+def test_eight_gpus_hold_everything_and_two_are_enough() -> None:
     data = _json([str(DEEPSEEK_GGUF), "--gpu", "80GiB", "--gpus", "8"])
-    auto = data["kquant"]
+    auto, fewest = data["kquant"], data["fewestGPUs"]
     assert isinstance(auto, dict) and auto["fullOffload"] and auto["gpus"] == 8
+    # What the operator requests from a pool of 80 GiB GPUs (docs/memory-model.md).
+    assert isinstance(fewest, dict) and fewest["fullOffload"] and fewest["gpus"] == 2
 
 
 def test_human_output_shows_both_planners_and_the_args() -> None:
     result = runner.invoke(cli.app, ["plan", str(DEEPSEEK_GGUF), "--gpu", "24GiB"], terminal_width=200)
     assert result.exit_code == 0, result.output
-    for text in ("kquant", "seed formula", "--n-cpu-moe", "llama-server --n-gpu-layers 62", "estimate: published"):
+    for text in ("kquant", "seed formula", "--n-cpu-moe", "llama-server --n-gpu-layers 62", "estimate: published",
+                 "a pool of 24.00 GiB GPUs: request 6 GPU(s) for full offload"):
         assert text in result.output
 
 
