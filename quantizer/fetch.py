@@ -330,11 +330,14 @@ def fetch(
     verified: set[str] = set()
     for attempt in range(1, attempts + 1):
         try:
-            for f in large:
+            total = sum(f.size or 0 for f in large) or 1
+            for i, f in enumerate(large):
                 if f.name not in verified and _download_resumable(
                     source.repo, revision, f, dest, endpoint, _token(env)
                 ):
                     verified.add(f.name)
+                if progress is not None:
+                    progress(0.5 * sum(g.size or 0 for g in large[: i + 1]) / total)
             if small:
                 huggingface_hub.snapshot_download(
                     source.repo,
