@@ -13,7 +13,11 @@ where ggml-alloc's placement noise is a few rows); ``-ngl`` equal to ``--fit``'s
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -194,3 +198,37 @@ def test_two_gpus_fit_the_budgets_and_offload_no_less_than_fit(
     for device, compute, budget in zip(measured.devices, measured.compute_bytes, seen, strict=True):
         used = (device.model + device.context) * MiB + compute
         assert used <= budget, (ours.explanation, measured)
+
+
+def test_llama_server_accepts_the_plan(binaries: Path, endpoint: list[str], models: dict[str, Path]) -> None:
+    """llama-server starts with the planner's arguments (two GPUs, pipeline parallelism off) and
+    offloads the layers the plan says; its log is the check."""
+    path = models["dense"]
+    facts = gguf_facts.read_facts(path)
+    settings = plan.PlannerSettings(backend=memory.Backend.RPC, cuda_context_bytes=0, margin_bytes=0)
+    ours = plan.plan(plan.PlanRequest(facts, memory.ContextSettings(4096), (60 * MiB, 120 * MiB), settings=settings))
+    assert ours.pipeline_disabled and ours.full_offload, ours.explanation
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(binaries / "llama-server"), "-m", str(path), "--rpc", ",".join(endpoint), "--host", "127.0.0.1",
+           "--port", str(port), "-v", *ours.server_args()]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        healthy = False
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    healthy = response.status == 200
+            except OSError:
+                pass
+            if healthy:
+                break
+            time.sleep(0.5)
+        assert healthy, f"llama-server exited with {proc.poll()}"
+    finally:
+        proc.terminate()
+        log, _ = proc.communicate(timeout=30)
+    assert f"offloaded {ours.gpu_layers}/{ours.total_layers} layers to GPU" in log, log[-3000:]
+    assert "pipeline parallelism enabled" not in log
