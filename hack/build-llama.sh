@@ -61,7 +61,11 @@ if [ ! -f "$src/CMakeLists.txt" ]; then
 fi
 
 # 2. Configure and build. GGML_NATIVE=OFF keeps the binaries portable between the shared machines.
-cmake -S "$src" -B "$build" -G Ninja \
+generator=()
+if command -v ninja >/dev/null 2>&1; then
+  generator=(-G Ninja)
+fi
+cmake -S "$src" -B "$build" "${generator[@]}" \
   -DCMAKE_BUILD_TYPE=Release \
   -DGGML_NATIVE=OFF \
   -DGGML_RPC=ON \
