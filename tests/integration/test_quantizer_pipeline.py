@@ -354,3 +354,17 @@ def test_report_lands_in_the_configmap(env: Env, cluster: kube.Cluster, namespac
     assert data["progress"].startswith("failed: source.huggingface.repo 'nobody/missing'")
     assert json.loads(data["report"])["status"] == "Failed"
     shutil.rmtree(env.tmp / "cm", ignore_errors=True)
+
+
+def test_unsupported_architecture_fails_in_convert(env: Env, tmp_path: Path) -> None:
+    folder = tmp_path / "hf"
+    shutil.copytree(smollm2.hf_dir(), folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["NopeForCausalLM"]}))
+    (folder / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    root = tmp_path / "store"
+    run = env.run(env.spec(root, source={"local": {"path": str(folder)}}))
+    assert run.rc == 1 and "Traceback" not in run.out.split("kquant-quantize: build failed")[-1]
+    assert run.report["failedStep"] == "convert"
+    assert "NopeForCausalLM is not supported" in run.report["reason"]
+    assert not list((tmp_path / "store").rglob("*.gguf"))
