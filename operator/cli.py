@@ -157,17 +157,16 @@ def quantize(
     """Build one variant on this machine (a workstation with its own GPU), with progress bars."""
     from kquant.operator.commands import plan as plan_cmd
     from kquant.operator.commands import quantize as quantize_cmd
-    from kquant.quantizer import report
+    from kquant.quantizer import report, settings
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
 
-    def spec() -> object:
+    def spec() -> settings.BuildSpec:
         qm = common.load_model(manifest)
         return quantize_cmd.local_spec(qm, plan_cmd.pick_variant(qm, variant), storage.resolve())
 
-    build_spec = _run(spec)
-    result = quantize_cmd.run(build_spec, console)  # type: ignore[arg-type]
+    result = quantize_cmd.run(_run(spec), console)
     if result.status is report.BuildStatus.FAILED:
         raise typer.Exit(1)
 
