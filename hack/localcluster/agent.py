@@ -9,6 +9,7 @@ processes get SIGTERM and the grace period, then the agent removes the pod objec
 from __future__ import annotations
 
 import datetime
+import hashlib
 import ipaddress
 import itertools
 import json
@@ -28,10 +29,14 @@ PROVISIONER = "kquant.dev/local-agent"
 
 
 class PodAddresses:
-    """Hands out one loopback address per pod: 127.1.0.1, 127.1.0.2, ..."""
+    """Hands out one loopback address per pod: 127.N.0.1, 127.N.0.2, ...
 
-    def __init__(self) -> None:
-        self._next = itertools.count(int(ipaddress.IPv4Address("127.1.0.1")))
+    N comes from the cluster's folder, so two local clusters on one machine (a demo and a test
+    run) do not give their pods the same address and port."""
+
+    def __init__(self, cluster_root: pathlib.Path) -> None:
+        octet = 2 + int(hashlib.sha256(str(cluster_root).encode()).hexdigest(), 16) % 250
+        self._next = itertools.count(int(ipaddress.IPv4Address(f"127.{octet}.0.1")))
         self._lock = threading.Lock()
 
     def take(self) -> str:
@@ -52,7 +57,7 @@ class NodeAgent:
         self.node_specs = node_specs
         self.node_names = {n.name for n in node_specs}
         self.table = table or images.ImageTable.load()
-        self.addresses = PodAddresses()
+        self.addresses = PodAddresses(workloads)
         self.runners: dict[str, podrunner.PodRunner] = {}
         self.stopping = threading.Event()
 

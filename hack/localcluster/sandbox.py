@@ -102,28 +102,27 @@ class Sandbox:
             target.write_text(data[item["key"]])
 
     def _configmap(self, ref: dict[str, Any]) -> dict[str, str]:
-        name = ref.get("name") or ref.get("configMapRef", {}).get("name")
-        try:
-            cm = self.core.read_namespaced_config_map(name, self.namespace)
-        except client.ApiException as exc:
-            if exc.status == 404 and ref.get("optional"):
-                return {}
-            if exc.status == 404:
-                raise ConfigError(f'configmap "{name}" not found') from exc
-            raise
-        return dict(cm.data or {})
+        name = str(ref.get("name") or ref.get("configMapRef", {}).get("name"))
+        found = self._read("configmap", name, ref, self.core.read_namespaced_config_map)
+        return dict(found.data or {}) if found is not None else {}
 
     def _secret(self, ref: dict[str, Any]) -> dict[str, str]:
-        name = ref.get("secretName") or ref.get("name")
+        name = str(ref.get("secretName") or ref.get("name"))
+        found = self._read("secret", name, ref, self.core.read_namespaced_secret)
+        if found is None:
+            return {}
+        return {k: base64.b64decode(v).decode() for k, v in (found.data or {}).items()}
+
+    def _read(self, kind: str, name: str, ref: dict[str, Any], reader: Any) -> Any:
+        """The object, None if it is missing but optional; a missing required one is a config error."""
         try:
-            secret = self.core.read_namespaced_secret(name, self.namespace)
+            return reader(name, self.namespace)
         except client.ApiException as exc:
-            if exc.status == 404 and ref.get("optional"):
-                return {}
-            if exc.status == 404:
-                raise ConfigError(f'secret "{name}" not found') from exc
-            raise
-        return {k: base64.b64decode(v).decode() for k, v in (secret.data or {}).items()}
+            if exc.status != 404:
+                raise
+            if ref.get("optional"):
+                return None
+            raise ConfigError(f'{kind} "{name}" not found') from exc
 
     def _projected(self, folder: pathlib.Path, source: dict[str, Any]) -> None:
         if "serviceAccountToken" in source:

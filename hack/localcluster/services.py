@@ -1,7 +1,7 @@
 """Reach a Service on the local cluster.
 
 There is no kube-proxy here, and the EndpointSlice controller cannot list our pods: their
-addresses are loopback addresses (127.1.x.y), which the API server refuses in an EndpointSlice.
+addresses are loopback addresses (127.N.x.y), which the API server refuses in an EndpointSlice.
 A client therefore does what kube-proxy would: take the Service's selector, pick a Ready pod that
 matches it, and connect to that pod's address on the Service's target port.
 """
