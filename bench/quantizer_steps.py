@@ -14,7 +14,7 @@ uniform Q4_K_M against the dynamic recipe (size and KL divergence), all through 
    SmolLM2 and on a random-weight llama whose widths are multiples of 256 (K- and IQ-types apply);
    KL divergence against the f16 model on the held-out text, from the pipeline's evaluate step.
 
-    PYTHONSAFEPATH=1 .venv/bin/python -P bench/quantizer_steps.py [--repeats 5] [--chunks 4]
+    PYTHONSAFEPATH=1 .venv/bin/python -P bench/quantizer_steps.py [--repeats 5] [--chunks 4] [--sections 1,2,3]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
-from kquant.quantizer import constants, imatrix, pipeline, progress, quantize, report, settings, steps
+from kquant.quantizer import constants, evaluate, imatrix, pipeline, progress, quantize, report, settings, steps
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
@@ -144,44 +144,62 @@ def compare(name: str, result: report.BuildReport) -> None:
         )
 
 
+def overhead_inputs(
+    smol: report.BuildReport | None, source: dict[str, Any], work: Path, chunks: int
+) -> tuple[Path, Path]:
+    """The f16 GGUF and imatrix of the SmolLM2 build, or (section 2 alone) made directly."""
+    if smol is not None:
+        spec = {"source": source, "convertType": "f16", "variants": VARIANTS, "storageRoot": str(work / "smol")}
+        layout = pipeline.Layout.for_spec(settings.parse_spec(spec))
+        return layout.base_gguf(settings.ConvertType.F16), layout.imatrix
+    hf = smollm2.hf_dir()
+    f16 = quantize_models.cached_f16_gguf(hf, "smollm2")
+    data = imatrix.compute_imatrix(hf, [evaluate.builtin_text("calibration.txt")], chunks=chunks, context_size=512)
+    path = work / "imatrix.gguf"
+    imatrix.write_gguf(data, path)
+    return f16, path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chunks", type=int, default=4, help="calibration and evaluation chunks of 512 tokens")
+    parser.add_argument("--sections", default="1,2,3", help="which of the three measurements to run")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
     smol_hf = smollm2.hf_dir()
-    rand_hf = quantize_models.write_random_hf_like(
-        Path.home() / ".cache" / "kquant" / "fixtures" / "random-256-hf", smol_hf
-    )
     with tempfile.TemporaryDirectory() as tmp, FakeHub() as hub:
         work = Path(tmp)
         hub.add_repo(REPO, smol_hf)
         source = {
             "huggingface": {"repo": REPO, "endpoint": hub.url, "allowPatterns": ["*.json", "*.safetensors", "*.jinja"]}
         }
-        print(f"== 1. step wall times, SmolLM2-135M-Instruct, {os.cpu_count()} CPU threads")
-        smol = build(source, work / "smol", args.chunks)
-        print_steps(smol)
+        smol = None
+        if sections & {"1", "3"}:
+            print(f"== 1. step wall times, SmolLM2-135M-Instruct, {os.cpu_count()} CPU threads")
+            smol = build(source, work / "smol", args.chunks)
+            print_steps(smol)
 
-        layout = pipeline.Layout.for_spec(
-            settings.parse_spec(
-                {"source": source, "convertType": "f16", "variants": VARIANTS, "storageRoot": str(work / "smol")}
+        if "2" in sections:
+            f16, imatrix_path = overhead_inputs(smol, source, work, args.chunks)
+            print(f"\n== 2. quantize step / bare llama_model_quantize (Q4_K_M + imatrix, {args.repeats} runs)")
+            pairs = overhead(f16, imatrix_path, args.repeats, work)
+            for bare, stepped in pairs:
+                print(f"bare {bare:6.3f} s   step {stepped:6.3f} s   ratio {stepped / bare:5.3f}")
+            ratio = statistics.median(s / b for b, s in pairs)
+            best = min(s for _, s in pairs) / min(b for b, _ in pairs)
+            # On a shared machine single runs swing by 2x; the best of each is the least disturbed.
+            print(f"median of ratios {ratio:.3f}, best step / best bare {best:.3f} (goal <= 1.05)")
+
+        if "3" in sections and smol is not None:
+            print("\n== 3. uniform Q4_K_M vs dynamic at the same or smaller size (KL vs f16, held-out text)")
+            rand_hf = quantize_models.write_random_hf_like(
+                Path.home() / ".cache" / "kquant" / "fixtures" / "random-256-hf", smol_hf
             )
-        )
-        print(f"\n== 2. quantize step / bare llama_model_quantize (Q4_K_M + imatrix, {args.repeats} runs)")
-        pairs = overhead(layout.base_gguf(settings.ConvertType.F16), layout.imatrix, args.repeats, work)
-        for bare, stepped in pairs:
-            print(f"bare {bare:6.3f} s   step {stepped:6.3f} s   ratio {stepped / bare:5.3f}")
-        ratio = statistics.median(s / b for b, s in pairs)
-        best = min(s for _, s in pairs) / min(b for b, _ in pairs)
-        # On a shared machine single runs swing by 2x; the best of each is the least disturbed.
-        print(f"median of ratios {ratio:.3f}, best step / best bare {best:.3f} (goal <= 1.05)")
-
-        print("\n== 3. uniform Q4_K_M vs dynamic at the same or smaller size (KL vs f16, held-out text)")
-        rand = build({"local": {"path": str(rand_hf)}}, work / "rand", args.chunks)
-        print(f"{'model':<11} {'name':<6} {'recipe':<8} {'bytes':>13} {'bpw':>6} {'KL':>9} {'top-1':>6}")
-        compare("smollm2", smol)
-        compare("random-256", rand)
+            rand = build({"local": {"path": str(rand_hf)}}, work / "rand", args.chunks)
+            print(f"{'model':<11} {'name':<6} {'recipe':<8} {'bytes':>13} {'bpw':>6} {'KL':>9} {'top-1':>6}")
+            compare("smollm2", smol)
+            compare("random-256", rand)
 
 
 if __name__ == "__main__":
