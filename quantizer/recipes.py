@@ -22,11 +22,12 @@ How the dynamic mix is chosen (:func:`plan_dynamic`, pure):
   the residual stream more, so its ``mean(imatrix)`` over the geometric mean of its role's is a
   factor (clipped to [0.5, 2]). The first and last eighth of the layers count 1.5x, as llama.cpp's
   ``use_more_bits`` does.
-* **Floors.** Each role has a lowest precision (attention, embeddings and shared experts >= 4 bits,
-  the output >= 5, expert ``ffn_down`` >= 2) and nothing goes more than 0.3 bits below the
-  variant's base type; types that need an imatrix are candidates only when one is given, and a
-  type whose block does not divide the row length is never a candidate (a 576-wide row gets
-  ``IQ4_NL``/``Q5_0``/``Q8_0`` instead of ``Q4_K``/``Q6_K``), so llama.cpp never falls back.
+* **Floors.** Each role has a lowest precision: the output matrix 6 bits (as llama.cpp's mixes
+  keep it), attention, embeddings and shared experts 4, dense ``ffn_down`` 2.5. No tensor goes
+  below the variant's base type, except bulk ones (dense FFN and experts), which may go 0.3 bits
+  below it. Types that need an imatrix are candidates only for tensors it names, and a type whose
+  block does not divide the row length never is (a 576-wide row gets ``IQ4_NL``/``Q5_0``/``Q8_0``
+  instead of ``Q4_K``/``Q6_K``), so llama.cpp never falls back.
 * **Budget.** ``targetSizeGiB`` or ``targetBitsPerWeight``, else the size of the uniform file of
   the variant's type. Every tensor starts at its cheapest candidate; then the upgrade with the best
   loss saved per byte is taken while it fits (a greedy multiple-choice knapsack over each tensor's
@@ -136,7 +137,7 @@ ROLE_POLICIES: dict[Role, RolePolicy] = {
     Role.FFN_DOWN: RolePolicy(1.5, 2.5, bulk=True),
     Role.FFN_GATE_UP: RolePolicy(0.75, 0.0, bulk=True),
     Role.SHARED_EXPERT: RolePolicy(1.0, 4.0),
-    Role.EXPERT_DOWN: RolePolicy(1.5, 2.0, bulk=True),
+    Role.EXPERT_DOWN: RolePolicy(1.5, 0.0, bulk=True),
     Role.EXPERT_GATE_UP: RolePolicy(0.75, 0.0, bulk=True),
     Role.OTHER: RolePolicy(1.0, 4.0),
     Role.KEPT: RolePolicy(0.0, 0.0),

@@ -298,3 +298,66 @@ def test_tensors_missing_from_the_imatrix_get_no_imatrix_types() -> None:
     )
     assert not constants.TENSOR_TYPES[choice.types["blk.2.ffn_up_exps.weight"]].needs_imatrix
     assert constants.TENSOR_TYPES[choice.types["blk.1.ffn_up_exps.weight"]].needs_imatrix
+
+
+def deepseek_r1() -> list[recipes.TensorSpec]:
+    """DeepSeek-R1's tensor list as llama.cpp's converter writes it (671B weights, 3 dense layers,
+    58 MoE layers of 256 experts plus a shared one, MLA attention)."""
+    hidden, vocab, experts, ff, dense_ff = 7168, 129280, 256, 2048, 18432
+    tensors = [
+        recipes.TensorSpec("token_embd.weight", (hidden, vocab), T.BF16),
+        recipes.TensorSpec("output_norm.weight", (hidden,), T.F32),
+        recipes.TensorSpec("output.weight", (hidden, vocab), T.BF16),
+    ]
+    for i in range(61):
+        b = f"blk.{i}."
+        tensors += [
+            recipes.TensorSpec(b + "attn_norm.weight", (hidden,), T.F32),
+            recipes.TensorSpec(b + "attn_q_a.weight", (hidden, 1536), T.BF16),
+            recipes.TensorSpec(b + "attn_q_a_norm.weight", (1536,), T.F32),
+            recipes.TensorSpec(b + "attn_q_b.weight", (1536, 128 * 192), T.BF16),
+            recipes.TensorSpec(b + "attn_kv_a_mqa.weight", (hidden, 576), T.BF16),
+            recipes.TensorSpec(b + "attn_kv_a_norm.weight", (512,), T.F32),
+            recipes.TensorSpec(b + "attn_kv_b.weight", (512, 128 * 256), T.BF16),
+            recipes.TensorSpec(b + "attn_output.weight", (128 * 128, hidden), T.BF16),
+            recipes.TensorSpec(b + "ffn_norm.weight", (hidden,), T.F32),
+        ]
+        if i < 3:
+            tensors += [
+                recipes.TensorSpec(b + "ffn_gate.weight", (hidden, dense_ff), T.BF16),
+                recipes.TensorSpec(b + "ffn_up.weight", (hidden, dense_ff), T.BF16),
+                recipes.TensorSpec(b + "ffn_down.weight", (dense_ff, hidden), T.BF16),
+            ]
+            continue
+        tensors += [
+            recipes.TensorSpec(b + "ffn_gate_inp.weight", (hidden, experts), T.F32),
+            recipes.TensorSpec(b + "ffn_gate_exps.weight", (hidden, ff, experts), T.BF16),
+            recipes.TensorSpec(b + "ffn_up_exps.weight", (hidden, ff, experts), T.BF16),
+            recipes.TensorSpec(b + "ffn_down_exps.weight", (ff, hidden, experts), T.BF16),
+            recipes.TensorSpec(b + "ffn_gate_shexp.weight", (hidden, ff), T.BF16),
+            recipes.TensorSpec(b + "ffn_up_shexp.weight", (hidden, ff), T.BF16),
+            recipes.TensorSpec(b + "ffn_down_shexp.weight", (ff, hidden), T.BF16),
+        ]
+    return tensors
+
+
+def test_deepseek_r1_at_131_gib_looks_like_unsloths_mix() -> None:
+    tensors = deepseek_r1()
+    by_name = {t.name: t for t in tensors}
+    choice = plan(tensors, 131 * recipes.GIB, base=T.IQ1_S)
+    assert 130 * recipes.GIB < choice.total_bytes <= 131 * recipes.GIB
+    roles = recipes.roles_for(tensors)
+
+    def bits_of(role: recipes.Role) -> list[float]:
+        return [bits(by_name[n], t) for n, t in choice.types.items() if roles[n] is role]
+
+    assert set(bits_of(recipes.Role.EXPERT_GATE_UP)) == {constants.TENSOR_TYPES[T.IQ1_S].bits_per_weight}
+    assert max(bits_of(recipes.Role.EXPERT_DOWN)) > min(bits_of(recipes.Role.EXPERT_DOWN))  # "2.06/1.56 bit"
+    for role in (recipes.Role.ATTN_QK, recipes.Role.ATTN_OTHER, recipes.Role.ATTN_OUTPUT, recipes.Role.SHARED_EXPERT):
+        assert min(bits_of(role)) >= 4.0, role
+    assert min(bits_of(recipes.Role.FFN_DOWN) + bits_of(recipes.Role.FFN_GATE_UP)) >= 4.0  # the 3 dense layers
+    assert bits_of(recipes.Role.OUTPUT) == [constants.TENSOR_TYPES[T.Q6_K].bits_per_weight]
+    kept = [n for n, r in roles.items() if r is recipes.Role.KEPT]
+    assert len(recipes.overrides_for(choice.types, kept)) < 40
+    with pytest.raises(recipes.RecipeError, match=r"smallest mix this recipe allows is 127\.\d+ GiB"):
+        plan(tensors, 110 * recipes.GIB, base=T.IQ1_S)
