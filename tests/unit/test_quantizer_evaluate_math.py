@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,3 +78,14 @@ def test_render_chat_template() -> None:
 def test_builtin_texts_are_shipped() -> None:
     assert len(evaluate.builtin_text("heldout.txt").split()) > 2000
     assert len(evaluate.builtin_text("calibration.txt").split()) > 2000
+
+
+def test_dataset_from_a_file(tmp_path: Path) -> None:
+    text = tmp_path / "cal.txt"
+    text.write_text("some calibration text")
+    assert evaluate.dataset_text(settings.DatasetKind.FILE, text, "calibration.txt") == "some calibration text"
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(evaluate.EvaluateError, match="is empty"):
+        evaluate.dataset_text(settings.DatasetKind.FILE, tmp_path / "empty.txt", "calibration.txt")
+    with pytest.raises(evaluate.EvaluateError, match="cannot read dataset file"):
+        evaluate.dataset_text(settings.DatasetKind.FILE, tmp_path / "missing.txt", "calibration.txt")
