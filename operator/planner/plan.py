@@ -360,14 +360,16 @@ def _try(
 
     On several GPUs with everything offloaded llama.cpp turns on pipeline parallelism (4 copies of
     every GPU's inputs). When those buffers do not fit but the plain ones do, the plan turns it off
-    (``NO_PIPELINE_OVERRIDE``) rather than giving up a layer, and records that.
+    (``NO_PIPELINE_OVERRIDE``) rather than giving up a layer, and records that. Several GPUs get
+    a split proportional to their room first (every GPU works and keeps headroom), and the
+    back-filled split when that does not fit.
     """
     multi_full = len(budgets) > 1 and ngl > request.facts.block_count and n_cpu_moe == 0
     for pipelined in (None, False) if multi_full else (None,):
-        placement = _placement(request, ngl, n_cpu_moe, budgets, pipelined)
-        bd = memory.breakdown(request.facts, request.context, placement, request.settings.backend)
-        if _fits(bd, budgets, request.host_memory):
-            return placement, bd
+        for placement in _placements(request, ngl, n_cpu_moe, budgets, pipelined):
+            bd = memory.breakdown(request.facts, request.context, placement, request.settings.backend)
+            if _fits(bd, budgets, request.host_memory):
+                return placement, bd
     return None
 
 
@@ -375,17 +377,84 @@ def _even_split(n: int) -> tuple[float, ...]:
     return tuple(1.0 for _ in range(n))
 
 
+def _placements(
+    request: PlanRequest, ngl: int, n_cpu_moe: int, budgets: Sequence[int], pipelined: bool | None = None
+) -> list[memory.Placement]:
+    """Candidate placements for ``ngl`` layers, best first."""
+    if request.tensor_split is not None:
+        return [memory.Placement(ngl, request.tensor_split, n_cpu_moe, pipelined)]
+    if len(budgets) == 1:
+        return [memory.Placement(ngl, (1.0,), n_cpu_moe, pipelined)]
+    out = []
+    for counts in (
+        _proportional_counts(request, ngl, n_cpu_moe, budgets, pipelined is not False),
+        _greedy_counts(request, ngl, n_cpu_moe, budgets, pipelined is not False),
+    ):
+        placement = memory.Placement(ngl, tuple(float(c) for c in counts), n_cpu_moe, pipelined)
+        if placement not in out:
+            out.append(placement)
+    return out
+
+
 def _placement(
     request: PlanRequest, ngl: int, n_cpu_moe: int, budgets: Sequence[int], pipelined: bool | None = None
 ) -> memory.Placement:
-    """A placement for ``ngl`` layers; with several GPUs, a split that fills each GPU to its budget."""
-    if request.tensor_split is not None:
-        return memory.Placement(ngl, request.tensor_split, n_cpu_moe, pipelined)
-    n_gpu = len(budgets)
-    if n_gpu == 1:
-        return memory.Placement(ngl, (1.0,), n_cpu_moe, pipelined)
-    counts = _greedy_counts(request, ngl, n_cpu_moe, budgets, pipelined is not False)
-    return memory.Placement(ngl, tuple(float(c) for c in counts), n_cpu_moe, pipelined)
+    """The first candidate placement (for a plan that is reported even though it does not fit)."""
+    return _placements(request, ngl, n_cpu_moe, budgets, pipelined)[0]
+
+
+def _layer_costs(request: PlanRequest, ngl: int, n_cpu_moe: int) -> list[int]:
+    """Weights and KV of each offloaded layer in llama.cpp's order (the output layer last)."""
+    facts = request.facts
+    n_layer = facts.block_count
+    costs = []
+    for il in range(max(n_layer + 1 - ngl, 0), n_layer + 1):
+        if il == n_layer:
+            costs.append(facts.output_device_bytes)
+            continue
+        experts = facts.layer_expert_bytes[il] if il < n_cpu_moe else 0
+        costs.append(facts.layer_bytes[il] - experts + memory.kv_layer_bytes(facts, request.context, il))
+    return costs
+
+
+def _reserves(request: PlanRequest, ngl: int, n_cpu_moe: int, n_gpu: int, allow_pipeline: bool) -> list[int]:
+    """Compute buffer to keep free on each GPU, with the largest block anywhere (a safe bound)."""
+    facts = request.facts
+    pipelined = allow_pipeline and ngl > facts.block_count and n_cpu_moe == 0  # llama.cpp's rule
+    every = range(facts.block_count)
+
+    def reserve_for(first: bool, has_output: bool) -> int:
+        return memory.device_compute(
+            facts, request.context, every, has_output=has_output, first=first, pipelined=pipelined
+        )
+
+    return [reserve_for(d == 0, False) for d in range(n_gpu - 1)] + [reserve_for(n_gpu == 1, True)]
+
+
+def _proportional_counts(
+    request: PlanRequest, ngl: int, n_cpu_moe: int, budgets: Sequence[int], allow_pipeline: bool
+) -> list[int]:
+    """Layers per GPU so that each GPU's weights and KV are proportional to the room it has."""
+    costs = _layer_costs(request, ngl, n_cpu_moe)
+    reserves = _reserves(request, ngl, n_cpu_moe, len(budgets), allow_pipeline)
+    room = [max(b - r, 0) for b, r in zip(budgets, reserves, strict=True)]
+    total_room = sum(room) or 1
+    total_cost = sum(costs)
+    counts = [0] * len(budgets)
+    d = 0
+    bound = total_cost * room[0] / total_room
+    running = 0
+    for i, cost in enumerate(costs):
+        last_layers = i == len(costs) - 1
+        # move on once this GPU's share is used up (by more than half a layer)
+        while d < len(budgets) - 1 and running + cost / 2 > bound and not last_layers:
+            d += 1
+            bound += total_cost * room[d] / total_room
+        if last_layers:
+            d = len(budgets) - 1
+        counts[d] += 1
+        running += cost
+    return counts
 
 
 def _greedy_counts(
@@ -395,33 +464,17 @@ def _greedy_counts(
 
     llama.cpp assigns the offloaded range (last blocks, then the output layer) to GPUs in order
     by cumulative ``-ts`` proportions, so integer counts as ``-ts`` give exactly this assignment.
-    Each GPU keeps room for its compute buffer: the logits on the last one, one block's
-    activations and the masks on the others. Layers that fit nowhere land on the first GPU, and
-    the caller's check of the full breakdown rejects that ``ngl``.
+    Each GPU keeps room for its compute buffer. Layers that fit nowhere land on the first GPU,
+    and the caller's check of the full breakdown rejects that ``ngl``.
     """
-    facts = request.facts
-    ctx = request.context
-    n_layer = facts.block_count
     n_gpu = len(budgets)
-    start = max(n_layer + 1 - ngl, 0)
-    # Compute reserves per role, with the largest block anywhere (a safe bound).
-    pipelined = allow_pipeline and ngl > n_layer and n_cpu_moe == 0  # llama.cpp's rule on several GPUs
-    every = range(n_layer)
-
-    def reserve_for(first: bool, has_output: bool) -> int:
-        return memory.device_compute(facts, ctx, every, has_output=has_output, first=first, pipelined=pipelined)
-
-    reserve = [reserve_for(d == 0, False) for d in range(n_gpu - 1)] + [reserve_for(n_gpu == 1, True)]
+    costs = _layer_costs(request, ngl, n_cpu_moe)
+    reserve = _reserves(request, ngl, n_cpu_moe, n_gpu, allow_pipeline)
     counts = [0] * n_gpu
     used = [0] * n_gpu
     d = n_gpu - 1
-    for il in range(n_layer, start - 1, -1):
-        if il == n_layer:
-            cost = facts.output_device_bytes
-        else:
-            experts = facts.layer_expert_bytes[il] if il < n_cpu_moe else 0
-            cost = facts.layer_bytes[il] - experts + memory.kv_layer_bytes(facts, ctx, il)
-        while d > 0 and used[d] + cost + reserve[d] > budgets[d] and il != n_layer:
+    for i, cost in enumerate(reversed(costs)):
+        while d > 0 and used[d] + cost + reserve[d] > budgets[d] and i > 0:
             d -= 1
         counts[d] += 1
         used[d] += cost
@@ -458,7 +511,7 @@ def explain(p: OffloadPlan, why: str) -> str:
     elif p.gpu_layers == 0:
         where = "nothing on the GPU"
     else:
-        where = f"the output layer and the last {p.gpu_layers - 1} of {n_layer} blocks on the GPU"
+        where = f"the output layer and the last {p.gpu_layers - 1} of {n_layer} blocks on {len(p.gpu_memory)} GPU(s)"
     parts = [f"{'fits' if p.fits else 'does not fit'}: -ngl {p.gpu_layers} puts {where} ({why})"]
     if len(p.gpu_memory) > 1 and p.full_offload:
         parts.append(

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+import gguf
 import pytest
 from kquant.operator.planner import __main__ as cli
 from kquant.operator.planner import memory, plan
@@ -205,3 +206,15 @@ def test_fewest_gpus_for_a_node_pool() -> None:
     as_dict = plan.plan_to_dict(p)
     assert as_dict["gpus"] == 3 and as_dict["fullOffload"] is True
     assert json.loads(json.dumps(as_dict)) == as_dict
+
+
+def test_several_gpus_share_the_layers_evenly() -> None:
+    shape = gguf_models.Shape(n_layer=80, n_embd=8192, n_head=64, n_head_kv=8, n_ff=28672, n_vocab=128256,
+                              weight_type=gguf.GGMLQuantizationType.Q4_K)  # fmt: skip
+    big = gguf_models.shape_facts(shape)
+    ctx = memory.ContextSettings(8192, constants.CacheType.Q8_0, constants.CacheType.Q8_0, parallel=4)
+    p = plan.plan(plan.PlanRequest(big, ctx, (24 * GiB,) * 4))
+    assert p.fits and p.full_offload and p.pipeline_parallel
+    totals = [d.total for d in p.devices]
+    assert min(totals) > 0.9 * max(totals), [t / GiB for t in totals]
+    assert sum(p.tensor_split) == 81
