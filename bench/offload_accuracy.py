@@ -256,9 +256,9 @@ def summary(errors: dict[str, list[float]], differences: list[str]) -> None:
         if "pipeline parallelism off" in line:
             print("      why: --fit measures full offload on several GPUs with pipeline parallelism on (4 input copies)"
                   " and cannot turn it off; the planner turns it off with a no-op -ot and keeps every layer on the"
-                  " GPUs, and llama.cpp's own numbers for the planner's arguments stay within the budgets.")  # fmt: skip
+                  " GPUs; llama.cpp's own numbers for the planner's arguments stay within the budgets.")  # fmt: skip
         elif " OVER " in line:
-            print("      why: the planner's prediction was below llama.cpp's allocation here (see the tables above).")
+            print("      why: the planner's prediction was below llama.cpp's allocation (see the tables above).")
 
 
 def main() -> int:
