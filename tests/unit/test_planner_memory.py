@@ -201,3 +201,14 @@ def test_pipeline_parallelism_keeps_four_copies_of_the_inputs(
     partial = memory.breakdown(BENCH_DENSE, settings, memory.Placement(16, split), RPC)
     assert mib(partial.devices[0].compute) < gpus[0] - 10
     assert not memory.pipeline_parallel(partial.layer_device, len(split), 0)
+
+
+@pytest.mark.parametrize(
+    ("cache", "bytes_per_32"),
+    [(C.F32, 128), (C.F16, 64), (C.BF16, 64), (C.Q8_0, 34), (C.Q4_0, 18), (C.Q4_1, 20), (C.Q5_0, 22),
+     (C.Q5_1, 24), (C.IQ4_NL, 18)],
+)  # fmt: skip
+def test_every_cache_type_has_its_row_size(cache: C, bytes_per_32: int) -> None:
+    settings = memory.ContextSettings(1024, cache, cache)  # flash attention is on, so a quantized V is allowed
+    values = 2 * 64  # 2 KV heads of 64
+    assert memory.kv_layer_bytes(TINY, settings, 0) == 1024 * 2 * values // 32 * bytes_per_32
