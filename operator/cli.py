@@ -79,7 +79,7 @@ def status(
 
 @app.command()
 def plan(
-    manifest: Annotated[pathlib.Path, typer.Argument(help="a QuantizedModel manifest")],
+    manifest: Annotated[pathlib.Path, typer.Argument(help="a QuantizedModel manifest; - reads standard input")],
     gpu: Annotated[str, typer.Option(help="memory of one GPU, e.g. 24GiB or 81559MiB")],
     gpus: Annotated[int | None, typer.Option(help="GPUs per server pod; spec.serving.gpus when unset")] = None,
     variant: Annotated[str | None, typer.Option(help="the variant to plan; the served one when unset")] = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+import sys
 from typing import Any
 
 import yaml
@@ -29,8 +30,9 @@ def parse_size(text: str) -> int:
 
 
 def read_documents(path: pathlib.Path) -> list[Any]:
+    """The YAML documents in ``path``; ``-`` reads standard input (``kubectl kustomize DIR | kquant plan -``)."""
     try:
-        text = path.read_text(encoding="utf-8")
+        text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
     except OSError as exc:
         raise CommandError(f"cannot read {path}: {exc.strerror}") from None
     try:

@@ -82,6 +82,16 @@ def test_api_server_accepts_the_rendered_overlay(custom: client.CustomObjectsApi
     assert custom.list_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL)["items"] == []
 
 
+def test_rendered_overlay_pipes_into_kquant_plan() -> None:
+    kubectl = shutil.which("kubectl")
+    assert kubectl
+    rendered = subprocess.run([kubectl, "kustomize", str(KIT / "overlays/prod")], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
+    result = CliRunner().invoke(cli.app, ["plan", "-", "--gpu", "24GiB", "--gpus", "1", "--json"], input=rendered)
+    assert result.exit_code == 0, result.output
+    assert '"variant": "q8"' in result.output and "SmolLM2" in result.output
+
+
 def test_a_promotion_renders_and_a_bad_one_is_refused(custom: client.CustomObjectsApi, namespace: str,
                                                       tmp_path: pathlib.Path) -> None:  # fmt: skip
     kit = tmp_path / "gitops"
