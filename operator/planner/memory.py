@@ -356,14 +356,12 @@ def compute_bytes(
         used = max(facts.expert_used_count, 1)
         n_ff_exp = max(facts.expert_feed_forward_length or facts.feed_forward_length[il] for il in moe_on_cpu)
         host = max(host, masks + (e + 2 * n_ff_exp * used) * u * F32)
-    if backend is Backend.CUDA and CPU in layer_device[:n_layer] and any(d != CPU for d in layer_device):
-        # Op offload: big matrix products with CPU weights run on the GPU (ubatch >= 32) after a
-        # copy of the weight into the first GPU's compute buffer.
-        biggest = max(
-            (facts.layer_max_tensor_bytes[il] for il in range(n_layer) if layer_device[il] == CPU),
-            default=0,
-        )
-        gpu[0] += biggest
+    if backend is Backend.CUDA and any(d != CPU for d in layer_device):
+        # Op offload: matrix products (MUL_MAT_ID too) with weights in host memory run on the GPU
+        # when a ubatch has 32 tokens or more, after a copy of the weight into the first GPU's
+        # compute buffer: whole CPU layers, and the experts --n-cpu-moe keeps in host memory.
+        on_host = [il for il in range(n_layer) if layer_device[il] == CPU or il in moe_on_cpu]
+        gpu[0] += max((facts.layer_max_tensor_bytes[il] for il in on_host), default=0)
     return tuple(gpu), host
 
 

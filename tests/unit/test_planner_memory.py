@@ -212,3 +212,13 @@ def test_every_cache_type_has_its_row_size(cache: C, bytes_per_32: int) -> None:
     settings = memory.ContextSettings(1024, cache, cache)  # flash attention is on, so a quantized V is allowed
     values = 2 * 64  # 2 KV heads of 64
     assert memory.kv_layer_bytes(TINY, settings, 0) == 1024 * 2 * values // 32 * bytes_per_32
+
+
+def test_cuda_op_offload_copies_host_experts_too() -> None:
+    moe = gguf_models.shape_facts(gguf_models.Shape(n_expert=4, n_expert_used=2))
+    settings = memory.ContextSettings(4096)
+    placement = memory.Placement(9, n_cpu_moe=2)
+    rpc = memory.breakdown(moe, settings, placement, RPC)
+    cuda = memory.breakdown(moe, settings, placement, memory.Backend.CUDA)
+    # one whole expert tensor (all experts of ffn_up, say) passes through the GPU's compute buffer
+    assert cuda.devices[0].compute - rpc.devices[0].compute == moe.layer_max_tensor_bytes[0]
