@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         seed_plan = plan.plan(plan.PlanRequest(facts, ctx, (size * GiB,) * count,
                                                settings=plan.PlannerSettings(planner=plan.PlannerKind.SEED)))
         rows.append((label, auto, seed_plan))
-    header = ("GPUs", "kquant -ngl", "--n-cpu-moe", "kquant last GPU GiB (w+KV+compute+1.00)",
+    header = ("GPUs", "kquant -ngl", "--n-cpu-moe", "kquant fullest GPU GiB (w+KV+compute+1.00)",
               "host weights GiB", "host reads/token GiB", "seed -ngl", "seed fullest GPU GiB", "seed fits",
               "seed host reads/token GiB")
     lines = []
@@ -69,9 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         read = plan._host_read_per_token(facts, bd, auto.n_cpu_moe)
         seed_bd = memory.breakdown(facts, ctx, memory.Placement(seed_plan.gpu_layers, seed_plan.tensor_split))
         seed_read = plan._host_read_per_token(facts, seed_bd, 0)
-        d0 = auto.devices[-1]
+        fullest = max(range(len(auto.devices)), key=lambda i: auto.predicted_gpu_bytes[i])
+        d0 = auto.devices[fullest]
+        used = auto.predicted_gpu_bytes[fullest]
         lines.append((label, f"{auto.gpu_layers}/{auto.total_layers}", str(auto.n_cpu_moe),
-                      f"{_gib(d0.model)} + {_gib(d0.kv)} + {_gib(d0.compute)} = {_gib(auto.predicted_gpu_bytes[-1])}",
+                      f"{_gib(d0.model)} + {_gib(d0.kv)} + {_gib(d0.compute)} = {_gib(used)}",
                       _gib(auto.host.model), _gib(read), f"{seed_plan.gpu_layers}/{seed_plan.total_layers}",
                       _gib(max(seed_plan.predicted_gpu_bytes)), "yes" if seed_plan.fits else "no",
                       _gib(seed_read)))  # fmt: skip
