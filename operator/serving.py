@@ -139,19 +139,19 @@ def no_fit(qm: api.QuantizedModel, found: list[Candidate], facts: gguf_facts.Mod
 
 
 def server_args(qm: api.QuantizedModel, model_path: str, offload: plan.OffloadPlan | None) -> list[str]:
+    """llama-server's arguments: where and how to listen, then the plan's own arguments (which pin
+    llama.cpp to exactly what was planned: ``--fit off``, unified KV, ubatch, split, experts)."""
     serving = qm.spec.serving
     assert serving is not None
-    ngl = offload.gpu_layers if offload else (serving.gpu_layers if isinstance(serving.gpu_layers, int) else 0)
     args = ["--model", model_path, "--alias", f"{qm.metadata.name}-{serving.variant}",
-            "--host", "0.0.0.0", "--port", str(manifests.SERVER_PORT),
-            "--ctx-size", str(offload.context.context if offload else serving.context_size),
-            "--parallel", str(serving.parallel), "--gpu-layers", str(ngl),
-            "--cache-type-k", serving.cache_type_k.value, "--cache-type-v", serving.cache_type_v.value,
-            "--flash-attn", serving.flash_attention.value, "--metrics", "--no-webui"]
-    if offload and len(offload.tensor_split) > 1:
-        args += ["--tensor-split", ",".join(f"{share:g}" for share in offload.tensor_split)]
-    if offload and offload.n_cpu_moe:
-        args += ["--n-cpu-moe", str(offload.n_cpu_moe)]
+            "--host", "0.0.0.0", "--port", str(manifests.SERVER_PORT), "--metrics", "--no-webui"]
+    if offload is not None:
+        args += list(offload.server_args())
+    else:  # served on CPU: nothing to plan on a GPU
+        ngl = serving.gpu_layers if isinstance(serving.gpu_layers, int) else 0
+        args += ["--ctx-size", str(serving.context_size), "--parallel", str(serving.parallel),
+                 "--n-gpu-layers", str(ngl), "--cache-type-k", serving.cache_type_k.value,
+                 "--cache-type-v", serving.cache_type_v.value, "--flash-attn", serving.flash_attention.value]
     sampling = serving.sampling or api.Sampling()
     for flag, value in (("--temp", sampling.temperature), ("--top-p", sampling.top_p),
                         ("--top-k", sampling.top_k), ("--min-p", sampling.min_p), ("--seed", sampling.seed)):

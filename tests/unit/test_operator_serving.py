@@ -74,7 +74,8 @@ def test_server_arguments_follow_the_spec_and_the_plan() -> None:
     args = container["args"]
     pairs = dict(zip(args[::2], args[1::2], strict=False))
     assert pairs["--model"] == f"{builds.STORAGE_MOUNT}/{'d' * 16}/q4km.gguf"
-    assert args[args.index("--gpu-layers") + 1] == "9" and args[args.index("--cache-type-k") + 1] == "q4_0"
+    assert args[args.index("--n-gpu-layers") + 1] == "9" and args[args.index("--cache-type-k") + 1] == "q4_0"
+    assert "--kv-unified" in args and args[args.index("--fit") + 1] == "off"
     assert args[args.index("--temp") + 1] == "0.6" and args[args.index("--seed") + 1] == "3407"
     assert "--metrics" in args
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
