@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 SPACE_MARGIN = 1.02
 """Free space asked for beyond the planned file size: GGUF alignment padding and metadata."""
 
+GATE_FIELDS = {"max_kl_divergence", "max_perplexity_increase", "min_top1_agreement"}
+"""Evaluation settings that decide pass or fail but do not change what is measured."""
+
 METRICS_VERSION = 2
 """Bumped when ``report.Metrics`` gains a field, so cached evaluations are redone."""
 
@@ -389,7 +392,7 @@ class Build:
         ref_dir: Path | None,
     ) -> report.VariantReport:
         digest = settings.variant_digest(self.spec, variant)
-        published = self._already_published(variant, digest)
+        published = self._already_published(variant, digest, base_digest, ref_dir)
         if published is not None:
             return published
         data = None
@@ -419,7 +422,7 @@ class Build:
                 raise BuildError(f"variants[{self._variant_index()}] ({variant.name}): {exc}") from None
 
         try:
-            q = self._step(
+            self._step(
                 f"quantize-{variant.name}",
                 steps.StepKind.QUANTIZE,
                 q_inputs,
@@ -436,7 +439,7 @@ class Build:
                 planned_bytes=plan.total_bytes,
             )
             return self._evaluate_and_publish(
-                variant, digest, staged_files, upstream=q.digest, base_report=base_report, ref_dir=ref_dir
+                variant, digest, staged_files, base_digest=base_digest, base_report=base_report, ref_dir=ref_dir
             )
         except BaseException:
             publish.discard_staging(self.layout.root, digest)
@@ -447,7 +450,7 @@ class Build:
     ) -> report.VariantReport:
         """A GGUF source that is already quantized: link it into place, evaluate it, publish it."""
         digest = settings.variant_digest(self.spec, variant)
-        published = self._already_published(variant, digest)
+        published = self._already_published(variant, digest, base_digest, None)
         if published is not None:
             return published
         stage = publish.staging_dir(self.layout.root, digest)
@@ -472,36 +475,36 @@ class Build:
                 recipe="as-is",
             )
             return self._evaluate_and_publish(
-                variant, digest, staged, upstream=base_digest, base_report=base_report, ref_dir=None
+                variant, digest, staged, base_digest=base_digest, base_report=base_report, ref_dir=None
             )
         except BaseException:
             publish.discard_staging(self.layout.root, digest)
             raise
 
-    def _evaluate_and_publish(
-        self,
-        variant: settings.VariantSpec,
-        digest: str,
-        staged: list[Path],
-        *,
-        upstream: str,
-        base_report: report.VariantReport,
-        ref_dir: Path | None,
-    ) -> report.VariantReport:
+    def _evaluate(
+        self, variant: settings.VariantSpec, digest: str, model: Path, base_digest: str, ref_dir: Path | None
+    ) -> tuple[report.Metrics, str]:
+        """The evaluate step (stamped by what the file is, not where it is) and its metrics."""
         ev = self.spec.evaluation
         text = evaluate.dataset_text(ev.dataset, ev.path, "heldout.txt")
         rt = evaluate.Runtime.from_spec(ev, self.spec.threads)
         metrics_path = self.layout.metrics(variant.name, digest)
         e_inputs = {
-            "variant": upstream,
+            # The variant digest names the file's content, the base digest the reference: the
+            # same inputs whether the file is still staged or already published.
+            "variant": digest,
+            "base": base_digest,
+            # the quantize step's stamp: a requantized file (new imatrix, same digest) is re-evaluated
+            "quantize": self.layout.stamps.read(f"quantize-{variant.name}"),
             "reference": None if ref_dir is None else self.layout.stamps.read("reference"),
             "text": text_sha(text),
-            "evaluation": ev.model_dump(mode="json", by_alias=True),
+            # what changes the numbers; the thresholds only change the gate, judged after the step
+            "evaluation": ev.model_dump(mode="json", by_alias=True, exclude=GATE_FIELDS),
             "metricsVersion": METRICS_VERSION,
         }
 
         def run_evaluate(p: steps.Progress) -> None:
-            metrics = evaluate.evaluate(staged[0], ref_dir, text, rt, ev, progress=p)
+            metrics = evaluate.evaluate(model, ref_dir, text, rt, ev, progress=p)
             metrics_path.write_text(metrics.model_dump_json(by_alias=True))
 
         e = self._step(
@@ -512,9 +515,11 @@ class Build:
             run_evaluate,
             variant=variant.name,
         )
-        metrics = report.Metrics.model_validate_json(metrics_path.read_text())
-        verdict = evaluate.gate(metrics, ev)
-        done_report = base_report.model_copy(
+        return report.Metrics.model_validate_json(metrics_path.read_text()), e.digest
+
+    def _judged(self, base_report: report.VariantReport, metrics: report.Metrics) -> report.VariantReport:
+        verdict = evaluate.gate(metrics, self.spec.evaluation)
+        return base_report.model_copy(
             update={
                 "metrics": metrics,
                 "gate": verdict,
@@ -523,12 +528,25 @@ class Build:
                 "perplexity": metrics.perplexity,
             }
         )
+
+    def _evaluate_and_publish(
+        self,
+        variant: settings.VariantSpec,
+        digest: str,
+        staged: list[Path],
+        *,
+        base_digest: str,
+        base_report: report.VariantReport,
+        ref_dir: Path | None,
+    ) -> report.VariantReport:
+        metrics, e_digest = self._evaluate(variant, digest, staged[0], base_digest, ref_dir)
+        done_report = self._judged(base_report, metrics)
         final = publish.variant_dir(self.layout.root, digest) / publish.REPORT_NAME
         result: list[report.VariantReport] = []
         self._step(
             f"publish-{variant.name}",
             steps.StepKind.PUBLISH,
-            {"evaluate": e.digest},
+            {"evaluate": e_digest},
             (final,),
             lambda p: result.append(
                 publish.publish(staged, self.layout.root, done_report, parameters=metrics.parameters)
@@ -537,12 +555,22 @@ class Build:
         )
         return result[0] if result else report.VariantReport.model_validate_json(final.read_text())
 
-    def _already_published(self, variant: settings.VariantSpec, digest: str) -> report.VariantReport | None:
-        """A variant whose report.json exists under its digest is done: reuse it, rebuild nothing."""
+    def _already_published(
+        self, variant: settings.VariantSpec, digest: str, base_digest: str, ref_dir: Path | None
+    ) -> report.VariantReport | None:
+        """A variant whose report.json exists under its digest is built: nothing is rebuilt. Its
+        evaluation is redone only when the evaluation settings changed (the step's stamp says), and
+        the gate is always judged against the current thresholds, so editing a threshold re-gates
+        a variant without rebuilding it."""
         if not publish.is_published(self.layout.root, digest):
             return None
         path = publish.variant_dir(self.layout.root, digest) / publish.REPORT_NAME
+        existing = report.VariantReport.model_validate_json(path.read_text())
         log.info("variant %s is already published at %s", variant.name, path.parent)
+        metrics, _ = self._evaluate(variant, digest, Path(existing.path), base_digest, ref_dir)
+        updated = self._judged(existing, metrics)
+        if updated != existing:
+            publish.rewrite_report(self.layout.root, updated)
         self.report.steps.append(
             report.StepTiming(
                 step=f"publish-{variant.name}",
@@ -552,7 +580,7 @@ class Build:
                 seconds=0.0,
             )
         )
-        return report.VariantReport.model_validate_json(path.read_text())
+        return updated
 
     def _variant_index(self) -> int:
         return (self._variant[1] - 1) if self._variant else 0

@@ -117,6 +117,14 @@ def publish(
     return done
 
 
+def rewrite_report(root: Path, updated: report.VariantReport) -> None:
+    """Replace a published variant's report.json atomically (new metrics or gate, same files)."""
+    final = variant_dir(root, updated.digest) / REPORT_NAME
+    tmp = final.with_name(f".{REPORT_NAME}.partial")
+    tmp.write_text(updated.to_json())
+    tmp.replace(final)
+
+
 def discard_staging(root: Path, digest: str) -> None:
     """Remove a failed variant's staging folder (and the digest folder if it is then empty)."""
     shutil.rmtree(staging_dir(root, digest), ignore_errors=True)

@@ -165,6 +165,19 @@ def test_second_run_skips_every_step(env: Env, first: tuple[Run, Path]) -> None:
     assert [v["sha256"] for v in run.report["variants"]] == [v["sha256"] for v in run0.report["variants"]]
 
 
+def test_new_threshold_regates_without_rebuilding(env: Env, first: tuple[Run, Path]) -> None:
+    _, root = first
+    evaluation = {"chunks": 2, "contextSize": 256, "maxKLDivergence": 1e-6, "smokeTokens": 12}
+    spec = env.spec(root, evaluation=evaluation, variants=[{"name": "q4km", "type": "Q4_K_M"}])
+    run = env.run(spec)
+    assert run.rc == 0, run.out[-2000:]
+    assert all(s["skipped"] for s in run.report["steps"]), run.report["steps"]
+    v = run.report["variants"][0]
+    assert not v["gatePassed"] and "> maxKLDivergence 1e-06" in v["gate"]["reasons"][0]
+    on_disk = json.loads((root / v["digest"] / "report.json").read_text())
+    assert on_disk["gatePassed"] is False and on_disk["sha256"] == v["sha256"]
+
+
 def test_plan_is_a_dry_run(env: Env, first: tuple[Run, Path]) -> None:
     root = env.tmp / "plan-store"
     spec = env.spec(root, variants=[{"name": "dyn", "type": "Q4_K_M", "recipe": "dynamic"}])
