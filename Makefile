@@ -19,6 +19,8 @@ tools:
 lint: setup
 	$(VENV)/ruff check operator quantizer hack tests bench
 	bash hack/typecheck.sh
+	$(VENV)/python -P hack/gen_api_docs.py --check
+	$(VENV)/python -P hack/gen_gitops.py --check
 	$(VENV)/python -P hack/gen_crds.py --check
 
 test-unit: setup

@@ -90,3 +90,11 @@ def on_build_job(event: dict[str, Any], namespace: str, labels: dict[str, str], 
 def on_server(event: dict[str, Any], namespace: str, labels: dict[str, str], memo: kopf.Memo,
               **_: Any) -> None:
     _from_child(event, namespace, labels, memo)
+
+
+@kopf.on.event("pods", labels={**OWNED, manifests.ROLE_LABEL: "build"})
+def on_build_pod(event: dict[str, Any], namespace: str, labels: dict[str, str], memo: kopf.Memo,
+                 **_: Any) -> None:
+    """A build pod that cannot start (a missing Secret, an image that cannot be pulled) changes
+    only the pod, not its Job: watch the pods to say so in the model's status at once."""
+    _from_child(event, namespace, labels, memo)

@@ -150,15 +150,18 @@ class Kube:
                     return (terminated.message or terminated.reason or "").strip()[-800:]
         return ""
 
-    def secret_has_key(self, namespace: str, name: str, key: str) -> bool | None:
-        """True if the Secret holds the key, False if it lacks it, None if there is no Secret."""
-        try:
-            secret = self.core.read_namespaced_secret(name, namespace)
-        except client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return key in (secret.data or {})
+    def build_pod_waiting(self, namespace: str, job_name: str) -> tuple[str, str] | None:
+        """Why a build's pod cannot start, as the kubelet says it (reason, message), if it waits.
+
+        The operator never reads Secrets: a missing token Secret shows here, in the kubelet's
+        CreateContainerConfigError, so the operator needs no permission on Secrets at all."""
+        pods = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}").items
+        for pod in pods:
+            for status in (pod.status.container_statuses or []) if pod.status else []:
+                waiting = status.state.waiting if status.state else None
+                if waiting is not None and waiting.reason not in (None, "ContainerCreating", "PodInitializing"):
+                    return str(waiting.reason), str(waiting.message or "")
+        return None
 
     def deployment(self, namespace: str, name: str) -> client.V1Deployment | None:
         try:

@@ -19,10 +19,12 @@ from kquant.quantizer import gguf_facts
 from kquant.quantizer import report as quantizer_report
 
 log = logging.getLogger("kquant.operator")
-WARNING_REASONS = {"BuildFailed", "SecretNotFound", "GateFailed", "DoesNotFit", "NoGPUNodes", "InvalidSpec"}
+WARNING_REASONS = {"BuildFailed", "SecretNotFound", "BuildBlocked", "GateFailed", "DoesNotFit", "NoGPUNodes",
+                   "InvalidSpec"}
 
 
-def observe_build(client: kube.Kube, namespace: str, build: builds.Build) -> status.BuildState:
+def observe_build(client: kube.Kube, qm: api.QuantizedModel, build: builds.Build) -> status.BuildState:
+    namespace = qm.metadata.namespace or ""
     data = client.configmap_data(namespace, build.name) or {}
     parsed, report = status.parse_report(data.get("report"), build.variant)
     if parsed is not None and parsed.status is quantizer_report.BuildStatus.SUCCEEDED and report is not None:
@@ -39,37 +41,41 @@ def observe_build(client: kube.Kube, namespace: str, build: builds.Build) -> sta
         reason = f"Job {build.name} failed ({failed.reason}: {failed.message})"
         return status.BuildState(build, status.BuildPhase.FAILED,
                                  reason=f"{reason}: {last_words}" if last_words else reason)
+    waiting = client.build_pod_waiting(namespace, build.name)
+    if waiting is not None and waiting[0] in WAITING_REASONS:
+        # Not a failure: the Job keeps its pod, and the kubelet starts it once the cause is fixed.
+        return status.BuildState(build, status.BuildPhase.BLOCKED,
+                                 reason=_blocked_message(qm, build, waiting[0], waiting[1]))
     return status.BuildState(build, status.BuildPhase.RUNNING, progress=data.get("progress", ""))
 
 
-def _missing_token(client: kube.Kube, qm: api.QuantizedModel) -> str | None:
+WAITING_REASONS = {"CreateContainerConfigError", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
+                   "ErrImageNeverPull", "CreateContainerError"}
+"""Container waiting reasons that need a person; a build pod showing one is blocked, not running."""
+
+
+def _blocked_message(qm: api.QuantizedModel, build: builds.Build, reason: str, message: str) -> str:
+    """The kubelet's words, plus the fix when it is the token Secret that is missing."""
     ref = qm.spec.source.hub.token_secret_ref
-    if ref is None:
-        return None
-    has_key = client.secret_has_key(qm.metadata.namespace or "", ref.name, ref.key)
-    if has_key is None:
-        return (f"spec.source.{'huggingface' if qm.spec.source.huggingface else 'gguf'}.tokenSecretRef "
-                f"names Secret {ref.name!r}, which does not exist in namespace {qm.metadata.namespace}: "
-                f"create it (kubectl create secret generic {ref.name} --from-literal={ref.key}=...)")
-    if not has_key:
-        return f"Secret {ref.name!r} has no key {ref.key!r} (tokenSecretRef.key)"
-    return None
+    text = f"the build pod of {build.variant} cannot start ({reason}): {message}"
+    if reason == "CreateContainerConfigError" and ref is not None and f'"{ref.name}"' in message:
+        field = "huggingface" if qm.spec.source.huggingface else "gguf"
+        text += (f"; spec.source.{field}.tokenSecretRef names Secret {ref.name!r} (key {ref.key!r}) in namespace "
+                 f"{qm.metadata.namespace}: create it with kubectl create secret generic {ref.name} "
+                 f"--from-literal={ref.key}=<token>; the build starts by itself once it exists")
+    return text
 
 
 def start_next_build(client: kube.Kube, qm: api.QuantizedModel,
                      states: list[status.BuildState]) -> list[status.BuildState]:
     """Builds of one model run one at a time: they share the download, the 16-bit GGUF and the
     importance matrix on the storage volume, and usually the same GPU."""
-    if any(s.phase is status.BuildPhase.RUNNING for s in states):
+    if any(s.phase in (status.BuildPhase.RUNNING, status.BuildPhase.BLOCKED) for s in states):
         return states
     queued = next((i for i, s in enumerate(states) if s.phase is status.BuildPhase.QUEUED), None)
     if queued is None:
         return states
-    problem = _missing_token(client, qm)
     result = list(states)
-    if problem is not None:
-        result[queued] = status.BuildState(states[queued].build, status.BuildPhase.BLOCKED, reason=problem)
-        return result
     build = states[queued].build
     for manifest in manifests.build_objects(qm, build, client.settings):
         client.create(manifest)
@@ -183,7 +189,7 @@ def reconcile(client: kube.Kube, body: dict[str, object]) -> api.QuantizedModelS
     claim = manifests.storage_claim(qm)
     if claim is not None:
         client.create(claim)
-    states = [observe_build(client, namespace, b) for b in builds.plan_builds(qm, namespace)]
+    states = [observe_build(client, qm, b) for b in builds.plan_builds(qm, namespace)]
     states = start_next_build(client, qm, states)
     serving_state = serve(client, qm, states)
     new = status.compute(qm, states, serving_state, datetime.datetime.now(datetime.UTC))

@@ -102,7 +102,11 @@ def _condition(kind: api.ConditionType, ok: bool, reason: str, message: str, gen
 def _quantized(states: Sequence[BuildState]) -> tuple[bool, str, str]:
     failed = [s for s in states if s.phase in (BuildPhase.FAILED, BuildPhase.BLOCKED)]
     if failed:
-        reason = "SecretNotFound" if any(s.phase is BuildPhase.BLOCKED for s in failed) else "BuildFailed"
+        blocked = [s for s in failed if s.phase is BuildPhase.BLOCKED]
+        reason = "BuildFailed"
+        if blocked:
+            secret = any("CreateContainerConfigError" in s.reason for s in blocked)
+            reason = "SecretNotFound" if secret else "BuildBlocked"
         return False, reason, "; ".join(f"{s.build.variant}: {s.reason}" for s in failed)
     pending = [s for s in states if s.phase is not BuildPhase.SUCCEEDED]
     if pending:
@@ -135,7 +139,7 @@ def progress_line(states: Sequence[BuildState]) -> str:
     return f"{built}/{total} variants built"
 
 
-STALLED_SERVING = frozenset({"GateFailed", "DoesNotFit", "NoGPUNodes", "NoModelFacts", "BuildFailed"})
+STALLED_SERVING = frozenset({"BuildBlocked", "GateFailed", "DoesNotFit", "NoGPUNodes", "NoModelFacts", "BuildFailed"})
 """Serving reasons that no amount of waiting fixes: a person must change the spec or the cluster."""
 
 
@@ -175,7 +179,7 @@ def compute(qm: api.QuantizedModel, states: Sequence[BuildState], serving: Servi
     new.append(_condition(api.ConditionType.READY, ready, ready_reason, ready_message, generation, now))
     # kstatus (Flux, kubectl wait, Argo CD's generic check): Stalled=True ends the wait with a
     # failure, Reconciling=True says work is under way.
-    stalled = (not ready and (quantized[1] in ("BuildFailed", "SecretNotFound")
+    stalled = (not ready and (quantized[1] in ("BuildFailed", "SecretNotFound", "BuildBlocked")
                               or ready_reason in STALLED_SERVING))
     new.append(_condition(api.ConditionType.STALLED, stalled, ready_reason if stalled else "NotStalled",
                           ready_message if stalled else "", generation, now))

@@ -43,6 +43,8 @@ class ContainerRun:
     last_state: dict[str, Any] = dataclasses.field(default_factory=dict)
     restart_count: int = 0
     restart_at: float | None = None
+    retry_at: float = 0.0
+    """When a container that could not be created (a missing Secret, say) is tried again."""
     readiness: probes.ProbeState | None = None
     liveness: probes.ProbeState | None = None
     startup: probes.ProbeState | None = None
@@ -152,6 +154,7 @@ class PodRunner(threading.Thread):
             run.process = self.box.process(run.spec, self.table)
         except sandbox.ConfigError as exc:
             run.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
+            run.retry_at = time.monotonic() + 2.0
             return False
         except images.UnknownImageError as exc:
             run.state = {"waiting": {"reason": "ErrImageNeverPull", "message": str(exc)}}
@@ -238,7 +241,8 @@ class PodRunner(threading.Thread):
         now = time.monotonic()
         for run in self.runs:
             if run.popen is None and run.restart_at is None and "waiting" in run.state:
-                self._start(run)
+                if now >= run.retry_at:
+                    self._start(run)
             elif run.restart_at is not None and now >= run.restart_at:
                 run.restart_at = None
                 run.restart_count += 1

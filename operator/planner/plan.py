@@ -381,6 +381,8 @@ def _placements(
     request: PlanRequest, ngl: int, n_cpu_moe: int, budgets: Sequence[int], pipelined: bool | None = None
 ) -> list[memory.Placement]:
     """Candidate placements for ``ngl`` layers, best first."""
+    if ngl == 0:  # nothing on any GPU: the split is moot, but it must still be a valid one
+        return [memory.Placement(0, (1.0,) * len(budgets), n_cpu_moe, pipelined)]
     if request.tensor_split is not None:
         return [memory.Placement(ngl, request.tensor_split, n_cpu_moe, pipelined)]
     if len(budgets) == 1:

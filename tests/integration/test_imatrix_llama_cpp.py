@@ -4,7 +4,7 @@
 --imatrix`` must accept a file that :func:`imatrix.write_gguf` wrote and produce the same tensors
 as the in-process quantizer given the same data. The binaries come from the llama-cpp-python
 0.3.36 sdist's ``vendor/llama.cpp`` (``cmake --build <build> --target llama-imatrix
-llama-quantize`` in ``~/.cache/kquant/llama.cpp/0.3.36/build``, or ``KQUANT_LLAMA_BIN``).
+llama-quantize`` in ``~/.cache/kquant/llama.cpp/0.3.36/bin`` (hack/build-llama.sh), or ``KQUANT_LLAMA_BIN``).
 """
 
 from __future__ import annotations
@@ -20,14 +20,14 @@ import quantize_models
 from kquant.quantizer import constants, evaluate, imatrix, quantize
 
 BIN = Path(
-    os.environ.get("KQUANT_LLAMA_BIN", Path.home() / ".cache" / "kquant" / "llama.cpp" / "0.3.36" / "build" / "bin")
+    os.environ.get("KQUANT_LLAMA_BIN", Path.home() / ".cache" / "kquant" / "llama.cpp" / "0.3.36" / "bin")
 )
 
 
 def tool(name: str) -> Path:
     path = BIN / name
     if not path.is_file():
-        pytest.skip(f"{path} is not built (cmake --build ~/.cache/kquant/llama.cpp/0.3.36/build --target {name})")
+        pytest.skip(f"{path} is not built: run hack/build-llama.sh")
     return path
 
 

@@ -218,3 +218,10 @@ def test_several_gpus_share_the_layers_evenly() -> None:
     totals = [d.total for d in p.devices]
     assert min(totals) > 0.9 * max(totals), [t / GiB for t in totals]
     assert sum(p.tensor_split) == 81
+
+
+def test_zero_gpu_layers_on_several_gpus_plans_everything_on_the_host() -> None:
+    p = plan.plan(dataclasses.replace(request((24 * GiB, 24 * GiB)), gpu_layers=0))
+    assert p.gpu_layers == 0
+    assert all(d.model == 0 for d in p.devices)
+    assert p.host.model > 0

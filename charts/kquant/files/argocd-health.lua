@@ -4,7 +4,7 @@
 -- the Ready condition, and the reasons of conditions that need a person.
 local hs = {}
 local needs_a_person = {
-  BuildFailed = true, SecretNotFound = true, GateFailed = true, DoesNotFit = true,
+  BuildFailed = true, SecretNotFound = true, BuildBlocked = true, GateFailed = true, DoesNotFit = true,
   NoGPUNodes = true, InvalidSpec = true, NoModelFacts = true,
 }
 

@@ -132,7 +132,8 @@ without --namespace it serves all namespaces.
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
   verbs: [get, list, watch, create, patch, delete]
-# Quantizer and server pods: read their state and exit reasons (no exec, no logs).
+# Quantizer and server pods: read their state, why they wait and exit reasons (no exec, no logs).
+# The operator never reads Secrets: a missing token Secret shows in its build pod's waiting reason.
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch]
