@@ -56,12 +56,10 @@ GATE_FIELDS = {"max_kl_divergence", "max_perplexity_increase", "min_top1_agreeme
 METRICS_VERSION = 2
 """Bumped when ``report.Metrics`` gains a field, so cached evaluations are redone."""
 
-_SIXTEEN_BIT = {
-    constants.FileType.F32.value: 0,
-    constants.FileType.F16.value: 1,
-    constants.FileType.BF16.value: 32,
+_UNQUANTIZED_CODES = {
+    constants.FILE_TYPES[t].code for t in (constants.FileType.F32, constants.FileType.F16, constants.FileType.BF16)
 }
-_SIXTEEN_BIT_CODES = set(_SIXTEEN_BIT.values())
+"""``general.file_type`` codes of a GGUF source that is quantized like a converted model."""
 _SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 
@@ -121,10 +119,9 @@ class Layout:
         return self.work / f"metrics-{variant}-{digest}.json"
 
 
-def _bpw_types(path: Path) -> int | None:
+def _file_type_code(path: Path) -> int | None:
     """``general.file_type`` of a GGUF, or None when the header does not say."""
-    facts = gguf_facts.read_facts(path)
-    return facts.file_type
+    return gguf_facts.read_facts(path).file_type
 
 
 def check_space(folder: Path, needed: int, what: str) -> None:
@@ -269,7 +266,7 @@ class Build:
         base_digest = steps.inputs_digest(
             {"fetch": fetch_digest, "files": [steps.file_identity(s) for s in model.shards]}
         )
-        quantizable = self._file_type(model.first) in _SIXTEEN_BIT_CODES
+        quantizable = _file_type_code(model.first) in _UNQUANTIZED_CODES
         log.info(
             "source is a GGUF file (%s): %s; %s",
             "16-bit" if quantizable else "already quantized",
@@ -359,9 +356,6 @@ class Build:
             raise BuildError(f"source GGUF {model.first.name} is corrupt or truncated: {cut}")
         log.info("source GGUF %s: %s, %d layers", model.first.name, facts.architecture, facts.block_count)
         return model
-
-    def _file_type(self, path: Path) -> int | None:
-        return _bpw_types(path)
 
     def _reference(self, base: Path, base_digest: str) -> Path:
         ev = self.spec.evaluation
@@ -466,7 +460,7 @@ class Build:
                     check_space(stage, shard.stat().st_size, f"a copy of {shard.name}")
                     shutil.copyfile(shard, target)
                 staged.append(target)
-            ftype = self._file_type(shards[0])
+            ftype = _file_type_code(shards[0])
             names = {info.code: name.value for name, info in constants.FILE_TYPES.items()}
             base_report = report.VariantReport(
                 name=variant.name,

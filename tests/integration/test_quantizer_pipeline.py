@@ -381,3 +381,16 @@ def test_unsupported_architecture_fails_in_convert(env: Env, tmp_path: Path) -> 
     assert run.report["failedStep"] == "convert"
     assert "NopeForCausalLM is not supported" in run.report["reason"]
     assert not list((tmp_path / "store").rglob("*.gguf"))
+
+
+def test_16_bit_gguf_source_is_quantized(env: Env, first: tuple[Run, Path], tmp_path: Path) -> None:
+    """A GGUF that still has 16-bit weights is a reference and a quantization source (no imatrix).
+
+    ``first`` has converted SmolLM2 into the shared work folder; its f16 GGUF is the source here."""
+    f16 = next(env.work.rglob("model-f16.gguf"))
+    store = tmp_path / "store"
+    run = env.run(env.spec(store, source={"local": {"path": str(f16)}}, variants=[{"name": "q8", "type": "Q8_0"}]))
+    assert run.rc == 0, run.out[-2000:]
+    assert [s["step"] for s in run.report["steps"]] == ["reference", "quantize-q8", "evaluate-q8", "publish-q8"]
+    v = run.report["variants"][0]
+    assert v["tensorTypes"].get("Q8_0", 0) > 100 and 0 <= v["metrics"]["klDivergence"] < 0.05
