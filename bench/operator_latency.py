@@ -1,6 +1,6 @@
 """Operator reaction times and memory, on the real local control plane.
 
-Prints, with 1 and with N QuantizedModels present (default 200):
+Prints, with 1 and with N QuantizedModels present (default 200), and for a burst of N at once:
   * apply -> build Job created (p50, p99);
   * the quantizer's final report written into the build ConfigMap -> server Deployment created
     (p50, p99), which includes reading the report and planning offload over the cluster's nodes;
@@ -53,7 +53,9 @@ class FirstSeen:
     def _run(self) -> None:
         while True:
             for event in watch.Watch().stream(self._lister, label_selector=self._label, timeout_seconds=600):
-                model = event["object"].metadata.labels[self._label]
+                obj = event["object"]  # a dict: the lister is a lambda, so no type to deserialise into
+                labels = obj["metadata"]["labels"] if isinstance(obj, dict) else obj.metadata.labels
+                model = labels[self._label]
                 self.times.setdefault(model, time.monotonic())
 
 
@@ -92,16 +94,24 @@ def percentiles(values: list[float]) -> str:
 
 
 def measure(custom: client.CustomObjectsApi, core: client.CoreV1Api, names: list[str], namespace: str,
-            facts: dict[str, Any], jobs: FirstSeen, deployments: FirstSeen) -> tuple[list[float], list[float]]:
+            facts: dict[str, Any], jobs: FirstSeen, deployments: FirstSeen,
+            one_at_a_time: bool) -> tuple[list[float], list[float]]:
+    """Apply each model, then write its final report; ``one_at_a_time`` waits for each reaction
+    before the next (the latency a user sees), else everything is sent as one burst."""
     applied: dict[str, float] = {}
-    for name in names:
-        body = manifest(name)
-        applied[name] = time.monotonic()
-        custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, body)
-    deadline = time.monotonic() + 600
-    while any(n not in jobs.times for n in names) and time.monotonic() < deadline:
-        time.sleep(0.05)
     reported: dict[str, float] = {}
+
+    def wait(seen: FirstSeen, wanted: list[str]) -> None:
+        deadline = time.monotonic() + 900
+        while any(n not in seen.times for n in wanted) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    for name in names:
+        applied[name] = time.monotonic()
+        custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, manifest(name))
+        if one_at_a_time:
+            wait(jobs, [name])
+    wait(jobs, names)
     for name in names:
         qm = manifest(name)
         build = builds.plan_builds(api.QuantizedModel.model_validate(
@@ -109,8 +119,9 @@ def measure(custom: client.CustomObjectsApi, core: client.CoreV1Api, names: list
         reported[name] = time.monotonic()
         core.patch_namespaced_config_map(build.name, namespace,
                                          {"data": {"progress": "done", "report": final_report(qm, namespace, facts)}})
-    while any(n not in deployments.times for n in names) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        if one_at_a_time:
+            wait(deployments, [name])
+    wait(deployments, names)
     to_job = [jobs.times[n] - applied[n] for n in names if n in jobs.times]
     to_deployment = [deployments.times[n] - reported[n] for n in names if n in deployments.times]
     return to_job, to_deployment
@@ -119,6 +130,7 @@ def measure(custom: client.CustomObjectsApi, core: client.CoreV1Api, names: list
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=int, default=200)
+    parser.add_argument("--probes", type=int, default=25, help="models applied one at a time (5 at the start)")
     args = parser.parse_args()
     from fixtures import smollm2
 
@@ -145,15 +157,20 @@ def main() -> None:
         jobs = FirstSeen(lambda **kw: client.BatchV1Api(api_client).list_namespaced_job(namespace, **kw))
         deployments = FirstSeen(lambda **kw: client.AppsV1Api(api_client).list_namespaced_deployment(namespace, **kw))
         print(f"operator RSS at start: {rss_mib(operator.pid):.0f} MiB")
-        one_job, one_dep = measure(custom, core, ["m000"], namespace, facts, jobs, deployments)
-        print(f"1 model:    apply -> Job          {percentiles(one_job)}")
-        print(f"1 model:    report -> Deployment  {percentiles(one_dep)}")
-        rest = [f"m{i:03d}" for i in range(1, args.models)]
-        many_job, many_dep = measure(custom, core, rest, namespace, facts, jobs, deployments)
-        print(f"{args.models} models: apply -> Job          {percentiles(many_job)}")
-        print(f"{args.models} models: report -> Deployment  {percentiles(many_dep)}")
+        probes = [f"p{i:02d}" for i in range(args.probes)]
+        one_job, one_dep = measure(custom, core, probes[:5], namespace, facts, jobs, deployments, True)
+        print(f"1 model present:        apply -> Job          {percentiles(one_job)}")
+        print(f"1 model present:        report -> Deployment  {percentiles(one_dep)}")
+        rest = [f"m{i:03d}" for i in range(args.models - 5)]
+        burst_job, burst_dep = measure(custom, core, rest, namespace, facts, jobs, deployments, False)
+        print(f"burst of {len(rest)} at once:   apply -> Job          {percentiles(burst_job)}")
+        print(f"burst of {len(rest)} at once:   report -> Deployment  {percentiles(burst_dep)}")
+        time.sleep(20)  # let the burst settle: what follows is the steady state
+        many_job, many_dep = measure(custom, core, probes[5:], namespace, facts, jobs, deployments, True)
+        print(f"{args.models} models present:  apply -> Job          {percentiles(many_job)}")
+        print(f"{args.models} models present:  report -> Deployment  {percentiles(many_dep)}")
         time.sleep(10)
-        print(f"operator RSS with {args.models} models: {rss_mib(operator.pid):.0f} MiB")
+        print(f"operator RSS with {args.models + len(probes) - 5} models: {rss_mib(operator.pid):.0f} MiB")
     finally:
         if operator is not None:
             operator.terminate()

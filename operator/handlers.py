@@ -16,6 +16,7 @@ from typing import Any
 import kopf
 from kquant.operator import kube, manifests, reconcile
 from kquant.operator.api import v1alpha1 as api
+from kquant.operator.planner import nodes
 
 log = logging.getLogger("kquant.operator")
 MODEL = (api.GROUP, api.VERSION, api.PLURAL)
@@ -48,53 +49,90 @@ def _lock(memo: kopf.Memo, namespace: str, name: str) -> threading.Lock:
         return lock
 
 
-def _reconcile(memo: kopf.Memo, namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
+@kopf.index("nodes")
+def cluster_nodes(name: str, labels: dict[str, str], status: dict[str, Any], **_: Any) -> dict[str, Any]:
+    """Nodes' labels and allocatable resources, kept current by the watch: planning lists nothing."""
+    return {name: {"metadata": {"name": name, "labels": dict(labels)},
+                   "status": {"allocatable": dict(status.get("allocatable") or {})}}}
+
+
+@kopf.index("pods")
+def gpu_pods(name: str, spec: dict[str, Any], status: dict[str, Any], **_: Any) -> dict[str, Any] | None:
+    """Pods that hold GPUs on a node, reduced to what GPU accounting reads."""
+    node = spec.get("nodeName")
+    if not node or status.get("phase") in ("Succeeded", "Failed"):
+        return None
+    containers = [{"resources": c.get("resources") or {}} for c in spec.get("containers") or []]
+    inits = [{"resources": c.get("resources") or {}} for c in spec.get("initContainers") or []]
+    pod = {"metadata": {"name": name}, "spec": {"nodeName": node, "containers": containers,
+                                                "initContainers": inits},
+           "status": {"phase": status.get("phase")}}
+    return {node: pod} if any(nodes.pod_request(pod, r) for r in _gpu_resources(pod)) else None
+
+
+def _gpu_resources(pod: dict[str, Any]) -> set[str]:
+    found = set()
+    for container in [*pod["spec"]["containers"], *pod["spec"]["initContainers"]]:
+        for kind in ("requests", "limits"):
+            found |= {r for r in (container["resources"].get(kind) or {}) if r.startswith("nvidia.com/")}
+    return found
+
+
+def _cluster_view(cluster_nodes: kopf.Index, gpu_pods: kopf.Index) -> reconcile.ClusterView:
+    node_list = [body for key in cluster_nodes for body in cluster_nodes[key]]
+    pods = [pod for key in gpu_pods for pod in gpu_pods[key]]
+    return reconcile.ClusterView(nodes=node_list, pods=pods)
+
+
+def _reconcile(memo: kopf.Memo, namespace: str, name: str, indexes: dict[str, Any]) -> None:
     with _lock(memo, namespace, name):
         fresh = memo.kube.get_model(namespace, name)  # the newest status, not the event's copy
         if fresh is None or fresh["metadata"].get("deletionTimestamp"):
             return
-        reconcile.reconcile(memo.kube, fresh)
+        view = _cluster_view(indexes["cluster_nodes"], indexes["gpu_pods"])
+        reconcile.reconcile(memo.kube, fresh, view)
 
 
 @kopf.on.create(*MODEL)
 @kopf.on.update(*MODEL)
 @kopf.on.resume(*MODEL)
-def on_model(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(memo, namespace, name)
+def on_model(namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    _reconcile(memo, namespace, name, kwargs)
 
 
 @kopf.timer(*MODEL, interval=120, initial_delay=60)
-def on_timer(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    _reconcile(memo, namespace, name)
+def on_timer(namespace: str, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    _reconcile(memo, namespace, name, kwargs)
 
 
-def _from_child(event: dict[str, Any], namespace: str, labels: dict[str, str], memo: kopf.Memo) -> None:
+def _from_child(event: dict[str, Any], namespace: str, labels: dict[str, str], memo: kopf.Memo,
+                indexes: dict[str, Any]) -> None:
     if event.get("type") is None:  # the initial listing: resume handles those models
         return
-    _reconcile(memo, namespace, labels[manifests.MODEL_LABEL])
+    _reconcile(memo, namespace, labels[manifests.MODEL_LABEL], indexes)
 
 
 @kopf.on.event("configmaps", labels={**OWNED, manifests.ROLE_LABEL: "build"})
 def on_build_configmap(event: dict[str, Any], namespace: str, labels: dict[str, str], memo: kopf.Memo,
-                       **_: Any) -> None:
-    _from_child(event, namespace, labels, memo)
+                       **kwargs: Any) -> None:
+    _from_child(event, namespace, labels, memo, kwargs)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={**OWNED, manifests.ROLE_LABEL: "build"})
 def on_build_job(event: dict[str, Any], namespace: str, labels: dict[str, str], memo: kopf.Memo,
-                 **_: Any) -> None:
-    _from_child(event, namespace, labels, memo)
+                 **kwargs: Any) -> None:
+    _from_child(event, namespace, labels, memo, kwargs)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={**OWNED, manifests.ROLE_LABEL: "server"})
 def on_server(event: dict[str, Any], namespace: str, labels: dict[str, str], memo: kopf.Memo,
-              **_: Any) -> None:
-    _from_child(event, namespace, labels, memo)
+              **kwargs: Any) -> None:
+    _from_child(event, namespace, labels, memo, kwargs)
 
 
 @kopf.on.event("pods", labels={**OWNED, manifests.ROLE_LABEL: "build"})
 def on_build_pod(event: dict[str, Any], namespace: str, labels: dict[str, str], memo: kopf.Memo,
-                 **_: Any) -> None:
+                 **kwargs: Any) -> None:
     """A build pod that cannot start (a missing Secret, an image that cannot be pulled) changes
     only the pod, not its Job: watch the pods to say so in the model's status at once."""
-    _from_child(event, namespace, labels, memo)
+    _from_child(event, namespace, labels, memo, kwargs)

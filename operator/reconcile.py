@@ -9,8 +9,10 @@ object that exists is a no-op.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
+from typing import Any
 
 import pydantic
 from kquant.operator import builds, kube, manifests, serving, status
@@ -19,6 +21,14 @@ from kquant.quantizer import gguf_facts
 from kquant.quantizer import report as quantizer_report
 
 log = logging.getLogger("kquant.operator")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterView:
+    """Nodes and GPU-holding pods as plain dicts, from the operator's watch-fed indexes."""
+
+    nodes: list[dict[str, Any]]
+    pods: list[dict[str, Any]]
 WARNING_REASONS = {"BuildFailed", "SecretNotFound", "BuildBlocked", "GateFailed", "DoesNotFit", "NoGPUNodes",
                    "InvalidSpec"}
 
@@ -97,7 +107,8 @@ def _deployment_ready(deployment: object, replicas: int) -> tuple[bool, int]:
     return ready, spec_status.ready_replicas or 0
 
 
-def serve(client: kube.Kube, qm: api.QuantizedModel, states: list[status.BuildState]) -> status.ServingState | None:
+def serve(client: kube.Kube, qm: api.QuantizedModel, states: list[status.BuildState],
+          view: ClusterView | None) -> status.ServingState | None:
     spec = qm.spec.serving
     if spec is None:
         return None
@@ -118,7 +129,7 @@ def serve(client: kube.Kube, qm: api.QuantizedModel, states: list[status.BuildSt
     old = qm.status.serving if qm.status else None
     if current is None or (current.metadata.annotations or {}).get("kquant.dev/serving-hash") != wanted \
             or old is None or old.variant != spec.variant:
-        outcome = _roll_out(client, qm, variant, state.report)
+        outcome = _roll_out(client, qm, variant, state.report, view)
         if isinstance(outcome, serving.NoFit):
             return status.ServingState(False, outcome.reason, outcome.message + keeps)
         current, old = client.deployment(namespace, serving.deployment_name(qm)), outcome
@@ -132,7 +143,7 @@ def serve(client: kube.Kube, qm: api.QuantizedModel, states: list[status.BuildSt
 
 
 def _roll_out(client: kube.Kube, qm: api.QuantizedModel, variant: api.VariantStatus,
-              report: quantizer_report.VariantReport) -> api.ServingStatus | serving.NoFit:
+              report: quantizer_report.VariantReport, view: ClusterView | None) -> api.ServingStatus | serving.NoFit:
     spec = qm.spec.serving
     assert spec is not None
     candidate: serving.Candidate | None = None
@@ -141,7 +152,10 @@ def _roll_out(client: kube.Kube, qm: api.QuantizedModel, variant: api.VariantSta
         if report.facts is None:
             return serving.NoFit("NoModelFacts", f"the build report of {variant.name} has no GGUF facts")
         facts = gguf_facts.ModelFacts.model_validate(report.facts)
-        node_list, pods = client.nodes_and_pods()
+        if view is None:  # no watch-fed indexes (a one-off call): ask the API server
+            node_list, pods = client.nodes_and_pods()
+        else:
+            node_list, pods = view.nodes, view.pods
         found = serving.candidates(qm, facts, node_list, pods)
         candidate = serving.choose(found)
         if candidate is None:
@@ -169,17 +183,21 @@ def _invalid(client: kube.Kube, body: dict[str, object], exc: pydantic.Validatio
 
 
 def _announce(client: kube.Kube, qm: api.QuantizedModel, new: api.QuantizedModelStatus) -> None:
-    """One Event per condition change, Warning for the failures a user must act on."""
+    """An Event when Ready changes, and a Warning for each failure a user must act on (events cost
+    API calls, so the other conditions' routine moves stay in status only)."""
     old = {c.type: (c.status, c.reason) for c in (qm.status.conditions or [])} if qm.status else {}
     for condition in new.conditions or []:
         if old.get(condition.type) == (condition.status, condition.reason):
             continue
         failing = condition.status is api.ConditionStatus.FALSE and condition.reason in WARNING_REASONS
+        if not failing and condition.type != api.ConditionType.READY.value:
+            continue
         client.event(qm, "Warning" if failing else "Normal", condition.reason,
                      f"{condition.type}={condition.status.value}: {condition.message}")
 
 
-def reconcile(client: kube.Kube, body: dict[str, object]) -> api.QuantizedModelStatus | None:
+def reconcile(client: kube.Kube, body: dict[str, object],
+              view: ClusterView | None = None) -> api.QuantizedModelStatus | None:
     try:
         qm = api.QuantizedModel.model_validate(body)
     except pydantic.ValidationError as exc:
@@ -191,7 +209,7 @@ def reconcile(client: kube.Kube, body: dict[str, object]) -> api.QuantizedModelS
         client.create(claim)
     states = [observe_build(client, qm, b) for b in builds.plan_builds(qm, namespace)]
     states = start_next_build(client, qm, states)
-    serving_state = serve(client, qm, states)
+    serving_state = serve(client, qm, states, view)
     new = status.compute(qm, states, serving_state, datetime.datetime.now(datetime.UTC))
     if qm.status is None or new.to_patch() != qm.status.to_patch():
         _announce(client, qm, new)

@@ -8,7 +8,6 @@ from typing import Any
 
 import yaml
 from argocd_health import health
-
 from kquant.operator import builds, status
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import report
