@@ -134,5 +134,9 @@ def on_server(event: dict[str, Any], namespace: str, labels: dict[str, str], mem
 def on_build_pod(event: dict[str, Any], namespace: str, labels: dict[str, str], memo: kopf.Memo,
                  **kwargs: Any) -> None:
     """A build pod that cannot start (a missing Secret, an image that cannot be pulled) changes
-    only the pod, not its Job: watch the pods to say so in the model's status at once."""
-    _from_child(event, namespace, labels, memo, kwargs)
+    only the pod, not its Job: watch the pods to say so in the model's status at once. Other pod
+    changes show in the Job or the ConfigMap, so they are not worth a pass."""
+    statuses = (event.get("object") or {}).get("status", {}).get("containerStatuses") or []
+    reasons = {((s.get("state") or {}).get("waiting") or {}).get("reason") for s in statuses}
+    if reasons & reconcile.WAITING_REASONS:
+        _from_child(event, namespace, labels, memo, kwargs)
