@@ -112,7 +112,7 @@ def stop_all(paths: ClusterPaths, timeout: float = 15.0) -> None:
             time.sleep(0.1)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-        pidfile.unlink()
+        pidfile.unlink(missing_ok=True)
 
 
 def write_kubeconfig(path: pathlib.Path, server: str, ca_file: pathlib.Path, token: str,
