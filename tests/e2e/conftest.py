@@ -35,8 +35,10 @@ def crd(cluster: Cluster) -> None:
     wait_for(established, what="the QuantizedModel CRD to be Established")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def operator(cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    # One per test module: a running operator would also act on the QuantizedModels that later
+    # tests (the CLI's, the GitOps kit's) create to check status rendering by hand.
     process = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")
     process.start()
     try:
