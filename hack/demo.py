@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -46,11 +47,13 @@ def run(*argv: str, env: dict[str, str]) -> str:
 
 
 def start_cluster(paths: controlplane.ClusterPaths) -> pathlib.Path:
+    """A fresh cluster each time, so the demo shows the whole way from apply to answer."""
     bin_dir = localcluster.build_binaries()
-    if not controlplane.running(paths):
-        started = time.monotonic()
-        localcluster.up(paths, bin_dir)
-        print(f"control plane up in {time.monotonic() - started:.1f}s")
+    localcluster.down(paths)
+    shutil.rmtree(paths.root, ignore_errors=True)
+    started = time.monotonic()
+    localcluster.up(paths, bin_dir)
+    print(f"control plane up in {time.monotonic() - started:.1f}s")
     return bin_dir
 
 
