@@ -51,6 +51,12 @@ class FirstSeen:
         self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._watch()
+        except Exception:  # the cluster goes away at the end of the run
+            return
+
+    def _watch(self) -> None:
         while True:
             for event in watch.Watch().stream(self._lister, label_selector=self._label, timeout_seconds=600):
                 obj = event["object"]  # a dict: the lister is a lambda, so no type to deserialise into
@@ -149,7 +155,9 @@ def main() -> None:
         namespace = "bench"
         core.create_namespace({"metadata": {"name": namespace}})
         time.sleep(2)
-        env = dict(os.environ, KUBECONFIG=str(paths.kubeconfig), PYTHONSAFEPATH="1")
+        # As the chart runs it: MALLOC_ARENA_MAX=2 (see charts/kquant/templates/deployment.yaml).
+        env = dict(os.environ, KUBECONFIG=str(paths.kubeconfig), PYTHONSAFEPATH="1",
+                   MALLOC_ARENA_MAX=os.environ.get("MALLOC_ARENA_MAX", "2"))
         log = (root / "operator.log").open("wb")
         operator = subprocess.Popen([str(pathlib.Path(sys.executable).with_name("kquant")), "operator"],
                                     stdout=log, stderr=subprocess.STDOUT, env=env)

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+import yaml
 from kube import Cluster, wait_for
 from kubernetes import client
 from localcluster import cluster as localcluster
@@ -50,3 +51,28 @@ def namespace(cluster: Cluster) -> Iterator[str]:
         yield name
     finally:
         core.delete_namespace(name)
+
+
+CRD_FILE = pathlib.Path(__file__).resolve().parents[1] / "crds/kquant.dev_quantizedmodels.yaml"
+
+
+@pytest.fixture(scope="session")
+def crd(cluster: Cluster) -> None:
+    """Install the generated QuantizedModel CRD once and wait until the API server serves it."""
+    api_client = cluster.api_client()
+    body = yaml.safe_load(CRD_FILE.read_text())
+    try:
+        client.ApiextensionsV1Api(api_client).create_custom_resource_definition(body)
+    except client.ApiException as exc:
+        if exc.status != 409:
+            raise
+    objects = client.CustomObjectsApi(api_client)
+
+    def served() -> bool:
+        try:
+            objects.list_cluster_custom_object("kquant.dev", "v1alpha1", "quantizedmodels", limit=1)
+        except client.ApiException:
+            return False
+        return True
+
+    wait_for(served, timeout=60, what="quantizedmodels to be served")

@@ -12,7 +12,6 @@ import os
 import pathlib
 import subprocess
 import sys
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -20,39 +19,19 @@ import yaml
 from kquant.operator import builds, status
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import report
-from kube import Cluster, wait_for
+from kube import Cluster
 from kubernetes import client
-from kubernetes.client import exceptions
 
 pytestmark = pytest.mark.integration
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-CRD_FILE = REPO / "crds" / "kquant.dev_quantizedmodels.yaml"
 KQUANT = pathlib.Path(sys.executable).with_name("kquant")
 NOW = datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.UTC)
 
 
 @pytest.fixture(scope="module")
-def custom(cluster: Cluster) -> Iterator[client.CustomObjectsApi]:
-    api_client = cluster.api_client()
-    ext = client.ApiextensionsV1Api(api_client)
-    body = yaml.safe_load(CRD_FILE.read_text())
-    try:
-        ext.create_custom_resource_definition(body)
-    except exceptions.ApiException as error:
-        if error.status != 409:  # another test module installed it already
-            raise
-    objects = client.CustomObjectsApi(api_client)
-
-    def served() -> bool:
-        try:
-            objects.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL, limit=1)
-        except exceptions.ApiException:
-            return False
-        return True
-
-    wait_for(served, timeout=60, what="quantizedmodels served")
-    yield objects
+def custom(cluster: Cluster, crd: None) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(cluster.api_client())
 
 
 def _measured(variant: str, file_type: str, size: int, bpw: float, kl: float, ppl: float,

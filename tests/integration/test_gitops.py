@@ -10,14 +10,13 @@ from __future__ import annotations
 import pathlib
 import shutil
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import yaml
 from kquant.operator import cli
 from kquant.operator.api import v1alpha1 as api
-from kube import Cluster, wait_for
+from kube import Cluster
 from kubernetes import client
 from kubernetes.client import exceptions
 from typer.testing import CliRunner
@@ -26,7 +25,6 @@ pytestmark = pytest.mark.integration
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 KIT = REPO / "examples/gitops"
-CRD_FILE = REPO / "crds" / "kquant.dev_quantizedmodels.yaml"
 EXPECTED = {"staging": ("kquant-staging", "q4km", 1), "prod": ("kquant-prod", "q8", 2)}
 
 
@@ -38,24 +36,8 @@ def render(overlay: pathlib.Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def custom(cluster: Cluster) -> Iterator[client.CustomObjectsApi]:
-    api_client = cluster.api_client()
-    try:
-        client.ApiextensionsV1Api(api_client).create_custom_resource_definition(yaml.safe_load(CRD_FILE.read_text()))
-    except exceptions.ApiException as error:
-        if error.status != 409:  # installed by another module of this run
-            raise
-    objects = client.CustomObjectsApi(api_client)
-
-    def served() -> bool:
-        try:
-            objects.list_cluster_custom_object(api.GROUP, api.VERSION, api.PLURAL, limit=1)
-        except exceptions.ApiException:
-            return False
-        return True
-
-    wait_for(served, timeout=60, what="quantizedmodels served")
-    yield objects
+def custom(cluster: Cluster, crd: None) -> client.CustomObjectsApi:
+    return client.CustomObjectsApi(cluster.api_client())
 
 
 @pytest.mark.parametrize("env", sorted(EXPECTED))
