@@ -192,23 +192,16 @@ class Sandbox:
 
     def _env_value(self, var: dict[str, Any], env: dict[str, str]) -> str:
         if "value" in var:
-            value = str(var["value"])
-            for name, existing in env.items():
-                value = value.replace(f"$({name})", existing)
-            return value
+            return self._expand(str(var["value"]), env)
         source = var.get("valueFrom") or {}
-        if "secretKeyRef" in source:
-            ref = source["secretKeyRef"]
-            data = self._secret(ref)
-            if ref["key"] not in data and not ref.get("optional"):
-                raise ConfigError(f'couldn\'t find key {ref["key"]} in Secret {self.namespace}/{ref["name"]}')
-            return data.get(ref["key"], "")
-        if "configMapKeyRef" in source:
-            ref = source["configMapKeyRef"]
-            data = self._configmap(ref)
-            if ref["key"] not in data and not ref.get("optional"):
-                raise ConfigError(f'couldn\'t find key {ref["key"]} in ConfigMap {self.namespace}/{ref["name"]}')
-            return data.get(ref["key"], "")
+        for field, kind, read in (("secretKeyRef", "Secret", self._secret),
+                                  ("configMapKeyRef", "ConfigMap", self._configmap)):
+            if field in source:
+                ref = source[field]
+                data = read(ref)
+                if ref["key"] not in data and not ref.get("optional"):
+                    raise ConfigError(f'couldn\'t find key {ref["key"]} in {kind} {self.namespace}/{ref["name"]}')
+                return data.get(ref["key"], "")
         if "fieldRef" in source:
             return self.field(source["fieldRef"]["fieldPath"])
         return ""
