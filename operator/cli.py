@@ -56,6 +56,8 @@ def operator_(
 
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    if not verbose:  # kopf logs every event handler's success: thousands of lines that say nothing
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     namespaces = namespace or []
     asyncio.run(kopf.operator(
         clusterwide=not namespaces, namespaces=namespaces,

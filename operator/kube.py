@@ -1,14 +1,19 @@
 """The one module that talks to the Kubernetes API.
 
-Everything above it works on plain dicts and pydantic models; this module reads and writes them.
-Creation is idempotent: an object that already exists is left as it is (Jobs are immutable and a
-second Job for one build must never appear) or patched to the wanted state (Deployments,
-Services).
+Everything above it works on plain dicts and pydantic models; this module writes them. The
+operator reads what it owns from its watches (``observed``), so a pass only writes; the CLI reads
+a model here. Creation is idempotent: an object that already exists is left as it is (Jobs are
+immutable and a second Job for one build must never appear) or patched to the wanted state
+(Deployments, Services).
+
+Responses are read as JSON, not turned into the client's model classes: that conversion cost more
+CPU than anything else a pass did.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import uuid
 from typing import Any
@@ -58,9 +63,11 @@ class Kube:
             raise
         return body
 
-    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object_status(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status})
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> str:
+        """Merge ``status`` into the model's status; returns the model's new resourceVersion."""
+        response = self.custom.patch_namespaced_custom_object_status(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status}, _preload_content=False)
+        return str(_json(response)["metadata"]["resourceVersion"])
 
     def event(self, qm: api.QuantizedModel, kind: str, reason: str, message: str) -> None:
         """A core/v1 Event on the QuantizedModel, as ``kubectl describe qm`` shows them."""
@@ -75,36 +82,37 @@ class Kube:
             count=1, source=client.V1EventSource(component="kquant-operator"),
         )
         try:
-            self.core.create_namespaced_event(qm.metadata.namespace, body)
+            self.core.create_namespaced_event(qm.metadata.namespace, body, _preload_content=False)
         except client.ApiException as exc:
             log.warning("could not post event %s on %s: %s", reason, qm.metadata.name, exc.reason)
 
     # -- generic objects -------------------------------------------------------------------
 
-    def create(self, manifest: Manifest) -> bool:
-        """Create the object; False if it existed already (it is then left untouched)."""
+    def create(self, manifest: Manifest) -> Manifest | None:
+        """Create the object and return it as the API server stored it; None if it existed
+        already (it is then left untouched)."""
         try:
-            self._creator(manifest)(manifest)
+            return _json(self._creator(manifest)(manifest))
         except client.ApiException as exc:
             if exc.status == 409:
-                return False
+                return None
             raise
-        return True
 
-    def apply(self, manifest: Manifest) -> None:
-        """Create, or merge-patch the spec of an existing object to the wanted state."""
-        if self.create(manifest):
-            return
+    def apply(self, manifest: Manifest) -> Manifest:
+        """Create, or merge-patch the spec of an existing object to the wanted state; returns the
+        object as stored."""
+        created = self.create(manifest)
+        if created is not None:
+            return created
         name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
         patch = {"metadata": {"labels": manifest["metadata"].get("labels"),
                               "annotations": manifest["metadata"].get("annotations")},
                  "spec": manifest["spec"]}
         if manifest["kind"] == "Deployment":
-            self.apps.patch_namespaced_deployment(name, namespace, patch)
-        elif manifest["kind"] == "Service":
-            self.core.patch_namespaced_service(name, namespace, patch)
-        else:
-            raise ValueError(f"apply does not handle {manifest['kind']}")
+            return _json(self.apps.patch_namespaced_deployment(name, namespace, patch, _preload_content=False))
+        if manifest["kind"] == "Service":
+            return _json(self.core.patch_namespaced_service(name, namespace, patch, _preload_content=False))
+        raise ValueError(f"apply does not handle {manifest['kind']}")
 
     def _creator(self, manifest: Manifest) -> Any:
         namespace = manifest["metadata"]["namespace"]
@@ -120,61 +128,10 @@ class Kube:
             "Deployment": self.apps.create_namespaced_deployment,
         }
         create = creators[kind]
-        return lambda body: create(namespace, body)
+        return lambda body: create(namespace, body, _preload_content=False)
 
-    # -- reads -----------------------------------------------------------------------------
 
-    def configmap_data(self, namespace: str, name: str) -> dict[str, str] | None:
-        try:
-            return dict(self.core.read_namespaced_config_map(name, namespace).data or {})
-        except client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def job(self, namespace: str, name: str) -> client.V1Job | None:
-        try:
-            return self.batch.read_namespaced_job(name, namespace)
-        except client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def failed_pod_message(self, namespace: str, job_name: str) -> str:
-        """The last failed pod's termination message: the quantizer's own last words."""
-        pods = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}").items
-        for pod in sorted(pods, key=lambda p: p.metadata.creation_timestamp, reverse=True):
-            for status in pod.status.container_statuses or []:
-                terminated = status.state.terminated if status.state else None
-                if terminated and terminated.exit_code:
-                    return (terminated.message or terminated.reason or "").strip()[-800:]
-        return ""
-
-    def build_pod_waiting(self, namespace: str, job_name: str) -> tuple[str, str] | None:
-        """Why a build's pod cannot start, as the kubelet says it (reason, message), if it waits.
-
-        The operator never reads Secrets: a missing token Secret shows here, in the kubelet's
-        CreateContainerConfigError, so the operator needs no permission on Secrets at all."""
-        pods = self.core.list_namespaced_pod(namespace, label_selector=f"job-name={job_name}").items
-        for pod in pods:
-            for status in (pod.status.container_statuses or []) if pod.status else []:
-                waiting = status.state.waiting if status.state else None
-                if waiting is not None and waiting.reason not in (None, "ContainerCreating", "PodInitializing"):
-                    return str(waiting.reason), str(waiting.message or "")
-        return None
-
-    def deployment(self, namespace: str, name: str) -> client.V1Deployment | None:
-        try:
-            return self.apps.read_namespaced_deployment(name, namespace)
-        except client.ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-
-    def nodes_and_pods(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """Nodes and the pods that hold resources, as plain dicts for the planner."""
-        sanitize = self.api_client.sanitize_for_serialization
-        node_list = [sanitize(n) for n in self.core.list_node().items]
-        pods = self.core.list_pod_for_all_namespaces(
-            field_selector="status.phase!=Succeeded,status.phase!=Failed").items
-        return node_list, [sanitize(p) for p in pods]
+def _json(response: Any) -> Manifest:
+    """The body of a response requested with ``_preload_content=False``."""
+    body: Manifest = json.loads(response.data)
+    return body

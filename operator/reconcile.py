@@ -1,10 +1,10 @@
 """One idempotent pass over a QuantizedModel: observe, decide, act, report.
 
-Create, update, resume, the safety-net timer and every event of a child object (a build's
-ConfigMap or Job, the server Deployment) end here. The pass works from the current spec and the
-current cluster state, never from a diff, so a re-delivered event or an operator restart finds
+Every event of the model or of an object it owns, and the periodic resync, ends here (through the
+work queue in ``handlers``). The pass works from the current spec and what the watches show of the
+cluster (``observed``), never from a diff, so a re-delivered event or an operator restart finds
 the same answer and creates nothing twice: each build has one deterministic name, and creating an
-object that exists is a no-op.
+object that exists is a no-op. It reads nothing from the API server; it writes only what changed.
 """
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import pydantic
-from kquant.operator import builds, kube, manifests, serving, status
+from kquant.operator import builds, kube, ledger, manifests, observed, serving, status
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import gguf_facts
 from kquant.quantizer import report as quantizer_report
@@ -29,29 +30,30 @@ class ClusterView:
 
     nodes: list[dict[str, Any]]
     pods: list[dict[str, Any]]
+
+
 WARNING_REASONS = {"BuildFailed", "SecretNotFound", "BuildBlocked", "GateFailed", "DoesNotFit", "NoGPUNodes",
                    "InvalidSpec"}
 
 
-def observe_build(client: kube.Kube, qm: api.QuantizedModel, build: builds.Build) -> status.BuildState:
-    namespace = qm.metadata.namespace or ""
-    data = client.configmap_data(namespace, build.name) or {}
+def observe_build(qm: api.QuantizedModel, build: builds.Build, children: observed.Children) -> status.BuildState:
+    """Where one build stands, from its ConfigMap, its Job and its pods as the watches show them."""
+    data = children.build_data(build.name) or {}
     parsed, report = status.parse_report(data.get("report"), build.variant)
     if parsed is not None and parsed.status is quantizer_report.BuildStatus.SUCCEEDED and report is not None:
         return status.BuildState(build, status.BuildPhase.SUCCEEDED, report=report)
     if parsed is not None and parsed.status is quantizer_report.BuildStatus.FAILED:
         reason = parsed.reason or "the quantizer reported a failure"
         return status.BuildState(build, status.BuildPhase.FAILED, reason=reason)
-    job = client.job(namespace, build.name)
+    job = children.jobs.get(build.name)
     if job is None:
         return status.BuildState(build, status.BuildPhase.QUEUED)
-    failed = next((c for c in job.status.conditions or [] if c.type == "Failed" and c.status == "True"), None)
-    if failed is not None:
-        last_words = client.failed_pod_message(namespace, build.name)
-        reason = f"Job {build.name} failed ({failed.reason}: {failed.message})"
+    if job.failed is not None:
+        last_words = children.last_words(build.name)
+        reason = f"Job {build.name} failed ({job.failed[0]}: {job.failed[1]})"
         return status.BuildState(build, status.BuildPhase.FAILED,
                                  reason=f"{reason}: {last_words}" if last_words else reason)
-    waiting = client.build_pod_waiting(namespace, build.name)
+    waiting = children.waiting(build.name)
     if waiting is not None and waiting[0] in WAITING_REASONS:
         # Not a failure: the Job keeps its pod, and the kubelet starts it once the cause is fixed.
         return status.BuildState(build, status.BuildPhase.BLOCKED,
@@ -94,27 +96,13 @@ def start_next_build(client: kube.Kube, qm: api.QuantizedModel,
     return result
 
 
-def _deployment_ready(deployment: object, replicas: int) -> tuple[bool, int]:
-    spec_status = getattr(deployment, "status", None)
-    meta = getattr(deployment, "metadata", None)
-    if spec_status is None or meta is None:
-        return False, 0
-    observed = (spec_status.observed_generation or 0) >= (meta.generation or 0)
-    updated = spec_status.updated_replicas or 0
-    available = spec_status.available_replicas or 0
-    total = spec_status.replicas or 0
-    ready = observed and updated >= replicas and available >= replicas and total == replicas
-    return ready, spec_status.ready_replicas or 0
-
-
 def serve(client: kube.Kube, qm: api.QuantizedModel, states: list[status.BuildState],
-          view: ClusterView | None) -> status.ServingState | None:
+          children: observed.Children, view: ClusterView) -> status.ServingState | None:
     spec = qm.spec.serving
     if spec is None:
         return None
-    namespace = qm.metadata.namespace or ""
-    current = client.deployment(namespace, serving.deployment_name(qm))
-    served = current.spec.template.metadata.labels.get(manifests.VARIANT_LABEL) if current else None
+    current = children.deployments.get(serving.deployment_name(qm))
+    served = current.variant if current else None
     keeps = f"; {served} keeps serving" if served and served != spec.variant else ""
     state = next(s for s in states if s.build.variant == spec.variant)
     if state.phase is not status.BuildPhase.SUCCEEDED or state.report is None:
@@ -127,14 +115,13 @@ def serve(client: kube.Kube, qm: api.QuantizedModel, states: list[status.BuildSt
     variant = status.variant_status(state)
     wanted = serving.serving_hash(qm, variant)
     old = qm.status.serving if qm.status else None
-    if current is None or (current.metadata.annotations or {}).get("kquant.dev/serving-hash") != wanted \
-            or old is None or old.variant != spec.variant:
+    if current is None or current.serving_hash != wanted or old is None or old.variant != spec.variant:
         outcome = _roll_out(client, qm, variant, state.report, view)
         if isinstance(outcome, serving.NoFit):
             return status.ServingState(False, outcome.reason, outcome.message + keeps)
-        current, old = client.deployment(namespace, serving.deployment_name(qm)), outcome
-    ready, ready_replicas = _deployment_ready(current, spec.replicas)
-    serving_status = old.model_copy(update={"ready_replicas": ready_replicas}) if old else None
+        current, old = outcome
+    ready = current.ready(spec.replicas)
+    serving_status = old.model_copy(update={"ready_replicas": current.ready_replicas}) if old else None
     if ready:
         return status.ServingState(True, "Serving", f"variant {spec.variant} is served at "
                                    f"{serving_status.endpoint if serving_status else ''}", serving_status)
@@ -143,7 +130,8 @@ def serve(client: kube.Kube, qm: api.QuantizedModel, states: list[status.BuildSt
 
 
 def _roll_out(client: kube.Kube, qm: api.QuantizedModel, variant: api.VariantStatus,
-              report: quantizer_report.VariantReport, view: ClusterView | None) -> api.ServingStatus | serving.NoFit:
+              report: quantizer_report.VariantReport,
+              view: ClusterView) -> tuple[observed.ServerDeployment, api.ServingStatus] | serving.NoFit:
     spec = qm.spec.serving
     assert spec is not None
     candidate: serving.Candidate | None = None
@@ -152,34 +140,35 @@ def _roll_out(client: kube.Kube, qm: api.QuantizedModel, variant: api.VariantSta
         if report.facts is None:
             return serving.NoFit("NoModelFacts", f"the build report of {variant.name} has no GGUF facts")
         facts = gguf_facts.ModelFacts.model_validate(report.facts)
-        if view is None:  # no watch-fed indexes (a one-off call): ask the API server
-            node_list, pods = client.nodes_and_pods()
-        else:
-            node_list, pods = view.nodes, view.pods
-        found = serving.candidates(qm, facts, node_list, pods)
+        found = serving.candidates(qm, facts, view.nodes, view.pods)
         candidate = serving.choose(found)
         if candidate is None:
             return serving.no_fit(qm, found, facts)
     plan = serving.build(qm, variant, candidate, serving.surge_fits(candidate, found), client.settings)
-    client.apply(plan.deployment)
+    stored = client.apply(plan.deployment)
     client.apply(plan.service)
     log.info("QuantizedModel %s/%s: rolling out %s", qm.metadata.namespace, qm.metadata.name, variant.name)
-    return plan.status
+    return observed.server_deployment(stored, manifests.VARIANT_LABEL, serving.HASH_ANNOTATION), plan.status
 
 
-def _invalid(client: kube.Kube, body: dict[str, object], exc: pydantic.ValidationError) -> None:
+def _invalid(client: kube.Kube, body: Mapping[str, Any], exc: pydantic.ValidationError) -> ledger.Written | None:
+    """A body the API server took but the models refuse (a CRD older than the operator): say so
+    in status, once per generation."""
     meta = body.get("metadata") or {}
-    assert isinstance(meta, dict)
     message = "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}"
                         if e["loc"] and e["loc"][0] == "spec" else f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
                         for e in exc.errors())[:2000]
+    old = body.get("status") or {}
+    if old.get("observedGeneration") == meta.get("generation") and any(
+            c.get("reason") == "InvalidSpec" and c.get("message") == message for c in old.get("conditions") or []):
+        return None
     now = datetime.datetime.now(datetime.UTC)
     condition = api.Condition(type="Ready", status=api.ConditionStatus.FALSE, reason="InvalidSpec",
                               message=message, last_transition_time=now,
                               observed_generation=meta.get("generation"))
-    client.patch_status(str(meta.get("namespace")), str(meta.get("name")), {
-        "phase": "Failed", "observedGeneration": meta.get("generation"),
-        "conditions": [condition.model_dump(mode="json", by_alias=True, exclude_none=True)]})
+    patch = {"phase": "Failed", "observedGeneration": meta.get("generation"),
+             "conditions": [condition.model_dump(mode="json", by_alias=True, exclude_none=True)]}
+    return ledger.Written(client.patch_status(str(meta.get("namespace")), str(meta.get("name")), patch), patch)
 
 
 def _announce(client: kube.Kube, qm: api.QuantizedModel, new: api.QuantizedModelStatus) -> None:
@@ -196,22 +185,24 @@ def _announce(client: kube.Kube, qm: api.QuantizedModel, new: api.QuantizedModel
                      f"{condition.type}={condition.status.value}: {condition.message}")
 
 
-def reconcile(client: kube.Kube, body: dict[str, object],
-              view: ClusterView | None = None) -> api.QuantizedModelStatus | None:
+def reconcile(client: kube.Kube, body: Mapping[str, Any], children: observed.Children,
+              view: ClusterView) -> ledger.Written | None:
+    """One pass; returns the status it wrote with the resourceVersion it got (None if it wrote
+    nothing), so that the next pass need not wait for the watch to show it."""
     try:
         qm = api.QuantizedModel.model_validate(body)
     except pydantic.ValidationError as exc:
-        _invalid(client, body, exc)
-        return None
+        return _invalid(client, body, exc)
     namespace = qm.metadata.namespace or ""
     claim = manifests.storage_claim(qm)
-    if claim is not None:
+    if claim is not None and claim["metadata"]["name"] not in children.claims:
         client.create(claim)
-    states = [observe_build(client, qm, b) for b in builds.plan_builds(qm, namespace)]
+    states = [observe_build(qm, b, children) for b in builds.plan_builds(qm, namespace)]
     states = start_next_build(client, qm, states)
-    serving_state = serve(client, qm, states, view)
+    serving_state = serve(client, qm, states, children, view)
     new = status.compute(qm, states, serving_state, datetime.datetime.now(datetime.UTC))
-    if qm.status is None or new.to_patch() != qm.status.to_patch():
-        _announce(client, qm, new)
-        client.patch_status(namespace, qm.metadata.name, new.to_patch())
-    return new
+    if qm.status is not None and new.to_patch() == qm.status.to_patch():
+        return None
+    _announce(client, qm, new)
+    patch = new.to_patch()
+    return ledger.Written(client.patch_status(namespace, qm.metadata.name, patch), patch)

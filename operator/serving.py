@@ -48,6 +48,10 @@ class ServingPlan:
     candidate: Candidate | None
 
 
+HASH_ANNOTATION = "kquant.dev/serving-hash"
+"""On the server Deployment: ``serving_hash`` of what it was built from; a change means a rollout."""
+
+
 def deployment_name(qm: api.QuantizedModel) -> str:
     return f"{qm.metadata.name}-server"
 
@@ -213,7 +217,7 @@ def build(qm: api.QuantizedModel, variant: api.VariantStatus, candidate: Candida
     deployment: manifests.Manifest = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {
         "replicas": serving.replicas, "selector": {"matchLabels": labels}, "strategy": strategy,
         "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec}}}
-    deployment["metadata"]["annotations"] = {"kquant.dev/serving-hash": serving_hash(qm, variant)}
+    deployment["metadata"]["annotations"] = {HASH_ANNOTATION: serving_hash(qm, variant)}
     service = {"apiVersion": "v1", "kind": "Service", "metadata": manifests._meta(qm, service_name(qm), "server"),
                "spec": {"selector": labels, "ports": [{"name": "http", "port": manifests.SERVER_PORT,
                                                        "targetPort": "http"}]}}
