@@ -16,14 +16,17 @@ BuildReport with the GGUF facts of SmolLM2-135M, so the planner does real work.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import pathlib
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from typing import Any
 
 import yaml
@@ -93,6 +96,53 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pid: int) -> float:
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def api_round_trip(core: client.CoreV1Api, namespace: str, n: int = 10) -> str:
+    """How fast the API server answers a write right now: the floor under every number above."""
+    took = []
+    for i in range(n):
+        start = time.monotonic()
+        core.create_namespaced_config_map(namespace, {"metadata": {"name": f"rtt-{i}"}}, _preload_content=False)
+        took.append(time.monotonic() - start)
+        core.delete_namespaced_config_map(f"rtt-{i}", namespace, _preload_content=False)
+    return f"API server write round trip p50 {statistics.median(took) * 1000:.1f} ms, max {max(took) * 1000:.1f} ms"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The operator's own counters (kquant.operator.metrics), summed over labels."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    totals: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.split("{")[0].split(" ")[0], float(line.rsplit(" ", 1)[1])
+            totals[name] = totals.get(name, 0.0) + value
+    return totals
+
+
+def passes_since(port: int, before: dict[str, float]) -> str:
+    now = scrape(port)
+
+    def delta(name: str) -> float:
+        return now.get(name, 0.0) - before.get(name, 0.0)
+
+    count = delta("kquant_reconcile_duration_seconds_count") or 1.0
+    waits = delta("kquant_workqueue_wait_seconds_count") or 1.0
+    return (f"operator: {delta('kquant_reconcile_duration_seconds_count'):.0f} passes, mean pass "
+            f"{delta('kquant_reconcile_duration_seconds_sum') / count * 1000:.1f} ms, mean queue wait "
+            f"{delta('kquant_workqueue_wait_seconds_sum') / waits * 1000:.1f} ms")
+
+
 def percentiles(values: list[float]) -> str:
     ordered = sorted(values)
     p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
@@ -133,6 +183,54 @@ def measure(custom: client.CustomObjectsApi, core: client.CoreV1Api, names: list
     return to_job, to_deployment
 
 
+@dataclasses.dataclass
+class Bench:
+    """One local cluster with the CRD, a namespace, the operator and the two watchers."""
+
+    api_client: client.ApiClient
+    namespace: str
+    facts: dict[str, Any]
+    operator: subprocess.Popen[bytes]
+    metrics_port: int
+    jobs: FirstSeen
+    deployments: FirstSeen
+
+    def phase(self, label: str, names: list[str], one_at_a_time: bool) -> None:
+        """Apply and report ``names``, then print both latencies and what the operator did."""
+        core, custom = client.CoreV1Api(self.api_client), client.CustomObjectsApi(self.api_client)
+        cpu_before, started, before = cpu_seconds(self.operator.pid), time.monotonic(), scrape(self.metrics_port)
+        to_job, to_deployment = measure(custom, core, names, self.namespace, self.facts, self.jobs,
+                                        self.deployments, one_at_a_time)
+        print(f"{label:<24} apply -> Job          {percentiles(to_job)}")
+        print(f"{label:<24} report -> Deployment  {percentiles(to_deployment)}")
+        print(f"{'':<24} {passes_since(self.metrics_port, before)}; {time.monotonic() - started:.1f} s wall, "
+              f"operator CPU {cpu_seconds(self.operator.pid) - cpu_before:.1f} s")
+
+    def round_trip(self) -> None:
+        print(api_round_trip(client.CoreV1Api(self.api_client), self.namespace))
+
+
+def start(paths: controlplane.ClusterPaths, facts: dict[str, Any]) -> Bench:
+    api_client = config.new_client_from_config(str(paths.kubeconfig))
+    crd = yaml.safe_load((REPO / "crds/kquant.dev_quantizedmodels.yaml").read_text())
+    client.ApiextensionsV1Api(api_client).create_custom_resource_definition(crd)
+    time.sleep(3)
+    namespace = "bench"
+    client.CoreV1Api(api_client).create_namespace({"metadata": {"name": namespace}})
+    time.sleep(2)
+    # As the chart runs it: MALLOC_ARENA_MAX=2 (see charts/kquant/templates/deployment.yaml).
+    metrics_port = free_port()
+    env = dict(os.environ, KUBECONFIG=str(paths.kubeconfig), PYTHONSAFEPATH="1",
+               KQUANT_METRICS_PORT=str(metrics_port), MALLOC_ARENA_MAX=os.environ.get("MALLOC_ARENA_MAX", "2"))
+    log = (paths.root / "operator.log").open("wb")
+    operator = subprocess.Popen([str(pathlib.Path(sys.executable).with_name("kquant")), "operator"],
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+    time.sleep(5)
+    jobs = FirstSeen(lambda **kw: client.BatchV1Api(api_client).list_namespaced_job(namespace, **kw))
+    deployments = FirstSeen(lambda **kw: client.AppsV1Api(api_client).list_namespaced_deployment(namespace, **kw))
+    return Bench(api_client, namespace, facts, operator, metrics_port, jobs, deployments)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", type=int, default=200)
@@ -141,48 +239,26 @@ def main() -> None:
     from fixtures import smollm2
 
     facts = gguf_facts.read_facts(smollm2.gguf_path()).model_dump(mode="json")
-    root = pathlib.Path(tempfile.mkdtemp(prefix="kquant-bench-"))
-    paths = controlplane.ClusterPaths(root)
+    paths = controlplane.ClusterPaths(pathlib.Path(tempfile.mkdtemp(prefix="kquant-bench-")))
     localcluster.up(paths)
-    operator = None
+    bench = None
     try:
-        api_client = config.new_client_from_config(str(paths.kubeconfig))
-        ext = client.ApiextensionsV1Api(api_client)
-        crd = yaml.safe_load((REPO / "crds/kquant.dev_quantizedmodels.yaml").read_text())
-        ext.create_custom_resource_definition(crd)
-        time.sleep(3)
-        core, custom = client.CoreV1Api(api_client), client.CustomObjectsApi(api_client)
-        namespace = "bench"
-        core.create_namespace({"metadata": {"name": namespace}})
-        time.sleep(2)
-        # As the chart runs it: MALLOC_ARENA_MAX=2 (see charts/kquant/templates/deployment.yaml).
-        env = dict(os.environ, KUBECONFIG=str(paths.kubeconfig), PYTHONSAFEPATH="1",
-                   MALLOC_ARENA_MAX=os.environ.get("MALLOC_ARENA_MAX", "2"))
-        log = (root / "operator.log").open("wb")
-        operator = subprocess.Popen([str(pathlib.Path(sys.executable).with_name("kquant")), "operator"],
-                                    stdout=log, stderr=subprocess.STDOUT, env=env)
-        time.sleep(5)
-        jobs = FirstSeen(lambda **kw: client.BatchV1Api(api_client).list_namespaced_job(namespace, **kw))
-        deployments = FirstSeen(lambda **kw: client.AppsV1Api(api_client).list_namespaced_deployment(namespace, **kw))
-        print(f"operator RSS at start: {rss_mib(operator.pid):.0f} MiB")
+        bench = start(paths, facts)
+        print(f"operator RSS at start: {rss_mib(bench.operator.pid):.0f} MiB")
+        bench.round_trip()
         probes = [f"p{i:02d}" for i in range(args.probes)]
-        one_job, one_dep = measure(custom, core, probes[:5], namespace, facts, jobs, deployments, True)
-        print(f"1 model present:        apply -> Job          {percentiles(one_job)}")
-        print(f"1 model present:        report -> Deployment  {percentiles(one_dep)}")
+        bench.phase("1 model present:", probes[:5], one_at_a_time=True)
         rest = [f"m{i:03d}" for i in range(args.models - 5)]
-        burst_job, burst_dep = measure(custom, core, rest, namespace, facts, jobs, deployments, False)
-        print(f"burst of {len(rest)} at once:   apply -> Job          {percentiles(burst_job)}")
-        print(f"burst of {len(rest)} at once:   report -> Deployment  {percentiles(burst_dep)}")
+        bench.phase(f"burst of {len(rest)} at once:", rest, one_at_a_time=False)
         time.sleep(20)  # let the burst settle: what follows is the steady state
-        many_job, many_dep = measure(custom, core, probes[5:], namespace, facts, jobs, deployments, True)
-        print(f"{args.models} models present:  apply -> Job          {percentiles(many_job)}")
-        print(f"{args.models} models present:  report -> Deployment  {percentiles(many_dep)}")
+        bench.round_trip()
+        bench.phase(f"{args.models} models present:", probes[5:], one_at_a_time=True)
         time.sleep(10)
-        print(f"operator RSS with {args.models + len(probes) - 5} models: {rss_mib(operator.pid):.0f} MiB")
+        print(f"operator RSS with {args.models + len(probes) - 5} models: {rss_mib(bench.operator.pid):.0f} MiB")
     finally:
-        if operator is not None:
-            operator.terminate()
-            operator.wait(timeout=30)
+        if bench is not None:
+            bench.operator.terminate()
+            bench.operator.wait(timeout=30)
         localcluster.down(paths)
 
 

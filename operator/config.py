@@ -23,6 +23,8 @@ class OperatorConfig:
     peering_priority: int = 0
     """kopf peering priority. kopf pauses every peer when priorities tie, so replicas must differ:
     the chart's ``peering.priority`` if set, else a number derived from the pod's name."""
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this port (chart value ``metrics.port``); none when unset."""
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -31,6 +33,7 @@ class OperatorConfig:
             quantizer_image=environ.get("KQUANT_QUANTIZER_IMAGE") or DEFAULT_QUANTIZER_IMAGE,
             server_image=environ.get("KQUANT_SERVER_IMAGE") or api.DEFAULT_SERVER_IMAGE,
             peering_priority=_priority(environ),
+            metrics_port=int(environ["KQUANT_METRICS_PORT"]) if environ.get("KQUANT_METRICS_PORT") else None,
         )
 
 

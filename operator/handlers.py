@@ -21,7 +21,7 @@ import logging
 from typing import Any, TypeVar
 
 import kopf
-from kquant.operator import kube, ledger, manifests, observed, reconcile, serving, workqueue
+from kquant.operator import kube, ledger, manifests, metrics, observed, reconcile, serving, workqueue
 from kquant.operator.api import v1alpha1 as api
 from kquant.operator.planner import nodes
 
@@ -48,6 +48,7 @@ class Runtime:
     ledger: ledger.StatusLedger
     executor: concurrent.futures.ThreadPoolExecutor
     indexes: dict[str, kopf.Index[Any, Any]]
+    metrics: metrics.Metrics
     tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
 
 
@@ -67,7 +68,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: An
     settings.peering.priority = client.settings.peering_priority
     runtime = Runtime(kube=client, queue=workqueue.WorkQueue(), ledger=ledger.StatusLedger(),
                       executor=concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="kquant-pass"),
-                      indexes={name: kwargs[name] for name in INDEXES})
+                      indexes={name: kwargs[name] for name in INDEXES}, metrics=metrics.Metrics())
+    runtime.metrics.track(queue_depth=lambda: len(runtime.queue), models=lambda: len(runtime.indexes["models"]))
+    if client.settings.metrics_port:
+        runtime.metrics.serve(client.settings.metrics_port)
     runtime.tasks = [asyncio.create_task(_worker(runtime), name=f"kquant-worker-{i}") for i in range(WORKERS)]
     memo.runtime = runtime
 
@@ -89,7 +93,9 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 async def _worker(runtime: Runtime) -> None:
     loop = asyncio.get_running_loop()
     while True:
-        key = await runtime.queue.get()
+        key, waited = await runtime.queue.get()
+        runtime.metrics.queue_wait_seconds.observe(waited)
+        started = loop.time()
         try:
             snapshot = _snapshot(runtime, key)
             if snapshot is None:
@@ -99,10 +105,13 @@ async def _worker(runtime: Runtime) -> None:
             written = await loop.run_in_executor(runtime.executor, reconcile.reconcile,
                                                  runtime.kube, body, children, view)
         except Exception as exc:  # an API error or a bug: log it, retry later, keep the others going
+            runtime.metrics.passes.labels(result="error").inc()
             delay = runtime.queue.failed(key)
-            log.warning("QuantizedModel %s/%s: pass failed (%s: %s); retrying in %.0fs",
+            log.warning("QuantizedModel %s/%s: pass failed (%s: %s); retrying in %.1fs",
                         key[0], key[1], type(exc).__name__, exc, delay, exc_info=log.isEnabledFor(logging.DEBUG))
             continue
+        runtime.metrics.passes.labels(result="success").inc()
+        runtime.metrics.pass_seconds.observe(loop.time() - started)
         if written is not None:
             runtime.ledger.wrote(str(body["metadata"]["uid"]), written)
         runtime.queue.done(key)

@@ -89,9 +89,9 @@ def start_next_build(client: kube.Kube, qm: api.QuantizedModel,
         return states
     result = list(states)
     build = states[queued].build
-    for manifest in manifests.build_objects(qm, build, client.settings):
-        client.create(manifest)
-    log.info("QuantizedModel %s/%s: started build %s", qm.metadata.namespace, qm.metadata.name, build.name)
+    created = [client.create(manifest) for manifest in manifests.build_objects(qm, build, client.settings)]
+    if created[-1] is not None:  # the Job; None when a pass before this one made it
+        log.info("QuantizedModel %s/%s: started build %s", qm.metadata.namespace, qm.metadata.name, build.name)
     result[queued] = status.BuildState(build, status.BuildPhase.RUNNING, progress="starting")
     return result
 

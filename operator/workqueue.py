@@ -12,20 +12,30 @@ number of objects rather than the number of events.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Hashable
-from typing import Generic, TypeVar
+import time
+from collections.abc import Callable, Hashable
+from typing import Generic, NamedTuple, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
 
+class Item(NamedTuple, Generic[K]):
+    key: K
+    waited: float
+    """Seconds from the first request that queued the key to a worker taking it."""
+
+
 class WorkQueue(Generic[K]):
-    def __init__(self, max_backoff: float = 300.0) -> None:
+    def __init__(self, base_backoff: float = 0.5, max_backoff: float = 300.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._ready: asyncio.Queue[K] = asyncio.Queue()
-        self._queued: set[K] = set()
+        self._queued: dict[K, float] = {}
+        """Keys waiting in ``_ready``, with the time each was queued."""
+        self._clock = clock
         self._active: set[K] = set()
         self._again: set[K] = set()
         self._failures: dict[K, int] = {}
-        self._max_backoff = max_backoff
+        self._base_backoff, self._max_backoff = base_backoff, max_backoff
         self._timers: dict[K, asyncio.TimerHandle] = {}
         self._closed = False
 
@@ -39,7 +49,7 @@ class WorkQueue(Generic[K]):
         if key in self._active:
             self._again.add(key)
         elif key not in self._queued:
-            self._queued.add(key)
+            self._queued[key] = self._clock()
             self._ready.put_nowait(key)
 
     def add_after(self, key: K, delay: float) -> None:
@@ -52,12 +62,12 @@ class WorkQueue(Generic[K]):
         self._timers.pop(key, None)
         self.add(key)
 
-    async def get(self) -> K:
+    async def get(self) -> Item[K]:
         """The next key to work on; the caller must call ``done`` or ``failed`` with it."""
         key = await self._ready.get()
-        self._queued.discard(key)
+        queued_at = self._queued.pop(key)
         self._active.add(key)
-        return key
+        return Item(key, self._clock() - queued_at)
 
     def done(self, key: K) -> None:
         self._failures.pop(key, None)
@@ -66,7 +76,7 @@ class WorkQueue(Generic[K]):
     def failed(self, key: K) -> float:
         """Retry ``key`` later, doubling the wait with each failure in a row; returns the wait."""
         count = self._failures[key] = self._failures.get(key, 0) + 1
-        delay: float = min(self._max_backoff, 0.5 * 2.0 ** (count - 1))
+        delay: float = min(self._max_backoff, self._base_backoff * 2.0 ** (count - 1))
         self._release(key)
         self.add_after(key, delay)
         return delay

@@ -9,6 +9,7 @@ minutes, to keep tests short.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import datetime
 import logging
@@ -95,6 +96,8 @@ class PodRunner(threading.Thread):
         self.phase = "Pending"
         self.started_at = now_rfc3339()
         self._last_status: dict[str, Any] = {}
+        """The status last patched, before timestamps: what the next report compares with."""
+        self._last_reported: dict[str, Any] = {}
         self.finished = threading.Event()
 
     @property
@@ -312,6 +315,9 @@ class PodRunner(threading.Thread):
                 cond("ContainersReady", ready), cond("Ready", ready)]
 
     def _report(self) -> None:
+        """Patch the pod's status when it changed. A condition keeps its lastTransitionTime until
+        its status flips, as the kubelet does: a fresh timestamp on every tick would make every
+        pod write its status four times a second and flood the API server and every pod watcher."""
         status: dict[str, Any] = {
             "phase": self.phase,
             "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
@@ -322,16 +328,19 @@ class PodRunner(threading.Thread):
         }
         if self.init_runs:
             status["initContainerStatuses"] = [r.status() for r in self.init_runs]
-        comparable = {k: v for k, v in status.items()}
-        if comparable == self._last_status:
+        if status == self._last_status:
             return
+        reported = copy.deepcopy(status)
+        before = {c["type"]: c for c in self._last_reported.get("conditions", [])}
         now = now_rfc3339()
-        for condition in status["conditions"]:
-            condition["lastTransitionTime"] = now
+        for condition in reported["conditions"]:
+            old = before.get(condition["type"])
+            same = old is not None and old["status"] == condition["status"]
+            condition["lastTransitionTime"] = old["lastTransitionTime"] if same and old else now
         meta = self.pod["metadata"]
         try:
-            self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {"status": status})
-            self._last_status = comparable
+            self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {"status": reported})
+            self._last_status, self._last_reported = copy.deepcopy(status), reported
         except client.ApiException as exc:
             if exc.status == 404:
                 self.stopping.set()
