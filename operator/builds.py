@@ -12,7 +12,6 @@ Pure code: no Kubernetes client, no files.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import settings
@@ -122,6 +121,9 @@ def plan_builds(qm: api.QuantizedModel, namespace: str) -> list[Build]:
     return builds
 
 
-def spec_hash(build: Build) -> str:
-    """Short hash of the exact spec a Job got; lets the operator notice a stale Job."""
-    return hashlib.sha256(build.spec.model_dump_json(by_alias=True).encode()).hexdigest()[:12]
+def last_of_its_model(build: Build, qm: api.QuantizedModel) -> Build:
+    """``build`` as the model's last build: it deletes the intermediates when the spec keeps none.
+    Not part of the digest: the file it makes is the same."""
+    if qm.spec.storage.keep_intermediates:
+        return build
+    return dataclasses.replace(build, spec=build.spec.model_copy(update={"remove_intermediates": True}))

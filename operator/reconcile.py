@@ -89,6 +89,9 @@ def start_next_build(client: kube.Kube, qm: api.QuantizedModel,
         return states
     result = list(states)
     build = states[queued].build
+    others = [s for i, s in enumerate(states) if i != queued]
+    if all(s.phase is status.BuildPhase.SUCCEEDED for s in others):
+        build = builds.last_of_its_model(build, qm)
     created = [client.create(manifest) for manifest in manifests.build_objects(qm, build, client.settings)]
     if created[-1] is not None:  # the Job; None when a pass before this one made it
         log.info("QuantizedModel %s/%s: started build %s", qm.metadata.namespace, qm.metadata.name, build.name)

@@ -251,6 +251,22 @@ class Build:
             self.report.variants.append(vr)
         self._variant = None
         self._current = None
+        if self.spec.remove_intermediates:
+            self._remove_intermediates()
+
+    def _remove_intermediates(self) -> None:
+        """Free the work folder after the last build of a model that keeps no intermediates. Under
+        the work lock, so a build of the same source that is preparing is not cut short; the lock
+        file itself stays."""
+        work = self.layout.work
+        with _locked(work / ".lock"):
+            freed = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
+            for child in work.iterdir():
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                elif child.name != ".lock":
+                    child.unlink()
+        log.info("removed the intermediates in %s (%.2f GiB): keepIntermediates is false", work, freed / 2**30)
 
     def prepare(self) -> Prepared:
         """fetch, then convert and calibrate when the source is safetensors."""
@@ -411,7 +427,7 @@ class Build:
 
         def run_quantize(p: steps.Progress) -> None:
             try:
-                quantize.quantize(base, staged, job, data)
+                quantize.quantize(base, staged, job, data, progress=p)
             except quantize.QuantizeError as exc:
                 raise BuildError(f"variants[{self._variant_index()}] ({variant.name}): {exc}") from None
 

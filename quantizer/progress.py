@@ -103,12 +103,14 @@ def kubernetes_patcher(name: str, namespace: str) -> Patcher:
 
 
 class ConfigMapSink:
-    """Writes ``data.progress`` (throttled) and ``data.report`` (always) into the result ConfigMap."""
+    """Writes ``data.progress`` (throttled, except when a step starts or ends) and ``data.report``
+    (always) into the result ConfigMap."""
 
     def __init__(self, patcher: Patcher, interval: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._patch = patcher
         self._throttle = Throttle(interval, clock)
         self._last: str | None = None
+        self._last_phase: tuple[str | None, str] | None = None
 
     def _send(self, data: dict[str, str]) -> None:
         try:
@@ -120,7 +122,11 @@ class ConfigMapSink:
         text = line.render()
         if text == self._last:
             return
-        if self._throttle.allow(force=line.fraction >= 1.0):
+        # A new step always goes through: the operator derives status.phase from the step's name,
+        # and a step that starts within the throttle interval of the last line would not show.
+        phase = (line.variant, line.phase)
+        changed, self._last_phase = phase != self._last_phase, phase
+        if self._throttle.allow(force=changed or line.fraction >= 1.0):
             self._last = text
             self._send({"progress": text})
 

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import gguf
 import numpy as np
 import pydantic
-from kquant.quantizer import constants
+from kquant.quantizer import constants, settings
 from kquant.quantizer import quantize as quantize_mod
 from pydantic import alias_generators
 
@@ -171,29 +171,13 @@ class _Model(pydantic.BaseModel):
     )
 
 
-class TensorOverride(_Model):
-    """Tensors whose name matches ``pattern`` (searched, as llama.cpp does) get ``type``."""
-
-    pattern: str
-    type: constants.TensorType
-
-    @pydantic.field_validator("pattern")
-    @classmethod
-    def _compiles(cls, pattern: str) -> str:
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"pattern {pattern!r} is not a valid regular expression: {err}") from err
-        return pattern
-
-
 class VariantRecipe(_Model):
     """One variant to build from the converted GGUF (``spec.variants[]``)."""
 
     name: Annotated[str, pydantic.Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)]
     type: constants.FileType
     recipe: Literal["uniform", "dynamic"] = "uniform"
-    overrides: tuple[TensorOverride, ...] = ()
+    overrides: tuple[settings.TensorOverride, ...] = ()
     """Regex -> type rules tried in order; the first match wins, before any recipe rule."""
     target_size_gib: Annotated[float | None, pydantic.Field(gt=0, alias="targetSizeGiB")] = None
     target_bits_per_weight: Annotated[float | None, pydantic.Field(gt=0, le=32)] = None

@@ -128,7 +128,8 @@ class Recipe(enum.StrEnum):
 
 
 class TensorOverride(_Model):
-    """A regex over GGUF tensor names and the type matching tensors get; first match wins."""
+    """A regex over GGUF tensor names (searched, as llama.cpp does) and the type matching tensors
+    get; first match wins. Recipes (``recipes.VariantRecipe``) use this model too."""
 
     pattern: str
     type: constants.TensorType
@@ -244,6 +245,9 @@ class BuildSpec(_Model):
     result_config_map: ResultConfigMap | None = None
     threads: Annotated[int, pydantic.Field(ge=0)] = 0
     """CPU threads for quantization and evaluation; 0 lets llama.cpp choose."""
+    remove_intermediates: bool = False
+    """Delete the intermediates in the work folder once this build succeeded. The operator sets it on
+    a model's last build when ``spec.storage.keepIntermediates`` is false. Not part of any digest."""
 
     @pydantic.field_validator("variants")
     @classmethod

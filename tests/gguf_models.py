@@ -76,17 +76,20 @@ def _add(writer: gguf.GGUFWriter, name: str, shape: tuple[int, ...], qtype: gguf
         writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
 
 
-def _vocab(writer: gguf.GGUFWriter, n_vocab: int) -> None:
+def write_vocab(writer: gguf.GGUFWriter, n_vocab: int, ranked_scores: bool = False) -> None:
+    """A SentencePiece-style vocabulary: specials, the 256 byte tokens, then filler pieces.
+    ``ranked_scores`` gives the filler pieces falling scores, as a trained SentencePiece model has."""
     if n_vocab < 259 + 3:
         raise ValueError(f"n_vocab is {n_vocab}, but the test vocabulary needs at least 262 tokens")
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
     types = [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
     types += [gguf.TokenType.BYTE] * 256
-    tokens += [f"\u2581t{i}" for i in range(n_vocab - len(tokens))]
+    tokens += [f"\u2581t{i}" for i in range(len(tokens), n_vocab)]
     types += [gguf.TokenType.NORMAL] * (n_vocab - len(types))
+    scores = [0.0] * 259 + [-float(i) if ranked_scores else 0.0 for i in range(n_vocab - 259)]
     writer.add_tokenizer_model("llama")
     writer.add_token_list(tokens)
-    writer.add_token_scores([0.0] * n_vocab)
+    writer.add_token_scores(scores)
     writer.add_token_types(types)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
@@ -203,7 +206,7 @@ def write_model(path: Path, shape: Shape, seed: int = 0) -> Path:
     writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
     if shape.sliding_window:
         writer.add_sliding_window(shape.sliding_window)
-    _vocab(writer, shape.n_vocab)
+    write_vocab(writer, shape.n_vocab)
 
     wt = shape.weight_type
     f32 = gguf.GGMLQuantizationType.F32

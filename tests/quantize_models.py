@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import gguf_models
 import numpy as np
 import numpy.typing as npt
 
@@ -35,17 +36,6 @@ class RandomModel:
         return self.n_embd // self.n_head
 
 
-def _tokens(n_vocab: int) -> tuple[list[str], list[float], list[int]]:
-    """A SentencePiece-style vocabulary: specials, the 256 byte tokens, then filler pieces."""
-    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)]
-    types = [2, 3, 3] + [6] * 256  # unknown, control, control, byte
-    while len(tokens) < n_vocab:
-        tokens.append(f"\u2581t{len(tokens)}")
-        types.append(1)
-    scores = [0.0] * 3 + [0.0] * 256 + [-float(i) for i in range(n_vocab - 259)]
-    return tokens[:n_vocab], scores[:n_vocab], types[:n_vocab]
-
-
 def _write_header(writer: gguf.GGUFWriter, spec: RandomModel) -> None:
     writer.add_name("kquant-random")
     writer.add_context_length(512)
@@ -60,14 +50,7 @@ def _write_header(writer: gguf.GGUFWriter, spec: RandomModel) -> None:
     if spec.n_expert:
         writer.add_expert_count(spec.n_expert)
         writer.add_expert_used_count(spec.n_expert_used)
-    tokens, scores, types = _tokens(spec.n_vocab)
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_unk_token_id(0)
+    gguf_models.write_vocab(writer, spec.n_vocab, ranked_scores=True)
     writer.add_add_bos_token(True)
 
 

@@ -795,6 +795,16 @@ class Storage(_Model):
     """Where downloads and variants live."""
 
     pvc: PVCStorage = pydantic.Field(description="The PersistentVolumeClaim to use or create.")
+    keep_intermediates: bool = pydantic.Field(
+        default=True,
+        description=(
+            "Keep the download, the 16-bit GGUF, the importance matrix and the reference logits on the claim "
+            "(under `.work/`) after the builds, so that a new variant or recipe starts at quantization. false "
+            "deletes them when the model's last build succeeds, which frees about twice the model's 16-bit "
+            "size (the download and the 16-bit GGUF); a later build then downloads and converts again. Keep "
+            "them when several models share one claim and one source."
+        ),
+    )
 
 
 class PodSettings(_Model):

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kquant.operator.api import v1alpha1 as api
-from kquant.quantizer import constants, gguf_facts, recipes
+from kquant.quantizer import constants, gguf_facts, recipes, settings
 
 T = constants.TensorType
 GIB = 1 << 30
@@ -238,7 +238,7 @@ def facts(s: Shape, types: Mapping[str, constants.TensorType], file_type: int | 
 def _recipe(variant: api.Variant, file_type: constants.FileType) -> recipes.VariantRecipe:
     return recipes.VariantRecipe(
         name=variant.name, type=file_type, recipe="dynamic" if variant.recipe is api.Recipe.DYNAMIC else "uniform",
-        overrides=tuple(recipes.TensorOverride(pattern=o.pattern, type=o.type) for o in variant.overrides or ()),
+        overrides=tuple(settings.TensorOverride(pattern=o.pattern, type=o.type) for o in variant.overrides or ()),
         target_size_gib=variant.target_size_gib, target_bits_per_weight=variant.target_bits_per_weight,
         output_tensor_type=variant.output_tensor_type, token_embedding_type=variant.token_embedding_type,
         pure=variant.pure, leave_output_tensor=variant.leave_output_tensor,
@@ -288,7 +288,7 @@ def published_types(
     keep = [(rf"^blk\.({'|'.join(str(i) for i in range(s.n_dense_lead))})\.", T.Q4_K)] if s.n_dense_lead else []
     recipe = recipes.VariantRecipe(
         name="published", type=file_type, pure=False, output_tensor_type=T.Q6_K, token_embedding_type=T.Q4_K,
-        overrides=tuple(recipes.TensorOverride(pattern=p, type=t) for p, t in
+        overrides=tuple(settings.TensorOverride(pattern=p, type=t) for p, t in
                         [*keep, (r"attn_", T.Q4_K), (r"_shexp\.", T.Q4_K), (r"_exps\.", base)]),
     )  # fmt: skip
     types = uniform_types(specs, recipe)

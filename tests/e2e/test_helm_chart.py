@@ -215,6 +215,7 @@ def test_install_and_uninstall(cluster: Any, namespace: str, helm: Helm) -> None
     auth = client.AuthorizationV1Api(api_client)
     user = f"system:serviceaccount:{namespace}:{account}"
     assert _can(auth, user, "patch", "quantizedmodels", "kquant.dev", subresource="status")
+    assert not _can(auth, user, "patch", "quantizedmodels", "kquant.dev"), "the spec is the user's"
     assert _can(auth, user, "create", "jobs", "batch")
     assert _can(auth, user, "list", "nodes", namespace="")
     assert not _can(auth, user, "get", "secrets")

@@ -394,3 +394,18 @@ def test_16_bit_gguf_source_is_quantized(env: Env, first: tuple[Run, Path], tmp_
     assert [s["step"] for s in run.report["steps"]] == ["reference", "quantize-q8", "evaluate-q8", "publish-q8"]
     v = run.report["variants"][0]
     assert v["tensorTypes"].get("Q8_0", 0) > 100 and 0 <= v["metrics"]["klDivergence"] < 0.05
+
+
+def test_the_last_build_removes_the_intermediates_when_asked(env: Env, first: tuple[Run, Path], tmp_path: Path) -> None:
+    """``removeIntermediates`` (the operator's ``spec.storage.keepIntermediates: false``) empties
+    the work folder after a successful build; the published variant and the source stay."""
+    f16 = next(env.work.rglob("model-f16.gguf"))
+    store, work = tmp_path / "store", tmp_path / "work"
+    spec = env.spec(store, source={"local": {"path": str(f16)}}, variants=[{"name": "q8", "type": "Q8_0"}],
+                    workDir=str(work), removeIntermediates=True)
+    run = env.run(spec)
+    assert run.rc == 0, run.out[-2000:]
+    assert "removed the intermediates" in run.out
+    left = [p for p in work.rglob("*") if p.is_file()]
+    assert left and all(p.name == ".lock" for p in left), left
+    assert Path(run.report["variants"][0]["path"]).is_file() and f16.is_file()

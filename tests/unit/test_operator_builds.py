@@ -118,3 +118,17 @@ def test_replicas_get_distinct_peering_priorities() -> None:
     assert images.server_image == "registry.local/llama:1" and images.quantizer_image == config.DEFAULT_QUANTIZER_IMAGE
     job = manifests.build_objects(qm, builds.plan_builds(qm, "ml")[0], images)[-1]
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == config.DEFAULT_QUANTIZER_IMAGE
+
+
+def test_only_the_last_build_of_a_model_that_keeps_no_intermediates_removes_them() -> None:
+    keep = api.QuantizedModel.model_validate(_body())
+    body = _body()
+    body["spec"]["storage"]["keepIntermediates"] = False
+    drop = api.QuantizedModel.model_validate(body)
+    build = builds.plan_builds(drop, "ml")[-1]
+    assert not builds.last_of_its_model(builds.plan_builds(keep, "ml")[-1], keep).spec.remove_intermediates
+    last = builds.last_of_its_model(build, drop)
+    assert last.spec.remove_intermediates and last.digest == build.digest and last.name == build.name
+    configmap = manifests.build_objects(drop, last)[0]
+    assert json.loads(configmap["data"][builds.SPEC_KEY])["removeIntermediates"] is True
+    assert _digests(body) == _digests(_body()), "keeping intermediates or not makes the same files"

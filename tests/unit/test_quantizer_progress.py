@@ -37,6 +37,18 @@ def test_configmap_sink_throttles_progress_but_always_writes_the_report() -> Non
     assert '"status": "Failed"' in sent[-1]["report"]
 
 
+def test_configmap_sink_lets_a_new_step_through_inside_the_throttle_interval() -> None:
+    now = [0.0]
+    sent: list[dict[str, str]] = []
+    sink = progress.ConfigMapSink(sent.append, interval=2.0, clock=lambda: now[0])
+    sink.progress(progress.ProgressLine("downloading", 0.5, "q8", 1, 2))
+    now[0] = 0.5
+    sink.progress(progress.ProgressLine("downloading", 0.7, "q8", 1, 2))  # throttled
+    now[0] = 0.6
+    sink.progress(progress.ProgressLine("converting", 0.0, "q8", 1, 2))  # a new step: sent at once
+    assert [d["progress"] for d in sent] == ["q8 1/2 downloading 50%", "q8 1/2 converting 0%"]
+
+
 def test_configmap_errors_do_not_stop_the_build() -> None:
     def broken(data: dict[str, str]) -> None:
         raise ConnectionError("api server down")

@@ -89,10 +89,11 @@ without --namespace it serves all namespaces.
 
 {{/* RBAC rules on namespaced resources: in the ClusterRole when watching all namespaces, else in a Role per namespace. The chart README explains each. */}}
 {{- define "kquant.namespacedRules" -}}
-# The API itself: read and watch QuantizedModels; patch them for kopf's finalizer and annotations.
+# The API itself: read and watch QuantizedModels. The operator never writes their spec or metadata
+# (no finalizer, no kopf annotations: see docs/architecture.md), only their status.
 - apiGroups: [kquant.dev]
   resources: [quantizedmodels]
-  verbs: [get, list, watch, patch, update]
+  verbs: [get, list, watch]
 # Write observed state through the status subresource only.
 - apiGroups: [kquant.dev]
   resources: [quantizedmodels/status]
