@@ -31,6 +31,7 @@ def smollm2_manifest(hub: FakeHub) -> dict[str, Any]:
     body["spec"]["source"]["huggingface"]["endpoint"] = hub.url
     body["spec"]["calibration"]["chunks"] = 4
     body["spec"]["evaluation"]["chunks"] = 2
+    body["spec"]["storage"]["keepIntermediates"] = False  # the last build empties .work
     return body
 
 
@@ -61,6 +62,17 @@ def _ready_with(cluster: Cluster, namespace: str, name: str, variant: str) -> di
     return None
 
 
+def _assert_only_variants_left(core: client.CoreV1Api, namespace: str) -> None:
+    """keepIntermediates: false: the claim holds the two published variants and an empty .work."""
+    claim = core.read_namespaced_persistent_volume_claim("smollm2-storage", namespace)
+    volume = core.read_persistent_volume(claim.spec.volume_name)
+    root = pathlib.Path(volume.spec.host_path.path)
+    published = sorted(p.name for p in root.glob("*/*.gguf") if not p.parent.name.startswith("."))
+    assert len(published) == 2, published
+    left = [p for p in (root / ".work").rglob("*") if p.is_file()]
+    assert all(p.name == ".lock" for p in left), left
+
+
 def test_build_serve_and_promote(cluster: Cluster, namespace: str, operator: OperatorProcess,
                                  smollm2_hub: FakeHub) -> None:
     api = cluster.api_client()
@@ -86,6 +98,7 @@ def test_build_serve_and_promote(cluster: Cluster, namespace: str, operator: Ope
     assert status["observedGeneration"] == 1 and status["phase"] == "Ready"
     jobs = batch.list_namespaced_job(namespace).items
     assert len(jobs) == 2  # one per variant, no duplicates
+    _assert_only_variants_left(core, namespace)
 
     [pod] = _server_pods(core, namespace)
     args = pod.spec.containers[0].args
