@@ -54,6 +54,8 @@ class Runtime:
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
+    # kopf stores nothing on the models today (no create/update handlers); should it ever, it uses
+    # our group, not kopf's.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kquant.dev")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix="kquant.dev", key="last-handled-configuration")
@@ -107,8 +109,8 @@ async def _worker(runtime: Runtime) -> None:
         except Exception as exc:  # an API error or a bug: log it, retry later, keep the others going
             runtime.metrics.passes.labels(result="error").inc()
             delay = runtime.queue.failed(key)
-            log.warning("QuantizedModel %s/%s: pass failed (%s: %s); retrying in %.1fs",
-                        key[0], key[1], type(exc).__name__, exc, delay, exc_info=log.isEnabledFor(logging.DEBUG))
+            log.warning("QuantizedModel %s/%s: pass failed (%s); retrying in %.1fs", key[0], key[1],
+                        kube.describe_error(exc), delay, exc_info=log.isEnabledFor(logging.DEBUG))
             continue
         runtime.metrics.passes.labels(result="success").inc()
         runtime.metrics.pass_seconds.observe(loop.time() - started)

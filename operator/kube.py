@@ -131,6 +131,18 @@ class Kube:
         return lambda body: create(namespace, body, _preload_content=False)
 
 
+def describe_error(exc: Exception) -> str:
+    """One line for the log: the API server's status and message, not the response headers that
+    ``str(ApiException)`` adds."""
+    if isinstance(exc, client.ApiException):
+        try:
+            message = json.loads(exc.body or "{}").get("message") or ""
+        except ValueError:
+            message = str(exc.body or "")[:300]
+        return f"API server said {exc.status} {exc.reason}: {message}".rstrip(": ")
+    return f"{type(exc).__name__}: {exc}"
+
+
 def _json(response: Any) -> Manifest:
     """The body of a response requested with ``_preload_content=False``."""
     body: Manifest = json.loads(response.data)

@@ -73,6 +73,16 @@ def _assert_only_variants_left(core: client.CoreV1Api, namespace: str) -> None:
     assert all(p.name == ".lock" for p in left), left
 
 
+def _assert_each_event_once(core: client.CoreV1Api, namespace: str) -> None:
+    """Events say when Ready changes; a pass that ran before the watch showed the operator's own
+    status write must not say it twice (the status ledger)."""
+    events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=smollm2").items
+    said = [(e.reason, e.message) for e in events]
+    assert ("Serving" in {reason for reason, _ in said}), said
+    assert len(said) == len(set(said)), f"an Event was posted twice: {said}"
+    assert all((e.count or 1) == 1 for e in events), said
+
+
 def test_build_serve_and_promote(cluster: Cluster, namespace: str, operator: OperatorProcess,
                                  smollm2_hub: FakeHub) -> None:
     api = cluster.api_client()
@@ -99,6 +109,7 @@ def test_build_serve_and_promote(cluster: Cluster, namespace: str, operator: Ope
     jobs = batch.list_namespaced_job(namespace).items
     assert len(jobs) == 2  # one per variant, no duplicates
     _assert_only_variants_left(core, namespace)
+    _assert_each_event_once(core, namespace)
 
     [pod] = _server_pods(core, namespace)
     args = pod.spec.containers[0].args

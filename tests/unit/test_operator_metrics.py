@@ -30,3 +30,4 @@ def test_two_operators_in_one_process_do_not_share_a_registry() -> None:
 def test_the_metrics_port_comes_from_the_chart_environment() -> None:
     assert config.OperatorConfig.from_environment({"KQUANT_METRICS_PORT": "9090"}).metrics_port == 9090
     assert config.OperatorConfig.from_environment({}).metrics_port is None
+
