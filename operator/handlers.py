@@ -50,6 +50,8 @@ class Runtime:
     indexes: dict[str, kopf.Index[Any, Any]]
     metrics: metrics.Metrics
     tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
+    node_shapes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Each node's labels and allocatable resources as last seen, to tell a change from a heartbeat."""
 
 
 @kopf.on.startup()
@@ -207,9 +209,11 @@ async def gpu_pods(name: str, spec: dict[str, Any], status: dict[str, Any], **_:
 
 def _gpu_resources(pod: dict[str, Any]) -> set[str]:
     found = set()
-    for container in [*pod["spec"]["containers"], *pod["spec"]["initContainers"]]:
+    spec = pod["spec"]
+    for container in [*(spec.get("containers") or []), *(spec.get("initContainers") or [])]:
         for kind in ("requests", "limits"):
-            found |= {r for r in (container["resources"].get(kind) or {}) if r.startswith("nvidia.com/")}
+            requested = (container.get("resources") or {}).get(kind) or {}
+            found |= {r for r in requested if r.startswith("nvidia.com/")}
     return found
 
 
@@ -273,3 +277,36 @@ async def on_build_pod(event: dict[str, Any], namespace: str, labels: dict[str, 
     record = observed.build_pod(event.get("object") or {})
     if record.last_words or (record.waiting is not None and record.waiting[0] in reconcile.WAITING_REASONS):
         _on_child(event, namespace, labels, memo)
+
+
+# -- capacity: a model that fits nowhere gets a pass when the cluster changes ---------------------
+
+
+def _capacity_changed(runtime: Runtime) -> None:
+    for key in runtime.indexes["models"]:
+        if any(reconcile.waits_for_capacity(body) for body in runtime.indexes["models"][key]):
+            runtime.queue.add(key)
+
+
+@kopf.on.event("nodes")
+async def on_node(event: dict[str, Any], name: str, labels: dict[str, str], status: dict[str, Any],
+                  memo: kopf.Memo, **_: Any) -> None:
+    """A node that appears, goes, or changes its labels or allocatable resources (not a heartbeat)."""
+    runtime: Runtime = memo.runtime
+    if event.get("type") == "DELETED":
+        runtime.node_shapes.pop(name, None)
+    else:
+        shape = (dict(labels), dict(status.get("allocatable") or {}))
+        if runtime.node_shapes.get(name) == shape:
+            return
+        runtime.node_shapes[name] = shape
+    _capacity_changed(runtime)
+
+
+@kopf.on.event("pods")
+async def on_pod_gone(event: dict[str, Any], spec: dict[str, Any], status: dict[str, Any], memo: kopf.Memo,
+                      **_: Any) -> None:
+    """A pod that held GPUs ended: its GPUs are free for a model that fitted nowhere."""
+    ended = event.get("type") == "DELETED" or status.get("phase") in ("Succeeded", "Failed")
+    if ended and spec.get("nodeName") and _gpu_resources({"spec": spec}):
+        _capacity_changed(memo.runtime)

@@ -61,6 +61,17 @@ def observe_build(qm: api.QuantizedModel, build: builds.Build, children: observe
     return status.BuildState(build, status.BuildPhase.RUNNING, progress=data.get("progress", ""))
 
 
+CAPACITY_REASONS = frozenset({"DoesNotFit", "NoGPUNodes"})
+"""Serving reasons that a new node, a relabelled node or a freed GPU may resolve."""
+
+
+def waits_for_capacity(body: Mapping[str, Any]) -> bool:
+    """The model cannot be served until the cluster changes: worth a pass when it does."""
+    conditions = (body.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == api.ConditionType.SERVING.value and c.get("reason") in CAPACITY_REASONS
+               for c in conditions)
+
+
 WAITING_REASONS = {"CreateContainerConfigError", "ErrImagePull", "ImagePullBackOff", "InvalidImageName",
                    "ErrImageNeverPull", "CreateContainerError"}
 """Container waiting reasons that need a person; a build pod showing one is blocked, not running."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import pathlib
+import time
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from e2e_helpers import OperatorProcess, condition, qm_status
 from hub_server import FakeHub
 from kube import Cluster, wait_for
 from kubernetes import client
+from localcluster import nodes
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -54,6 +56,25 @@ def shared_claim(cluster: Cluster, namespace: str) -> str:
         "metadata": {"name": "models"},
         "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "2Gi"}}}})
     return "models"
+
+
+def _a_bigger_gpu_node_arrives(cluster: Cluster, namespace: str) -> None:
+    """A model that fits nowhere is planned again as soon as a node that can hold it joins, not at
+    the next resync. The node has no agent behind it, so it goes again before anything runs there."""
+    core, apps = client.CoreV1Api(cluster.api_client()), client.AppsV1Api(cluster.api_client())
+    giant = nodes.NodeSpec("gpu-giant", "NVIDIA-GIANT-512GB", 524288, 1, memory="2048Gi")
+    core.create_node(giant.manifest())
+    try:
+        core.patch_node_status(giant.name, {"status": {"capacity": giant.resources(),
+                                                       "allocatable": giant.resources()}})
+        start = time.monotonic()
+        served = wait_for(lambda: apps.list_namespaced_deployment(
+            namespace, label_selector="kquant.dev/model=huge").items, timeout=60, interval=0.5,
+            what="a Deployment for huge once a node can hold it")
+        assert time.monotonic() - start < 30, "the new node must trigger a pass, not the resync timer"
+        assert served[0].spec.template.spec.node_selector["nvidia.com/gpu.product"] == giant.gpu_product
+    finally:
+        core.delete_node(giant.name)
 
 
 def test_failures_are_reported_and_nothing_bad_is_served(
@@ -110,9 +131,13 @@ def test_failures_are_reported_and_nothing_bad_is_served(
     # A context no GPU can hold: a clear condition, and no Deployment left Pending.
     huge = _manifest("huge", smollm2_hub, {"name": "q8", "type": "Q8_0"})
     huge["spec"]["serving"].update({"gpus": 1, "gpuLayers": "auto", "contextSize": 4_194_304,
-                                    "cacheTypeK": "f32", "cacheTypeV": "f32", "flashAttention": "on"})
+                                    "cacheTypeK": "f32", "cacheTypeV": "f32", "flashAttention": "on",
+                                    # room for the 4 GiB host compute buffer of a fully offloaded 4M context
+                                    "resources": {"requests": {"cpu": "1", "memory": "1Gi"},
+                                                  "limits": {"memory": "8Gi"}}})
     create(huge)
     nofit = _wait_condition(cluster, namespace, "huge", "Serving", "DoesNotFit", timeout=900)
     assert "fits no GPU pool" in nofit["message"]
     assert "DoesNotFit" in _warnings(core, namespace, "huge")
     assert not apps.list_namespaced_deployment(namespace, label_selector="kquant.dev/model=huge").items
+    _a_bigger_gpu_node_arrives(cluster, namespace)

@@ -107,3 +107,13 @@ def test_a_deployment_is_ready_only_when_every_wanted_pod_is_new_and_available()
     assert observed.server_deployment(body, manifests.VARIANT_LABEL, serving.HASH_ANNOTATION).ready(2)
     body["metadata"]["generation"] = 4
     assert not observed.server_deployment(body, manifests.VARIANT_LABEL, serving.HASH_ANNOTATION).ready(2)
+
+
+def test_only_a_model_that_fits_nowhere_waits_for_capacity() -> None:
+    def body(reason: str) -> dict[str, Any]:
+        return {"status": {"conditions": [{"type": "Serving", "status": "False", "reason": reason}]}}
+
+    assert reconcile.waits_for_capacity(body("DoesNotFit"))
+    assert reconcile.waits_for_capacity(body("NoGPUNodes"))
+    assert not reconcile.waits_for_capacity(body("GateFailed"))
+    assert not reconcile.waits_for_capacity({"status": {}})
