@@ -76,7 +76,8 @@ def _assert_only_variants_left(core: client.CoreV1Api, namespace: str) -> None:
 def _assert_each_event_once(core: client.CoreV1Api, namespace: str) -> None:
     """Events say when Ready changes; a pass that ran before the watch showed the operator's own
     status write must not say it twice (the status ledger)."""
-    events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=smollm2").items
+    events = core.list_namespaced_event(
+        namespace, field_selector="involvedObject.name=smollm2,involvedObject.kind=QuantizedModel").items
     said = [(e.reason, e.message) for e in events]
     assert ("Serving" in {reason for reason, _ in said}), said
     assert len(said) == len(set(said)), f"an Event was posted twice: {said}"
