@@ -28,16 +28,20 @@ def condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
 class OperatorProcess:
     """``kquant operator`` as a separate process against the local cluster, restartable."""
 
-    def __init__(self, kubeconfig: pathlib.Path, log: pathlib.Path) -> None:
+    def __init__(self, kubeconfig: pathlib.Path, log: pathlib.Path, args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> None:
         self.kubeconfig = kubeconfig
         self.log = log
+        self.args = args
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), PYTHONSAFEPATH="1")
+        env = dict(os.environ, KUBECONFIG=str(self.kubeconfig), PYTHONSAFEPATH="1", **self.env)
+        command = [str(pathlib.Path(sys.executable).with_name("kquant")), "operator", *self.args]
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([str(pathlib.Path(sys.executable).with_name("kquant")), "operator"],
-                                         stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
         time.sleep(3)  # kopf needs a moment to list and watch; a crash at start shows here
         assert self.proc.poll() is None, self.log.read_text()[-3000:]
 
