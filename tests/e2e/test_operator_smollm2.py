@@ -93,7 +93,10 @@ def test_build_serve_and_promote(cluster: Cluster, namespace: str, operator: Ope
 
     # The operator dies in the middle of the first build and comes back: the build goes on, and
     # no second Job appears for it.
-    wait_for(lambda: batch.list_namespaced_job(namespace).items, what="the first build Job")
+    # (Killed once the status shows the build: a kill between an Event and the status write that
+    # follows it would make the restarted operator say the same thing again.)
+    wait_for(lambda: batch.list_namespaced_job(namespace).items and qm_status(cluster, namespace, "smollm2")
+             .get("progress", "").startswith("q8 1/2"), what="the first build Job and its progress in status")
     operator.kill()
     time.sleep(2)
     operator.start()
