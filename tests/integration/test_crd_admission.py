@@ -9,13 +9,13 @@ validation as kubectl uses it; every example must be accepted and read back into
 
 from __future__ import annotations
 
-import copy
 import datetime
 import json
 import pathlib
 from collections.abc import Iterator
 from typing import Any
 
+import invalid_manifests
 import pytest
 import yaml
 from kquant.operator.api import v1alpha1 as api
@@ -27,21 +27,7 @@ pytestmark = pytest.mark.integration
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "kquant.dev_quantizedmodels.yaml"
-TABLE: dict[str, Any] = yaml.safe_load((pathlib.Path(__file__).with_name("invalid_manifests.yaml")).read_text())
 EXAMPLES = sorted(REPO.glob("examples/*/quantizedmodel.yaml"))
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch: mappings merge, null deletes, anything else replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
 
 
 def _dict(value: object) -> dict[str, Any]:
@@ -110,25 +96,26 @@ def _refusal(custom: client.CustomObjectsApi, namespace: str, body: dict[str, An
     return message
 
 
-@pytest.mark.parametrize("case", TABLE["cases"], ids=[c["id"] for c in TABLE["cases"]])
+@pytest.mark.parametrize("case", invalid_manifests.CASES, ids=[c["id"] for c in invalid_manifests.CASES])
 def test_invalid_manifest_is_refused_naming_the_field(
     objects: client.CustomObjectsApi, namespace: str, case: dict[str, Any]
 ) -> None:
-    body = merge_patch(TABLE["base"], case["patch"])
+    body = invalid_manifests.merge_patch(invalid_manifests.BASE, case["patch"])
     message = _refusal(objects, namespace, body, "Strict")
     assert case["field"] in message, message
     assert case["apiserver"] in message, message
 
 
 def test_base_of_the_table_is_accepted(objects: client.CustomObjectsApi, namespace: str) -> None:
-    created = _create(objects, namespace, TABLE["base"])
+    created = _create(objects, namespace, invalid_manifests.BASE)
     assert created["metadata"]["generation"] == 1
 
 
 def test_token_is_refused_even_without_strict_validation(objects: client.CustomObjectsApi, namespace: str) -> None:
     # Clients that do not ask for strict validation get unknown fields silently dropped; a
     # token must not be one of them, so the schema declares the field in order to refuse it.
-    body = merge_patch(TABLE["base"], {"spec": {"source": {"huggingface": {"token": "hf_secret"}}}})
+    token = {"spec": {"source": {"huggingface": {"token": "hf_secret"}}}}
+    body = invalid_manifests.merge_patch(invalid_manifests.BASE, token)
     message = _refusal(objects, namespace, body, "Ignore")
     assert "spec.source.huggingface.token" in message and "never write a token" in message
 

@@ -6,30 +6,14 @@ to the real API server, so the pydantic validators and the CRD's CEL rules canno
 
 from __future__ import annotations
 
-import copy
-import pathlib
 from typing import Any
 
+import invalid_manifests
 import pytest
-import yaml
 from kquant.operator.api import v1alpha1 as api
 
-TABLE = pathlib.Path(__file__).resolve().parents[1] / "integration" / "invalid_manifests.yaml"
-DATA: dict[str, Any] = yaml.safe_load(TABLE.read_text())
-CASES: list[dict[str, Any]] = DATA["cases"]
-
-
-def merge_patch(target: Any, patch: Any) -> Any:
-    """RFC 7386 JSON merge patch: mappings merge, null deletes, anything else replaces."""
-    if not isinstance(patch, dict):
-        return copy.deepcopy(patch)
-    result = dict(target) if isinstance(target, dict) else {}
-    for key, value in patch.items():
-        if value is None:
-            result.pop(key, None)
-        else:
-            result[key] = merge_patch(result.get(key), value)
-    return result
+CASES = invalid_manifests.CASES
+merge_patch = invalid_manifests.merge_patch
 
 
 def test_table_is_big_and_every_case_is_distinct() -> None:
@@ -42,12 +26,12 @@ def test_table_is_big_and_every_case_is_distinct() -> None:
 
 
 def test_base_is_valid() -> None:
-    api.validate_body(DATA["base"])
+    api.validate_body(invalid_manifests.BASE)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
 def test_refused_naming_the_field(case: dict[str, Any]) -> None:
-    body = merge_patch(DATA["base"], case["patch"])
+    body = merge_patch(invalid_manifests.BASE, case["patch"])
     with pytest.raises(ValueError) as caught:
         api.validate_body(body)
     message = str(caught.value)
