@@ -14,17 +14,15 @@ as a ``BuildReport`` with status Failed and a reason; the CLI turns that into a 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ from kquant.quantizer import (
     convert,
     evaluate,
     fetch,
+    filelock,
     gguf_facts,
     imatrix,
     progress,
@@ -239,7 +238,7 @@ class Build:
     def _run(self) -> None:
         # The operator runs one Job per variant; Jobs of one source share the work folder, so the
         # shared steps run under a lock: the first Job does them, the others then find them done.
-        with _locked(self.layout.work / ".lock"):
+        with filelock.exclusive(self.layout.work / ".lock"):
             src = self.prepare()
             ref_dir = self._reference(src.base, src.base_digest) if src.quantizable else None
         for index, variant in enumerate(self.spec.variants, start=1):
@@ -259,7 +258,7 @@ class Build:
         the work lock, so a build of the same source that is preparing is not cut short; the lock
         file itself stays."""
         work = self.layout.work
-        with _locked(work / ".lock"):
+        with filelock.exclusive(work / ".lock"):
             freed = sum(f.stat().st_size for f in work.rglob("*") if f.is_file())
             for child in work.iterdir():
                 if child.is_dir() and not child.is_symlink():
@@ -630,17 +629,6 @@ def _truncation(shards: tuple[Path, ...]) -> str | None:
         if size < end:
             return f"{s.name} has {size} bytes, but its tensors need {end}"
     return None
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _discard(_: object) -> None:

@@ -1,7 +1,6 @@
 """Sizes and quantities: the one parser and formatter every layer uses."""
 
 import pytest
-
 from kquant.quantizer import units
 
 
