@@ -17,7 +17,7 @@ from typing import Any
 from kquant.operator import builds, config, manifests
 from kquant.operator.api import v1alpha1 as api
 from kquant.operator.planner import memory, nodes, plan
-from kquant.quantizer import gguf_facts
+from kquant.quantizer import gguf_facts, units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,26 +72,11 @@ def _selected(node: Mapping[str, Any], selector: Mapping[str, str] | None) -> bo
     return all(labels.get(k) == v for k, v in (selector or {}).items())
 
 
-_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50,
-             "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15}
-
-
-def quantity_bytes(value: str | int | None) -> int | None:
-    """A Kubernetes memory quantity (``128Gi``, ``64G``, ``1000``) in bytes; None if unset."""
-    if value is None:
-        return None
-    text = str(value)
-    for suffix, scale in _SUFFIXES.items():
-        if text.endswith(suffix) and text[: -len(suffix)].replace(".", "", 1).isdigit():
-            return int(float(text[: -len(suffix)]) * scale)
-    return int(float(text))
-
-
 def _host_memory(node: Mapping[str, Any], serving: api.Serving) -> int | None:
     """What the server may use of the node's memory: its limit if set, else the node's allocatable."""
-    allocatable = quantity_bytes(((node.get("status") or {}).get("allocatable") or {}).get("memory"))
+    allocatable = units.quantity_bytes(((node.get("status") or {}).get("allocatable") or {}).get("memory"))
     limits = serving.resources.limits if serving.resources and serving.resources.limits else {}
-    limit = quantity_bytes(limits.get("memory"))
+    limit = units.quantity_bytes(limits.get("memory"))
     known = [m for m in (allocatable, limit) if m is not None]
     return min(known) if known else None
 
@@ -136,9 +121,9 @@ def no_fit(qm: api.QuantizedModel, found: list[Candidate], facts: gguf_facts.Mod
     hint = ""
     if best.offload.smallest_fit is not None:
         small = best.offload.smallest_fit
-        hint = f"; it needs {small.gpus} GPU(s) of at least {small.memory_per_gpu / 2**30:.1f} GiB"
+        hint = f"; it needs {small.gpus} GPU(s) of at least {units.gib(small.memory_per_gpu, 1)}"
     return NoFit("DoesNotFit", f"variant {serving.variant} at context {serving.context_size} fits no "
-                 f"GPU pool (largest: {best.node}, {(best.pool.memory_bytes or 0) / 2**30:.0f} GiB x "
+                 f"GPU pool (largest: {best.node}, {units.gib(best.pool.memory_bytes or 0, 0)} x "
                  f"{best.gpus}){hint}: {best.offload.explanation}")
 
 
@@ -224,14 +209,9 @@ def build(qm: api.QuantizedModel, variant: api.VariantStatus, candidate: Candida
     return ServingPlan(deployment, service, _status(qm, variant, candidate), candidate)
 
 
-def human_size(size_bytes: int | None) -> str | None:
-    """``131.4GiB``, ``98.9MiB``: the Size column of ``kubectl get qm``."""
-    if size_bytes is None:
-        return None
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if size_bytes >= scale:
-            return f"{size_bytes / scale:.1f}{unit}"
-    return str(size_bytes)
+def _size(size_bytes: int | None) -> str | None:
+    """The Size column of ``kubectl get qm``: ``131.4GiB``; none while the size is unknown."""
+    return None if size_bytes is None else units.human_size(size_bytes)
 
 
 def _status(qm: api.QuantizedModel, variant: api.VariantStatus, candidate: Candidate | None) -> api.ServingStatus:
@@ -239,11 +219,11 @@ def _status(qm: api.QuantizedModel, variant: api.VariantStatus, candidate: Candi
                 f"{manifests.SERVER_PORT}/v1")
     if candidate is None:
         return api.ServingStatus(variant=variant.name, endpoint=endpoint, gpu_layers=0,
-                                 size=human_size(variant.size_bytes),
+                                 size=_size(variant.size_bytes),
                                  explanation="served on CPU: spec.serving.gpus is 0")
     offload = candidate.offload
     return api.ServingStatus(
-        variant=variant.name, endpoint=endpoint, gpu_layers=offload.gpu_layers, size=human_size(variant.size_bytes),
+        variant=variant.name, endpoint=endpoint, gpu_layers=offload.gpu_layers, size=_size(variant.size_bytes),
         total_layers=offload.total_layers,
         predicted_gpu_bytes=sum(d.total for d in offload.devices),
         node_gpu_bytes=(candidate.pool.memory_bytes or 0) * candidate.gpus,

@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import pathlib
-import re
 import sys
 from typing import Any
 
 import yaml
 from kquant.operator.api import v1alpha1 as api
-
-_SIZE_RE = re.compile(r"^\s*(?P<n>\d+(\.\d+)?)\s*(?P<unit>[KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-GiB = 1 << 30
+from kquant.quantizer import units
 
 
 class CommandError(Exception):
@@ -20,13 +16,12 @@ class CommandError(Exception):
 
 
 def parse_size(text: str) -> int:
-    """``24GiB``, ``24G``, ``81559MiB`` or a plain byte count; units are binary either way, as
-    GPU vendors quote memory in GiB while writing GB."""
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise CommandError(f"--gpu is {text!r}, but it must be a size such as 24GiB, 80G or 81559MiB")
-    unit = (match["unit"] or "").upper().rstrip("B").rstrip("I")
-    return int(float(match["n"]) * _UNITS[unit])
+    """The ``--gpu`` size (``units.parse_size``: binary units either way, as GPU vendors quote
+    memory in GiB while writing GB), with the option named in the error."""
+    try:
+        return units.parse_size(text)
+    except ValueError:
+        raise CommandError(f"--gpu is {text!r}, but it must be a size such as 24GiB, 80G or 81559MiB") from None
 
 
 def read_documents(path: pathlib.Path) -> list[Any]:
@@ -53,11 +48,12 @@ def load_model(path: pathlib.Path) -> api.QuantizedModel:
 
 
 def gib(n: int | float | None) -> str:
-    return "-" if n is None else f"{n / GiB:.2f} GiB"
+    """A table cell in GiB (``units.gib``); ``-`` when the value is not known."""
+    return "-" if n is None else units.gib(n)
 
 
 def size(n: int | None) -> str:
     """A file size for humans: MiB below one GiB (a 135M model), GiB above."""
     if n is None:
         return "-"
-    return f"{n / 2**20:.2f} MiB" if n < GiB else gib(n)
+    return f"{n / units.MiB:.2f} MiB" if n < units.GiB else units.gib(n)

@@ -9,25 +9,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from kquant.operator.planner import memory, plan
-from kquant.quantizer import constants, gguf_facts
-
-_SIZE_RE = re.compile(r"^\s*(?P<n>\d+(\.\d+)?)\s*(?P<unit>[KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+from kquant.quantizer import constants, gguf_facts, units
 
 
 def parse_size(text: str) -> int:
-    """``24GiB``, ``24G``, ``81559MiB`` or a plain byte count; binary units either way."""
-    match = _SIZE_RE.match(text)
-    if not match:
-        raise argparse.ArgumentTypeError(f"GPU memory {text!r} is not a size such as 24GiB or 81559MiB")
-    unit = (match["unit"] or "").upper().rstrip("B").rstrip("I")
-    return int(float(match["n"]) * _UNITS[unit])
+    """``24GiB``, ``24G``, ``81559MiB`` or a plain byte count (``units.parse_size``), with argparse's
+    kind of error so that the usage line names the option."""
+    try:
+        return units.parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"GPU memory {text!r} is not a size such as 24GiB or 81559MiB") from None
 
 
 def load_facts(path: Path) -> gguf_facts.ModelFacts:
@@ -90,7 +86,7 @@ def dry_run(argv: Sequence[str] | None = None) -> str:
         return json.dumps(plan.plan_to_dict(result), indent=2)
     lines = [
         f"model: {facts.name or args.model.name} ({facts.architecture}, {facts.block_count} blocks, "
-        f"{facts.total_bytes / plan.GiB:.2f} GiB of weights)",
+        f"{units.gib(facts.total_bytes)} of weights)",
         result.explanation.replace("; ", "\n  "),
         "llama-server " + " ".join(result.server_args()),
     ]

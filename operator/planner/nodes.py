@@ -17,7 +17,8 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-MiB = 1024 * 1024
+from kquant.quantizer import units
+
 GPU_RESOURCE = "nvidia.com/gpu"
 MIG_RESOURCE_RE = re.compile(r"^nvidia\.com/mig-(?P<profile>\d+g\.\d+gb)$")
 
@@ -117,19 +118,11 @@ def mig_memory_mib(profile: str) -> int:
 
 
 def _quantity(value: Any) -> int:
-    """An extended-resource quantity (always whole numbers for GPUs)."""
-    if value is None:
-        return 0
-    text = str(value).strip()
-    if not text:
-        return 0
+    """An extended-resource quantity (always whole numbers for GPUs), 0 when unset."""
     try:
-        return int(text)
-    except ValueError:
-        number = float(text)
-        if not number.is_integer():
-            raise ValueError(f"GPU quantity {text!r} is not a whole number") from None
-        return int(number)
+        return units.whole_quantity(value)
+    except ValueError as exc:  # "quantity '1.5' is not a whole number": say it is a GPU's
+        raise ValueError(f"GPU {exc}") from None
 
 
 def pod_request(pod: Mapping[str, Any], resource: str) -> int:
@@ -180,7 +173,7 @@ def node_gpus(
         pools.append(GPUPool(
             resource=keys.resource,
             product=product,
-            memory_bytes=memory_mib * MiB if memory_mib else None,
+            memory_bytes=memory_mib * units.MiB if memory_mib else None,
             allocatable=count,
             requested=sum(pod_request(p, keys.resource) for p in active),
         ))  # fmt: skip
@@ -195,7 +188,7 @@ def node_gpus(
         pools.append(GPUPool(
             resource=resource,
             product=labels.get(f"nvidia.com/mig-{profile}.product", labels.get(keys.product)),
-            memory_bytes=mib * MiB,
+            memory_bytes=mib * units.MiB,
             allocatable=_quantity(value),
             requested=sum(pod_request(p, resource) for p in active),
         ))  # fmt: skip

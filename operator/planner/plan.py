@@ -17,10 +17,9 @@ import math
 from collections.abc import Sequence
 
 from kquant.operator.planner import memory, seed
-from kquant.quantizer import gguf_facts
+from kquant.quantizer import gguf_facts, units
 
 MiB = memory.MiB
-GiB = memory.GiB
 MAX_GPUS = 8
 """The largest GPU count the does-not-fit advice considers (one node)."""
 NO_PIPELINE_OVERRIDE = "^kquant-no-pipeline-parallelism$=CPU"
@@ -84,7 +83,7 @@ class SmallestFit:
     memory_per_gpu: int
 
     def __str__(self) -> str:
-        return f"{self.gpus} GPU(s) with at least {_gib(self.memory_per_gpu)} each"
+        return f"{self.gpus} GPU(s) with at least {units.gib(self.memory_per_gpu)} each"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,11 +318,11 @@ def _plan_at(request: PlanRequest) -> OffloadPlan:
     elif placement.n_cpu_moe:
         why = (
             f"experts of the first {placement.n_cpu_moe} blocks stay in host memory: "
-            f"{_gib(int(cost))} of weights read from host per token"
+            f"{units.gib(int(cost))} of weights read from host per token"
         )
         others = [o for o in options if not o[1].n_cpu_moe]
         if others:
-            why += f", vs {_gib(int(others[0][0]))} when dropping whole layers"
+            why += f", vs {units.gib(int(others[0][0]))} when dropping whole layers"
     else:
         why = f"the output layer and the last {placement.gpu_layers - 1} blocks fit"
     ok = full or not settings.require_full_offload
@@ -523,12 +522,12 @@ def explain(p: OffloadPlan, why: str) -> str:
         )
     for i, (d, m) in enumerate(zip(p.devices, p.gpu_memory, strict=True)):
         parts.append(
-            f"GPU{i}: weights {_gib(d.model)} + KV {_gib(d.kv)} + compute {_gib(d.compute)} "
-            f"+ CUDA context and margin {_gib(p.overhead_bytes)} = {_gib(d.total + p.overhead_bytes)} "
-            f"of {_gib(m)}"
+            f"GPU{i}: weights {units.gib(d.model)} + KV {units.gib(d.kv)} + compute {units.gib(d.compute)} "
+            f"+ CUDA context and margin {units.gib(p.overhead_bytes)} = {units.gib(d.total + p.overhead_bytes)} "
+            f"of {units.gib(m)}"
         )
     host = p.host
-    parts.append(f"host: weights {_gib(host.model)} + KV {_gib(host.kv)} + compute {_gib(host.compute)}")
+    parts.append(f"host: weights {units.gib(host.model)} + KV {units.gib(host.kv)} + compute {units.gib(host.compute)}")
     return "; ".join(parts)
 
 
@@ -591,12 +590,8 @@ def _seed_plan(request: PlanRequest) -> OffloadPlan:
         placement = memory.Placement(ngl, _even_split(n_gpu))
     bd = memory.breakdown(facts, request.context, placement, request.settings.backend)
     ok = bool(request.gpu_memory) and _fits(bd, _budgets(request), request.host_memory)
-    why = f"seed formula floor({_gib(vram)} / {_gib(facts.file_bytes)} * ({facts.block_count} - 4))"
+    why = f"seed formula floor({units.gib(vram)} / {units.gib(facts.file_bytes)} * ({facts.block_count} - 4))"
     return _make_plan(request, placement, fits=ok, why=why)
-
-
-def _gib(n: int) -> str:
-    return f"{n / GiB:.2f} GiB"
 
 
 def _fmt_share(s: float) -> str:

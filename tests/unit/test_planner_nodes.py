@@ -6,8 +6,9 @@ from typing import Any
 
 import pytest
 from kquant.operator.planner import nodes
+from kquant.quantizer import units
 
-MiB = nodes.MiB
+MiB = units.MiB
 
 
 def node(name: str = "gpu-1", labels: dict[str, str] | None = None, allocatable: dict[str, str] | None = None
