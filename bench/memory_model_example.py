@@ -16,8 +16,8 @@ import pathlib
 import sys
 
 import yaml
+from kquant.operator import serving
 from kquant.operator.api import v1alpha1 as api
-from kquant.operator.commands import plan as plan_cmd
 from kquant.operator.commands import shapes
 from kquant.operator.planner import memory, plan
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     assert qm.spec.serving is not None
     variant = qm.spec.variant(qm.spec.serving.variant)
     facts, how = shapes.estimate(qm, variant)
-    ctx = plan_cmd.context_settings(qm.spec.serving)
+    ctx = serving.context_settings(qm.spec.serving)
     n = facts.block_count
     moe = [il for il in range(n) if facts.layer_expert_bytes[il]]
     print(f"facts: {how}")
@@ -107,7 +107,7 @@ def _seed_breaks() -> None:
             "serving": {"variant": "q4km", "contextSize": 32768}}})  # fmt: skip
     assert qm.spec.serving is not None
     facts, _ = shapes.estimate(qm, qm.spec.variants[0])
-    ctx = plan_cmd.context_settings(qm.spec.serving)
+    ctx = serving.context_settings(qm.spec.serving)
     for size in (8, 12, 16):
         auto = plan.plan(plan.PlanRequest(facts, ctx, (size * GiB,)))
         seed_plan = plan.plan(plan.PlanRequest(facts, ctx, (size * GiB,),

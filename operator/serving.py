@@ -60,11 +60,12 @@ def service_name(qm: api.QuantizedModel) -> str:
     return qm.metadata.name
 
 
-def _context(serving: api.Serving, facts: gguf_facts.ModelFacts) -> memory.ContextSettings:
-    flash = serving.flash_attention is not api.FlashAttention.OFF
-    return memory.ContextSettings(context=serving.context_size, cache_type_k=serving.cache_type_k,
-                                  cache_type_v=serving.cache_type_v, parallel=serving.parallel,
-                                  flash_attention=flash)
+def context_settings(spec: api.Serving) -> memory.ContextSettings:
+    """The memory-relevant llama-server settings of ``spec.serving``, as ``server_args`` passes
+    them; ``kquant plan`` plans with the same ones."""
+    flash = spec.flash_attention is not api.FlashAttention.OFF
+    return memory.ContextSettings(context=spec.context_size, cache_type_k=spec.cache_type_k,
+                                  cache_type_v=spec.cache_type_v, parallel=spec.parallel, flash_attention=flash)
 
 
 def _selected(node: Mapping[str, Any], selector: Mapping[str, str] | None) -> bool:
@@ -94,7 +95,7 @@ def candidates(qm: api.QuantizedModel, facts: gguf_facts.ModelFacts, node_list: 
         for pool in nodes.node_gpus(node, pods).pools:
             if pool.memory_bytes is None or pool.allocatable < serving.gpus:
                 continue
-            request = plan.PlanRequest(facts=facts, context=_context(serving, facts),
+            request = plan.PlanRequest(facts=facts, context=context_settings(serving),
                                        gpu_memory=(pool.memory_bytes,) * serving.gpus, gpu_layers=forced,
                                        host_memory=_host_memory(node, serving))
             found.append(Candidate(node=node["metadata"]["name"], pool=pool, gpus=serving.gpus,

@@ -1,7 +1,8 @@
 """``kquant plan MANIFEST --gpu 24GiB``: the offload plan for a manifest's served variant, no cluster.
 
 The plan comes from the operator's own planner, with the serving settings the manifest gives
-(context, parallel slots, cache types, flash attention, a fixed ``gpuLayers``), next to what the
+(context, parallel slots, cache types, flash attention, a fixed ``gpuLayers``), read by the same
+``serving.context_settings`` the operator plans with, next to what the
 seed formula ``floor(VRAM / file size * (layers - 4))`` would have picked, so the difference is
 visible before anything is scheduled.
 
@@ -19,9 +20,10 @@ import pathlib
 from typing import Any
 
 import pydantic
+from kquant.operator import serving
 from kquant.operator.api import v1alpha1 as api
 from kquant.operator.commands import common, shapes
-from kquant.operator.planner import memory, plan
+from kquant.operator.planner import plan
 from kquant.quantizer import gguf_facts, recipes
 
 
@@ -83,25 +85,17 @@ def load_facts(
     return found, f"estimate: {how}"
 
 
-def context_settings(serving: api.Serving) -> memory.ContextSettings:
-    """The memory-relevant llama-server settings, as the operator passes them (``serving.server_args``)."""
-    return memory.ContextSettings(
-        context=serving.context_size, cache_type_k=serving.cache_type_k, cache_type_v=serving.cache_type_v,
-        parallel=serving.parallel, flash_attention=serving.flash_attention is not api.FlashAttention.OFF,
-    )  # fmt: skip
-
-
 def compare(
     qm: api.QuantizedModel, variant: api.Variant, facts: gguf_facts.ModelFacts, facts_source: str,
     gpu_bytes: int, gpus: int | None = None,
 ) -> Comparison:  # fmt: skip
     """Plan ``variant`` with the planner and with the seed formula on ``gpus`` GPUs of ``gpu_bytes``."""
-    serving = qm.spec.serving or api.Serving(variant=variant.name)
-    count = serving.gpus if gpus is None else gpus
+    spec = qm.spec.serving or api.Serving(variant=variant.name)
+    count = spec.gpus if gpus is None else gpus
     if count < 0:
         raise common.CommandError(f"--gpus is {count}, but it must not be negative")
-    forced = serving.gpu_layers if isinstance(serving.gpu_layers, int) else None
-    ctx = context_settings(serving)
+    forced = spec.gpu_layers if isinstance(spec.gpu_layers, int) else None
+    ctx = serving.context_settings(spec)
     memory_per_gpu = (gpu_bytes,) * count
     try:
         auto = plan.plan(plan.PlanRequest(facts, ctx, memory_per_gpu, forced))

@@ -8,9 +8,8 @@ import pathlib
 import gguf_models
 import pytest
 import yaml
-from kquant.operator import cli
+from kquant.operator import cli, serving
 from kquant.operator.api import v1alpha1 as api
-from kquant.operator.commands import plan as plan_cmd
 from kquant.operator.commands import shapes
 from kquant.operator.planner import memory, plan, seed
 from typer.testing import CliRunner
@@ -48,7 +47,7 @@ def test_plan_prints_the_planners_numbers(gpu_gib: int) -> None:
     qm = _qm(DEEPSEEK_GGUF)
     facts, _ = shapes.estimate(qm, qm.spec.variant("ud-iq1s"))
     assert qm.spec.serving is not None
-    ctx = plan_cmd.context_settings(qm.spec.serving)
+    ctx = serving.context_settings(qm.spec.serving)
     expected = plan.plan(plan.PlanRequest(facts, ctx, (gpu_gib * GiB,)))
     data = _json([str(DEEPSEEK_GGUF), "--gpu", f"{gpu_gib}GiB"])
     auto, seed_plan = data["kquant"], data["seed"]
@@ -134,5 +133,5 @@ def test_an_impossible_dynamic_budget_is_reported_as_a_failing_build(tmp_path: p
 def test_context_settings_follow_the_serving_spec() -> None:
     qm = _qm(DEEPSEEK_GGUF)
     assert qm.spec.serving is not None
-    ctx = plan_cmd.context_settings(qm.spec.serving)
+    ctx = serving.context_settings(qm.spec.serving)
     assert ctx == memory.ContextSettings(8192, cache_type_k=api.CacheType.Q4_0)
