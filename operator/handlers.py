@@ -21,7 +21,7 @@ import logging
 from typing import Any, TypeVar
 
 import kopf
-from kquant.operator import kube, ledger, manifests, metrics, observed, reconcile, serving, workqueue
+from kquant.operator import kube, ledger, manifests, metrics, observed, reconcile, server_manifests, workqueue
 from kquant.operator.api import v1alpha1 as api
 from kquant.operator.planner import nodes
 
@@ -178,7 +178,7 @@ async def build_pods(namespace: str, labels: dict[str, str], body: kopf.Body, **
 @kopf.index("apps", "v1", "deployments", labels=SERVER)
 async def server_deployments(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[Key, Any]:
     return {_model_key(namespace, labels): observed.server_deployment(body, manifests.VARIANT_LABEL,
-                                                                      serving.HASH_ANNOTATION)}
+                                                                      server_manifests.HASH_ANNOTATION)}
 
 
 @kopf.index("persistentvolumeclaims", labels=STORAGE)

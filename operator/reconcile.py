@@ -16,7 +16,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import pydantic
-from kquant.operator import builds, kube, ledger, manifests, observed, serving, status
+from kquant.operator import (
+    artifacts,
+    build_manifests,
+    builds,
+    findings,
+    kube,
+    ledger,
+    manifests,
+    observed,
+    server_manifests,
+    serving,
+    status,
+)
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import gguf_facts
 from kquant.quantizer import report as quantizer_report
@@ -36,29 +48,29 @@ WARNING_REASONS = {"BuildFailed", "SecretNotFound", "BuildBlocked", "GateFailed"
                    "InvalidSpec"}
 
 
-def observe_build(qm: api.QuantizedModel, build: builds.Build, children: observed.Children) -> status.BuildState:
+def observe_build(qm: api.QuantizedModel, build: builds.Build, children: observed.Children) -> findings.BuildState:
     """Where one build stands, from its ConfigMap, its Job and its pods as the watches show them."""
     data = children.build_data(build.name) or {}
-    parsed, report = status.parse_report(data.get("report"), build.variant)
+    parsed, report = artifacts.parse_report(data.get("report"), build.variant)
     if parsed is not None and parsed.status is quantizer_report.BuildStatus.SUCCEEDED and report is not None:
-        return status.BuildState(build, status.BuildPhase.SUCCEEDED, report=report)
+        return findings.BuildState(build, findings.BuildPhase.SUCCEEDED, report=report)
     if parsed is not None and parsed.status is quantizer_report.BuildStatus.FAILED:
         reason = parsed.reason or "the quantizer reported a failure"
-        return status.BuildState(build, status.BuildPhase.FAILED, reason=reason)
+        return findings.BuildState(build, findings.BuildPhase.FAILED, reason=reason)
     job = children.jobs.get(build.name)
     if job is None:
-        return status.BuildState(build, status.BuildPhase.QUEUED)
+        return findings.BuildState(build, findings.BuildPhase.QUEUED)
     if job.failed is not None:
         last_words = children.last_words(build.name)
         reason = f"Job {build.name} failed ({job.failed[0]}: {job.failed[1]})"
-        return status.BuildState(build, status.BuildPhase.FAILED,
+        return findings.BuildState(build, findings.BuildPhase.FAILED,
                                  reason=f"{reason}: {last_words}" if last_words else reason)
     waiting = children.waiting(build.name)
     if waiting is not None and waiting[0] in WAITING_REASONS:
         # Not a failure: the Job keeps its pod, and the kubelet starts it once the cause is fixed.
-        return status.BuildState(build, status.BuildPhase.BLOCKED,
+        return findings.BuildState(build, findings.BuildPhase.BLOCKED,
                                  reason=_blocked_message(qm, build, waiting[0], waiting[1]))
-    return status.BuildState(build, status.BuildPhase.RUNNING, progress=data.get("progress", ""))
+    return findings.BuildState(build, findings.BuildPhase.RUNNING, progress=data.get("progress", ""))
 
 
 CAPACITY_REASONS = frozenset({"DoesNotFit", "NoGPUNodes"})
@@ -90,79 +102,83 @@ def _blocked_message(qm: api.QuantizedModel, build: builds.Build, reason: str, m
 
 
 def start_next_build(client: kube.Kube, qm: api.QuantizedModel,
-                     states: list[status.BuildState]) -> list[status.BuildState]:
+                     states: list[findings.BuildState]) -> list[findings.BuildState]:
     """Builds of one model run one at a time: they share the download, the 16-bit GGUF and the
     importance matrix on the storage volume, and usually the same GPU."""
-    if any(s.phase in (status.BuildPhase.RUNNING, status.BuildPhase.BLOCKED) for s in states):
+    if any(s.phase in (findings.BuildPhase.RUNNING, findings.BuildPhase.BLOCKED) for s in states):
         return states
-    queued = next((i for i, s in enumerate(states) if s.phase is status.BuildPhase.QUEUED), None)
+    queued = next((i for i, s in enumerate(states) if s.phase is findings.BuildPhase.QUEUED), None)
     if queued is None:
         return states
     result = list(states)
     build = states[queued].build
     others = [s for i, s in enumerate(states) if i != queued]
-    if all(s.phase is status.BuildPhase.SUCCEEDED for s in others):
+    if all(s.phase is findings.BuildPhase.SUCCEEDED for s in others):
         build = builds.last_of_its_model(build, qm)
-    created = [client.create(manifest) for manifest in manifests.build_objects(qm, build, client.settings)]
+    created = [client.create(manifest) for manifest in build_manifests.objects(qm, build, client.settings)]
     if created[-1] is not None:  # the Job; None when a pass before this one made it
         log.info("QuantizedModel %s/%s: started build %s", qm.metadata.namespace, qm.metadata.name, build.name)
-    result[queued] = status.BuildState(build, status.BuildPhase.RUNNING, progress="starting")
+    result[queued] = findings.BuildState(build, findings.BuildPhase.RUNNING, progress="starting")
     return result
 
 
-def serve(client: kube.Kube, qm: api.QuantizedModel, states: list[status.BuildState],
-          children: observed.Children, view: ClusterView) -> status.ServingState | None:
+def serve(client: kube.Kube, qm: api.QuantizedModel, states: list[findings.BuildState],
+          children: observed.Children, view: ClusterView) -> findings.ServingState | None:
     spec = qm.spec.serving
     if spec is None:
         return None
-    current = children.deployments.get(serving.deployment_name(qm))
+    current = children.deployments.get(server_manifests.deployment_name(qm))
     served = current.variant if current else None
     keeps = f"; {served} keeps serving" if served and served != spec.variant else ""
     state = next(s for s in states if s.build.variant == spec.variant)
-    if state.phase is not status.BuildPhase.SUCCEEDED or state.report is None:
-        reason = "BuildFailed" if state.phase is status.BuildPhase.FAILED else "VariantNotBuilt"
-        return status.ServingState(False, reason, f"variant {spec.variant} is not built yet{keeps}")
+    if state.phase is not findings.BuildPhase.SUCCEEDED or state.report is None:
+        reason = "BuildFailed" if state.phase is findings.BuildPhase.FAILED else "VariantNotBuilt"
+        return findings.ServingState(False, reason, f"variant {spec.variant} is not built yet{keeps}")
     if not state.report.gate_passed:
         why = "; ".join(state.report.gate.reasons) if state.report.gate else "quality gate failed"
-        return status.ServingState(False, "GateFailed",
-                                   f"variant {spec.variant} failed its quality gate ({why}){keeps}")
-    variant = status.variant_status(state)
-    wanted = serving.serving_hash(qm, variant)
+        return findings.ServingState(False, "GateFailed",
+                                     f"variant {spec.variant} failed its quality gate ({why}){keeps}")
+    artifact = artifacts.of(state.build, state.report)
+    wanted = server_manifests.serving_hash(qm, artifact)
     old = qm.status.serving if qm.status else None
     if current is None or current.serving_hash != wanted or old is None or old.variant != spec.variant:
-        outcome = _roll_out(client, qm, variant, state.report, view)
+        outcome = _roll_out(client, qm, artifact, state.report, view)
         if isinstance(outcome, serving.NoFit):
-            return status.ServingState(False, outcome.reason, outcome.message + keeps)
-        current, old = outcome
+            return findings.ServingState(False, outcome.reason, outcome.message + keeps)
+        current, candidate = outcome
+        old = status.serving_status(qm, artifact, candidate)
     ready = current.ready(spec.replicas)
     serving_status = old.model_copy(update={"ready_replicas": current.ready_replicas}) if old else None
     if ready:
-        return status.ServingState(True, "Serving", f"variant {spec.variant} is served at "
-                                   f"{serving_status.endpoint if serving_status else ''}", serving_status)
-    return status.ServingState(False, "RollingOut", f"rolling out variant {spec.variant}{keeps}",
-                               serving_status, rolling_out=True)
+        return findings.ServingState(True, "Serving", f"variant {spec.variant} is served at "
+                                     f"{serving_status.endpoint if serving_status else ''}", serving_status)
+    return findings.ServingState(False, "RollingOut", f"rolling out variant {spec.variant}{keeps}",
+                                 serving_status, rolling_out=True)
 
 
-def _roll_out(client: kube.Kube, qm: api.QuantizedModel, variant: api.VariantStatus,
+def _roll_out(client: kube.Kube, qm: api.QuantizedModel, artifact: artifacts.Artifact,
               report: quantizer_report.VariantReport,
-              view: ClusterView) -> tuple[observed.ServerDeployment, api.ServingStatus] | serving.NoFit:
+              view: ClusterView) -> tuple[observed.ServerDeployment, serving.Candidate | None] | serving.NoFit:
+    """Place ``artifact`` (on a GPU pool, or on CPU when the spec asks for no GPUs) and apply its
+    Deployment and Service; returns the Deployment as stored and where it went."""
     spec = qm.spec.serving
     assert spec is not None
     candidate: serving.Candidate | None = None
     found: list[serving.Candidate] = []
     if spec.gpus:
         if report.facts is None:
-            return serving.NoFit("NoModelFacts", f"the build report of {variant.name} has no GGUF facts")
+            return serving.NoFit("NoModelFacts", f"the build report of {artifact.variant} has no GGUF facts")
         facts = gguf_facts.ModelFacts.model_validate(report.facts)
         found = serving.candidates(qm, facts, view.nodes, view.pods)
         candidate = serving.choose(found)
         if candidate is None:
             return serving.no_fit(qm, found, facts)
-    plan = serving.build(qm, variant, candidate, serving.surge_fits(candidate, found), client.settings)
-    stored = client.apply(plan.deployment)
-    client.apply(plan.service)
-    log.info("QuantizedModel %s/%s: rolling out %s", qm.metadata.namespace, qm.metadata.name, variant.name)
-    return observed.server_deployment(stored, manifests.VARIANT_LABEL, serving.HASH_ANNOTATION), plan.status
+    deployment = server_manifests.deployment(qm, artifact, candidate, serving.surge_fits(candidate, found),
+                                             client.settings)
+    stored = client.apply(deployment)
+    client.apply(server_manifests.service(qm))
+    log.info("QuantizedModel %s/%s: rolling out %s", qm.metadata.namespace, qm.metadata.name, artifact.variant)
+    return observed.server_deployment(stored, manifests.VARIANT_LABEL, server_manifests.HASH_ANNOTATION), candidate
 
 
 def _invalid(client: kube.Kube, body: Mapping[str, Any], exc: pydantic.ValidationError) -> ledger.Written | None:

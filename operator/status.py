@@ -1,21 +1,20 @@
-"""From what the cluster shows to what ``status`` says. Pure code.
+"""From what a pass found to what ``status`` says. Pure code.
 
-Each build is in one ``BuildState``; the serving side reports one ``ServingState``. This module
-turns them into the phase, the progress line, ``status.variants[]`` and the four conditions
-(Quantized, Evaluated, Serving, Ready) that kstatus, Flux and Argo CD read.
+Each build is in one ``findings.BuildState``; the serving side reports one
+``findings.ServingState``. This module turns them into the phase, the progress line,
+``status.variants[]`` and the conditions (Quantized, Evaluated, Serving, Ready, and kstatus'
+Stalled and Reconciling) that kstatus, Flux and Argo CD read; and a rollout's outcome (the
+artifact and where it went) into ``status.serving``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
-import enum
-import json
 from collections.abc import Sequence
 
-from kquant.operator import builds
+from kquant.operator import artifacts, findings, server_manifests, serving
 from kquant.operator.api import v1alpha1 as api
-from kquant.quantizer import report as quantizer_report
+from kquant.quantizer import units
 
 PROGRESS_PHASES: dict[str, api.Phase] = {
     "fetch": api.Phase.DOWNLOADING, "download": api.Phase.DOWNLOADING,
@@ -25,36 +24,7 @@ PROGRESS_PHASES: dict[str, api.Phase] = {
 }
 
 
-class BuildPhase(enum.StrEnum):
-    QUEUED = "Queued"
-    RUNNING = "Running"
-    SUCCEEDED = "Succeeded"
-    FAILED = "Failed"
-    BLOCKED = "Blocked"
-    """Cannot start: something the user must fix (a missing Secret)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class BuildState:
-    build: builds.Build
-    phase: BuildPhase
-    progress: str = ""
-    reason: str = ""
-    report: quantizer_report.VariantReport | None = None
-
-
-def parse_report(data: str | None, variant: str) -> tuple[quantizer_report.BuildReport | None,
-                                                           quantizer_report.VariantReport | None]:
-    if not data:
-        return None, None
-    try:
-        parsed = quantizer_report.BuildReport.model_validate(json.loads(data))
-    except ValueError:
-        return None, None
-    return parsed, next((v for v in parsed.variants if v.name == variant), None)
-
-
-def variant_status(state: BuildState) -> api.VariantStatus:
+def variant_status(state: findings.BuildState) -> api.VariantStatus:
     base = api.VariantStatus(name=state.build.variant, digest=state.build.digest)
     report = state.report
     if report is None:
@@ -68,28 +38,27 @@ def variant_status(state: BuildState) -> api.VariantStatus:
         else (metrics.kl_divergence if metrics else None),
         "perplexity": report.perplexity if report.perplexity is not None
         else (metrics.perplexity if metrics else None),
-        "gate_passed": report.gate_passed, "path": volume_path(report.path, state.build.digest),
+        "gate_passed": report.gate_passed, "path": artifacts.volume_path(report.path, state.build.digest),
         "message": "; ".join(report.gate.reasons)[:1024] if report.gate and report.gate.reasons else None,
     })
 
 
-def volume_path(path: str, digest: str) -> str:
-    """The model file as every pod sees it: under the storage mount, in the digest's folder."""
-    marker = f"/{digest}/"
-    if marker not in path:
-        return path
-    return builds.STORAGE_MOUNT + marker + path.split(marker, 1)[1]
-
-
-@dataclasses.dataclass(frozen=True)
-class ServingState:
-    """What the serving side found: a reason/message pair and, when rolled out, the status."""
-
-    ready: bool
-    reason: str
-    message: str
-    serving: api.ServingStatus | None = None
-    rolling_out: bool = False
+def serving_status(qm: api.QuantizedModel, artifact: artifacts.Artifact,
+                   candidate: serving.Candidate | None) -> api.ServingStatus:
+    """``status.serving`` for a rollout of ``artifact`` on ``candidate`` (None: on CPU)."""
+    endpoint = server_manifests.endpoint(qm)
+    size = units.human_size(artifact.size_bytes)
+    if candidate is None:
+        return api.ServingStatus(variant=artifact.variant, endpoint=endpoint, gpu_layers=0, size=size,
+                                 explanation="served on CPU: spec.serving.gpus is 0")
+    offload = candidate.offload
+    return api.ServingStatus(
+        variant=artifact.variant, endpoint=endpoint, gpu_layers=offload.gpu_layers, size=size,
+        total_layers=offload.total_layers,
+        predicted_gpu_bytes=sum(d.total for d in offload.devices),
+        node_gpu_bytes=(candidate.pool.memory_bytes or 0) * candidate.gpus,
+        explanation=f"{candidate.node} ({candidate.pool.product}): {offload.explanation}"[:4096],
+    )
 
 
 def _condition(kind: api.ConditionType, ok: bool, reason: str, message: str, generation: int | None,
@@ -99,24 +68,24 @@ def _condition(kind: api.ConditionType, ok: bool, reason: str, message: str, gen
                          observed_generation=generation)
 
 
-def _quantized(states: Sequence[BuildState]) -> tuple[bool, str, str]:
-    failed = [s for s in states if s.phase in (BuildPhase.FAILED, BuildPhase.BLOCKED)]
+def _quantized(states: Sequence[findings.BuildState]) -> tuple[bool, str, str]:
+    failed = [s for s in states if s.phase in (findings.BuildPhase.FAILED, findings.BuildPhase.BLOCKED)]
     if failed:
-        blocked = [s for s in failed if s.phase is BuildPhase.BLOCKED]
+        blocked = [s for s in failed if s.phase is findings.BuildPhase.BLOCKED]
         reason = "BuildFailed"
         if blocked:
             secret = any("CreateContainerConfigError" in s.reason for s in blocked)
             reason = "SecretNotFound" if secret else "BuildBlocked"
         return False, reason, "; ".join(f"{s.build.variant}: {s.reason}" for s in failed)
-    pending = [s for s in states if s.phase is not BuildPhase.SUCCEEDED]
+    pending = [s for s in states if s.phase is not findings.BuildPhase.SUCCEEDED]
     if pending:
-        running = [s for s in pending if s.phase is BuildPhase.RUNNING]
+        running = [s for s in pending if s.phase is findings.BuildPhase.RUNNING]
         detail = running[0].progress if running and running[0].progress else f"{len(pending)} variant(s) to build"
         return False, "Building", detail
     return True, "Built", f"{len(states)} variant(s) built"
 
 
-def _evaluated(states: Sequence[BuildState]) -> tuple[bool, str, str]:
+def _evaluated(states: Sequence[findings.BuildState]) -> tuple[bool, str, str]:
     done = [s for s in states if s.report is not None]
     if len(done) < len(states):
         return False, "Waiting", "not every variant is built yet"
@@ -126,10 +95,10 @@ def _evaluated(states: Sequence[BuildState]) -> tuple[bool, str, str]:
     return True, "GatePassed", "every variant passed its quality gate"
 
 
-def progress_line(states: Sequence[BuildState]) -> str:
+def progress_line(states: Sequence[findings.BuildState]) -> str:
     total = len(states)
-    built = sum(1 for s in states if s.phase is BuildPhase.SUCCEEDED)
-    running = next((s for s in states if s.phase is BuildPhase.RUNNING), None)
+    built = sum(1 for s in states if s.phase is findings.BuildPhase.SUCCEEDED)
+    running = next((s for s in states if s.phase is findings.BuildPhase.RUNNING), None)
     if running is not None:
         # The quantizer's own line may start with "<variant> 1/1"; the model-wide count replaces it.
         words = (running.progress or "starting").split()
@@ -143,24 +112,26 @@ STALLED_SERVING = frozenset({"BuildBlocked", "GateFailed", "DoesNotFit", "NoGPUN
 """Serving reasons that no amount of waiting fixes: a person must change the spec or the cluster."""
 
 
-def _phase(states: Sequence[BuildState], serving: ServingState | None, quantized: bool) -> api.Phase:
-    if any(s.phase in (BuildPhase.FAILED, BuildPhase.BLOCKED) for s in states) and not (serving and serving.ready):
+def _phase(states: Sequence[findings.BuildState], serving_state: findings.ServingState | None,
+           quantized: bool) -> api.Phase:
+    failed = any(s.phase in (findings.BuildPhase.FAILED, findings.BuildPhase.BLOCKED) for s in states)
+    if failed and not (serving_state and serving_state.ready):
         return api.Phase.FAILED
-    if serving is not None and serving.reason in STALLED_SERVING and serving.serving is None:
+    if serving_state is not None and serving_state.reason in STALLED_SERVING and serving_state.serving is None:
         return api.Phase.FAILED
-    running = next((s for s in states if s.phase is BuildPhase.RUNNING), None)
+    running = next((s for s in states if s.phase is findings.BuildPhase.RUNNING), None)
     if running is not None:
         step = running.progress.lower()
         return next((phase for word, phase in PROGRESS_PHASES.items() if word in step), api.Phase.DOWNLOADING)
     if not quantized:
         return api.Phase.PENDING
-    if serving is None:
+    if serving_state is None:
         return api.Phase.READY
-    return api.Phase.READY if serving.ready else api.Phase.SERVING
+    return api.Phase.READY if serving_state.ready else api.Phase.SERVING
 
 
-def compute(qm: api.QuantizedModel, states: Sequence[BuildState], serving: ServingState | None,
-            now: datetime.datetime) -> api.QuantizedModelStatus:
+def compute(qm: api.QuantizedModel, states: Sequence[findings.BuildState],
+            serving_state: findings.ServingState | None, now: datetime.datetime) -> api.QuantizedModelStatus:
     generation = qm.metadata.generation
     old = qm.status or api.QuantizedModelStatus()
     quantized = _quantized(states)
@@ -168,11 +139,11 @@ def compute(qm: api.QuantizedModel, states: Sequence[BuildState], serving: Servi
     conditions = list(old.conditions or [])
     new = [_condition(api.ConditionType.QUANTIZED, *quantized, generation, now),
            _condition(api.ConditionType.EVALUATED, *evaluated, generation, now)]
-    if serving is not None:
-        new.append(_condition(api.ConditionType.SERVING, serving.ready, serving.reason, serving.message,
-                              generation, now))
-        ready = serving.ready
-        ready_reason, ready_message = serving.reason, serving.message
+    if serving_state is not None:
+        new.append(_condition(api.ConditionType.SERVING, serving_state.ready, serving_state.reason,
+                              serving_state.message, generation, now))
+        ready = serving_state.ready
+        ready_reason, ready_message = serving_state.reason, serving_state.message
     else:
         ready = quantized[0]
         ready_reason, ready_message = quantized[1], quantized[2]
@@ -189,9 +160,10 @@ def compute(qm: api.QuantizedModel, states: Sequence[BuildState], serving: Servi
     for condition in new:
         conditions = api.set_condition(conditions, condition)
     return api.QuantizedModelStatus(
-        observed_generation=generation, phase=_phase(states, serving, quantized[0]),
+        observed_generation=generation, phase=_phase(states, serving_state, quantized[0]),
         progress=progress_line(states), conditions=conditions,
         variants=[variant_status(s) for s in states],
-        serving=serving.serving if serving is not None and serving.serving is not None else old.serving,
+        serving=serving_state.serving if serving_state is not None and serving_state.serving is not None
+        else old.serving,
         kopf=old.kopf,
     )

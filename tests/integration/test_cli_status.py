@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kquant.operator import builds, status
+from kquant.operator import builds, findings, status
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import report
 from kube import Cluster
@@ -49,9 +49,9 @@ def _status(qm: api.QuantizedModel) -> dict[str, Any]:
     SmolLM2-135M (the research notes' table), the plan of a CPU-only server."""
     reports = {"q8": _measured("q8", "Q8_0", 144_810_848, 8.47, 0.014, 16.46, True),
                "q4km": _measured("q4km", "Q4_K_M", 105_453_920, 6.17, 0.187, 15.63, True)}  # fmt: skip
-    states = [status.BuildState(build, status.BuildPhase.SUCCEEDED, report=reports[build.variant].model_copy(
+    states = [findings.BuildState(build, findings.BuildPhase.SUCCEEDED, report=reports[build.variant].model_copy(
         update={"digest": build.digest})) for build in builds.plan_builds(qm, qm.metadata.namespace or "default")]
-    serving = status.ServingState(ready=True, reason="Serving", message="1/1 replicas of q4km ready",
+    serving = findings.ServingState(ready=True, reason="Serving", message="1/1 replicas of q4km ready",
                                   serving=api.ServingStatus(
                                       variant="q4km", gpu_layers=0, total_layers=31, ready_replicas=1,
                                       endpoint=f"http://smollm2.{qm.metadata.namespace}.svc.cluster.local:8080/v1",

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 from argocd_health import health
-from kquant.operator import builds, status
+from kquant.operator import builds, findings, status
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import report
 
@@ -22,11 +22,11 @@ def _qm(generation: int = 1) -> api.QuantizedModel:
     return api.QuantizedModel.model_validate(body)
 
 
-def _state(variant: str, phase: status.BuildPhase, gate: bool = True) -> status.BuildState:
+def _state(variant: str, phase: findings.BuildPhase, gate: bool = True) -> findings.BuildState:
     build = builds.Build(model="smollm2", variant=variant, digest="f" * 16, spec=None)  # type: ignore[arg-type]
     rep = report.VariantReport(name=variant, digest="f" * 16, type="Q8_0", recipe="uniform",
-                               path="/x", gate_passed=gate) if phase is status.BuildPhase.SUCCEEDED else None
-    return status.BuildState(build, phase, progress="q8 quantizing 50%", reason="hub said 404", report=rep)
+                               path="/x", gate_passed=gate) if phase is findings.BuildPhase.SUCCEEDED else None
+    return findings.BuildState(build, phase, progress="q8 quantizing 50%", reason="hub said 404", report=rep)
 
 
 def _object(qm: api.QuantizedModel, st: api.QuantizedModelStatus, generation: int | None = None) -> dict[str, Any]:
@@ -44,7 +44,7 @@ def test_no_status_yet_is_progressing() -> None:
 
 def test_building_is_progressing_with_the_progress_line() -> None:
     qm = _qm()
-    st = status.compute(qm, [_state("q8", status.BuildPhase.RUNNING), _state("q4km", status.BuildPhase.QUEUED)],
+    st = status.compute(qm, [_state("q8", findings.BuildPhase.RUNNING), _state("q4km", findings.BuildPhase.QUEUED)],
                         None, NOW)
     result = health(_object(qm, st))
     assert result == {"status": "Progressing", "message": "q8 1/2 quantizing 50%"}
@@ -52,20 +52,20 @@ def test_building_is_progressing_with_the_progress_line() -> None:
 
 def test_ready_is_healthy_and_a_new_generation_is_progressing_again() -> None:
     qm = _qm()
-    done = [_state("q8", status.BuildPhase.SUCCEEDED), _state("q4km", status.BuildPhase.SUCCEEDED)]
-    st = status.compute(qm, done, status.ServingState(True, "Serving", "served at http://x"), NOW)
+    done = [_state("q8", findings.BuildPhase.SUCCEEDED), _state("q4km", findings.BuildPhase.SUCCEEDED)]
+    st = status.compute(qm, done, findings.ServingState(True, "Serving", "served at http://x"), NOW)
     assert health(_object(qm, st))["status"] == "Healthy"
     assert health(_object(qm, st, generation=2))["status"] == "Progressing"
 
 
 def test_failures_that_need_a_person_are_degraded() -> None:
     qm = _qm()
-    failed = status.compute(qm, [_state("q8", status.BuildPhase.FAILED), _state("q4km", status.BuildPhase.QUEUED)],
+    failed = status.compute(qm, [_state("q8", findings.BuildPhase.FAILED), _state("q4km", findings.BuildPhase.QUEUED)],
                             None, NOW)
     result = health(_object(qm, failed))
     assert result["status"] == "Degraded" and "BuildFailed" in result["message"] and "hub said 404" in result["message"]
-    done = [_state("q8", status.BuildPhase.SUCCEEDED), _state("q4km", status.BuildPhase.SUCCEEDED, gate=False)]
-    gated = status.compute(qm, done, status.ServingState(False, "GateFailed", "q4km failed its gate"), NOW)
+    done = [_state("q8", findings.BuildPhase.SUCCEEDED), _state("q4km", findings.BuildPhase.SUCCEEDED, gate=False)]
+    gated = status.compute(qm, done, findings.ServingState(False, "GateFailed", "q4km failed its gate"), NOW)
     assert health(_object(qm, gated))["status"] == "Degraded"
-    rolling = status.compute(qm, done, status.ServingState(False, "RollingOut", "rolling out"), NOW)
+    rolling = status.compute(qm, done, findings.ServingState(False, "RollingOut", "rolling out"), NOW)
     assert health(_object(qm, rolling))["status"] == "Progressing"

@@ -8,7 +8,7 @@ import pathlib
 from typing import Any
 
 import yaml
-from kquant.operator import builds, manifests
+from kquant.operator import build_manifests, builds, manifests
 from kquant.operator.api import v1alpha1 as api
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -60,7 +60,7 @@ def test_token_reaches_only_the_build_pod_through_a_secret_ref() -> None:
     body["spec"]["source"]["huggingface"]["tokenSecretRef"] = {"name": "hf-token", "key": "token"}
     qm = api.QuantizedModel.model_validate(body)
     build = builds.plan_builds(qm, "ml")[0]
-    objects = {o["kind"]: o for o in manifests.build_objects(qm, build)}
+    objects = {o["kind"]: o for o in build_manifests.objects(qm, build)}
     env = objects["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]
     token = next(e for e in env if e["name"] == "HF_TOKEN")
     assert token["valueFrom"] == {"secretKeyRef": {"name": "hf-token", "key": "token"}}
@@ -71,7 +71,7 @@ def test_token_reaches_only_the_build_pod_through_a_secret_ref() -> None:
 def test_build_service_account_may_patch_only_its_own_configmap() -> None:
     qm = api.QuantizedModel.model_validate(_body())
     build = builds.plan_builds(qm, "ml")[0]
-    objects = {o["kind"]: o for o in manifests.build_objects(qm, build)}
+    objects = {o["kind"]: o for o in build_manifests.objects(qm, build)}
     assert objects["Role"]["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
                                          "resourceNames": [build.name], "verbs": ["get", "patch"]}]
     pod = objects["Job"]["spec"]["template"]["spec"]
@@ -86,7 +86,7 @@ def test_gpu_builds_ask_for_gpus_and_a_gpu_node() -> None:
     body = _body()
     body["spec"]["quantizer"] = {"gpus": 2, "backoffLimit": 1, "activeDeadlineSeconds": 3600}
     qm = api.QuantizedModel.model_validate(body)
-    job = manifests.build_objects(qm, builds.plan_builds(qm, "ml")[0])[-1]
+    job = build_manifests.objects(qm, builds.plan_builds(qm, "ml")[0])[-1]
     pod = job["spec"]["template"]["spec"]
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
@@ -116,7 +116,7 @@ def test_replicas_get_distinct_peering_priorities() -> None:
     images = config.OperatorConfig.from_environment({"KQUANT_SERVER_IMAGE": "registry.local/llama:1"})
     qm = api.QuantizedModel.model_validate(_body())
     assert images.server_image == "registry.local/llama:1" and images.quantizer_image == config.DEFAULT_QUANTIZER_IMAGE
-    job = manifests.build_objects(qm, builds.plan_builds(qm, "ml")[0], images)[-1]
+    job = build_manifests.objects(qm, builds.plan_builds(qm, "ml")[0], images)[-1]
     assert job["spec"]["template"]["spec"]["containers"][0]["image"] == config.DEFAULT_QUANTIZER_IMAGE
 
 
@@ -129,6 +129,6 @@ def test_only_the_last_build_of_a_model_that_keeps_no_intermediates_removes_them
     assert not builds.last_of_its_model(builds.plan_builds(keep, "ml")[-1], keep).spec.remove_intermediates
     last = builds.last_of_its_model(build, drop)
     assert last.spec.remove_intermediates and last.digest == build.digest and last.name == build.name
-    configmap = manifests.build_objects(drop, last)[0]
+    configmap = build_manifests.objects(drop, last)[0]
     assert json.loads(configmap["data"][builds.SPEC_KEY])["removeIntermediates"] is True
     assert _digests(body) == _digests(_body()), "keeping intermediates or not makes the same files"

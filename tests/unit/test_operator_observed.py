@@ -7,7 +7,7 @@ import pathlib
 from typing import Any
 
 import yaml
-from kquant.operator import builds, manifests, observed, reconcile, serving, status
+from kquant.operator import builds, findings, manifests, observed, reconcile, server_manifests
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import report
 
@@ -47,12 +47,12 @@ def _failed_job(name: str) -> dict[str, Any]:
 def test_no_job_is_queued_and_a_running_job_shows_the_quantizers_progress() -> None:
     qm = _model()
     build = _first_build(qm)
-    assert reconcile.observe_build(qm, build, observed.Children()).phase is status.BuildPhase.QUEUED
+    assert reconcile.observe_build(qm, build, observed.Children()).phase is findings.BuildPhase.QUEUED
     children = observed.Children.collect(
         configmaps=[observed.build_configmap({"metadata": {"name": build.name}, "data": {"progress": "convert 40%"}})],
         jobs=[observed.build_job({"metadata": {"name": build.name}, "status": {"active": 1}})])
     state = reconcile.observe_build(qm, build, children)
-    assert (state.phase, state.progress) == (status.BuildPhase.RUNNING, "convert 40%")
+    assert (state.phase, state.progress) == (findings.BuildPhase.RUNNING, "convert 40%")
 
 
 def test_a_failed_job_carries_the_newest_failed_pods_last_words() -> None:
@@ -64,7 +64,7 @@ def test_a_failed_job_carries_the_newest_failed_pods_last_words() -> None:
               observed.build_pod(_pod(build.name, "2026-01-01T00:00:09Z", exit_code=1, message="download: 401")),
               observed.build_pod(_pod("other-job", "2026-01-01T00:00:10Z", exit_code=1, message="not ours"))])
     state = reconcile.observe_build(qm, build, children)
-    assert state.phase is status.BuildPhase.FAILED
+    assert state.phase is findings.BuildPhase.FAILED
     assert "BackoffLimitExceeded" in state.reason and state.reason.endswith("download: 401")
 
 
@@ -76,7 +76,7 @@ def test_a_pod_waiting_for_a_missing_secret_blocks_the_build_and_says_how_to_fix
         pods=[observed.build_pod(_pod(build.name, "2026-01-01T00:00:01Z", waiting=(
             "CreateContainerConfigError", 'secret "hf-token" not found')))])
     state = reconcile.observe_build(qm, build, children)
-    assert state.phase is status.BuildPhase.BLOCKED
+    assert state.phase is findings.BuildPhase.BLOCKED
     assert "kubectl create secret generic hf-token --from-literal=token=<token>" in state.reason
     starting = observed.build_pod(_pod(build.name, "2026-01-01T00:00:01Z", waiting=("ContainerCreating", "")))
     assert starting.waiting is None, "every pod waits in ContainerCreating on its way up"
@@ -91,22 +91,22 @@ def test_a_report_in_the_configmap_decides_over_the_job() -> None:
     children = observed.Children.collect(
         configmaps=[observed.build_configmap({"metadata": {"name": build.name}, "data": {"report": done.to_json()}})],
         jobs=[observed.build_job(_failed_job(build.name))])
-    assert reconcile.observe_build(qm, build, children).phase is status.BuildPhase.SUCCEEDED
+    assert reconcile.observe_build(qm, build, children).phase is findings.BuildPhase.SUCCEEDED
 
 
 def test_a_deployment_is_ready_only_when_every_wanted_pod_is_new_and_available() -> None:
     body = {"metadata": {"name": "m-server", "generation": 3,
-                         "annotations": {serving.HASH_ANNOTATION: "abc"}},
+                         "annotations": {server_manifests.HASH_ANNOTATION: "abc"}},
             "spec": {"template": {"metadata": {"labels": {manifests.VARIANT_LABEL: "q8"}}}},
             "status": {"observedGeneration": 3, "replicas": 2, "updatedReplicas": 1, "availableReplicas": 2,
                        "readyReplicas": 2}}
-    record = observed.server_deployment(body, manifests.VARIANT_LABEL, serving.HASH_ANNOTATION)
+    record = observed.server_deployment(body, manifests.VARIANT_LABEL, server_manifests.HASH_ANNOTATION)
     assert (record.variant, record.serving_hash) == ("q8", "abc")
     assert not record.ready(2), "one old pod still serves"
     body["status"].update(updatedReplicas=2)
-    assert observed.server_deployment(body, manifests.VARIANT_LABEL, serving.HASH_ANNOTATION).ready(2)
+    assert observed.server_deployment(body, manifests.VARIANT_LABEL, server_manifests.HASH_ANNOTATION).ready(2)
     body["metadata"]["generation"] = 4
-    assert not observed.server_deployment(body, manifests.VARIANT_LABEL, serving.HASH_ANNOTATION).ready(2)
+    assert not observed.server_deployment(body, manifests.VARIANT_LABEL, server_manifests.HASH_ANNOTATION).ready(2)
 
 
 def test_only_a_model_that_fits_nowhere_waits_for_capacity() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 from gguf_models import Shape, shape_facts
-from kquant.operator import builds, serving, status
+from kquant.operator import artifacts, builds, findings, server_manifests, serving, status
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import report
 
@@ -61,16 +61,17 @@ def test_no_gpu_node_matching_the_selector_is_reported() -> None:
     assert serving.no_fit(qm, found, shape_facts(Shape())).reason == "NoGPUNodes"
 
 
-def _variant(name: str = "q4km") -> api.VariantStatus:
-    return api.VariantStatus(name=name, digest="d" * 16, path=f"{builds.STORAGE_MOUNT}/{'d' * 16}/{name}.gguf",
-                             gate_passed=True)
+def _artifact(name: str = "q4km") -> artifacts.Artifact:
+    return artifacts.Artifact(variant=name, digest="d" * 16, path=f"{builds.STORAGE_MOUNT}/{'d' * 16}/{name}.gguf",
+                              size_bytes=0)
 
 
 def test_server_arguments_follow_the_spec_and_the_plan() -> None:
     qm = _qm(cacheTypeK="q4_0", sampling={"temperature": 0.6, "minP": 0.05, "seed": 3407})
     chosen = serving.choose(serving.candidates(qm, shape_facts(Shape()), NODES, []))
-    plan = serving.build(qm, _variant(), chosen, surge=False)
-    container = plan.deployment["spec"]["template"]["spec"]["containers"][0]
+    deployment = server_manifests.deployment(qm, _artifact(), chosen, surge=False)
+    served = status.serving_status(qm, _artifact(), chosen)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
     args = container["args"]
     pairs = dict(zip(args[::2], args[1::2], strict=False))
     assert pairs["--model"] == f"{builds.STORAGE_MOUNT}/{'d' * 16}/q4km.gguf"
@@ -79,10 +80,10 @@ def test_server_arguments_follow_the_spec_and_the_plan() -> None:
     assert args[args.index("--temp") + 1] == "0.6" and args[args.index("--seed") + 1] == "3407"
     assert "--metrics" in args
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert plan.deployment["spec"]["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == "RTX-4090"
-    assert plan.deployment["spec"]["strategy"] == {"type": "Recreate"}
-    assert plan.status.gpu_layers == 9 and plan.status.node_gpu_bytes == 24 * GiB
-    assert plan.status.endpoint == "http://smollm2.ml.svc.cluster.local:8080/v1"
+    assert deployment["spec"]["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == "RTX-4090"
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert served.gpu_layers == 9 and served.node_gpu_bytes == 24 * GiB
+    assert served.endpoint == "http://smollm2.ml.svc.cluster.local:8080/v1"
 
 
 def test_rolling_update_only_where_a_second_pod_fits() -> None:
@@ -97,13 +98,13 @@ def test_rolling_update_only_where_a_second_pod_fits() -> None:
     assert not serving.surge_fits(chosen, busy)
 
 
-def _state(variant: str, phase: status.BuildPhase, gate: bool = True) -> status.BuildState:
+def _state(variant: str, phase: findings.BuildPhase, gate: bool = True) -> findings.BuildState:
     build = builds.Build(model="smollm2", variant=variant, digest="e" * 16, spec=None)  # type: ignore[arg-type]
     rep = None
-    if phase is status.BuildPhase.SUCCEEDED:
+    if phase is findings.BuildPhase.SUCCEEDED:
         rep = report.VariantReport(name=variant, digest="e" * 16, type="Q4_K_M", recipe="uniform",
                                    path=f"/data/{'e' * 16}/{variant}.gguf", size_bytes=100, gate_passed=gate)
-    return status.BuildState(build, phase, progress="quantizing 40%", reason="boom", report=rep)
+    return findings.BuildState(build, phase, progress="quantizing 40%", reason="boom", report=rep)
 
 
 NOW = datetime.datetime(2026, 11, 25, tzinfo=datetime.UTC)
@@ -111,15 +112,15 @@ NOW = datetime.datetime(2026, 11, 25, tzinfo=datetime.UTC)
 
 def test_status_while_building_and_when_ready() -> None:
     qm = _qm()
-    building = status.compute(qm, [_state("q8", status.BuildPhase.SUCCEEDED),
-                                   _state("q4km", status.BuildPhase.RUNNING)], None, NOW)
+    building = status.compute(qm, [_state("q8", findings.BuildPhase.SUCCEEDED),
+                                   _state("q4km", findings.BuildPhase.RUNNING)], None, NOW)
     assert building.phase is api.Phase.QUANTIZING
     assert building.progress == "q4km 2/2 quantizing 40%"
     assert building.observed_generation == 2
     quantized = building.condition("Quantized")
     assert quantized is not None and quantized.reason == "Building"
-    done = [_state("q8", status.BuildPhase.SUCCEEDED), _state("q4km", status.BuildPhase.SUCCEEDED)]
-    ready = status.compute(qm, done, status.ServingState(True, "Serving", "ok"), NOW)
+    done = [_state("q8", findings.BuildPhase.SUCCEEDED), _state("q4km", findings.BuildPhase.SUCCEEDED)]
+    ready = status.compute(qm, done, findings.ServingState(True, "Serving", "ok"), NOW)
     assert ready.phase is api.Phase.READY
     assert {c.type: c.status.value for c in ready.conditions or []} == {
         "Quantized": "True", "Evaluated": "True", "Serving": "True", "Ready": "True",
@@ -128,8 +129,8 @@ def test_status_while_building_and_when_ready() -> None:
 
 
 def test_a_failed_build_fails_the_model_with_its_reason() -> None:
-    failed = status.compute(_qm(), [_state("q8", status.BuildPhase.FAILED),
-                                    _state("q4km", status.BuildPhase.QUEUED)], None, NOW)
+    failed = status.compute(_qm(), [_state("q8", findings.BuildPhase.FAILED),
+                                    _state("q4km", findings.BuildPhase.QUEUED)], None, NOW)
     assert failed.phase is api.Phase.FAILED
     quantized = failed.condition("Quantized")
     assert quantized is not None and quantized.reason == "BuildFailed" and "q8: boom" in quantized.message
@@ -138,8 +139,8 @@ def test_a_failed_build_fails_the_model_with_its_reason() -> None:
 
 
 def test_a_promoted_variant_that_failed_its_gate_stalls_the_model() -> None:
-    done = [_state("q8", status.BuildPhase.SUCCEEDED), _state("q4km", status.BuildPhase.SUCCEEDED, gate=False)]
-    result = status.compute(_qm(), done, status.ServingState(False, "GateFailed", "q4km failed"), NOW)
+    done = [_state("q8", findings.BuildPhase.SUCCEEDED), _state("q4km", findings.BuildPhase.SUCCEEDED, gate=False)]
+    result = status.compute(_qm(), done, findings.ServingState(False, "GateFailed", "q4km failed"), NOW)
     assert result.phase is api.Phase.FAILED
     assert result.condition("Stalled").status.value == "True"  # type: ignore[union-attr]
     assert result.condition("Reconciling").status.value == "False"  # type: ignore[union-attr]
@@ -147,9 +148,9 @@ def test_a_promoted_variant_that_failed_its_gate_stalls_the_model() -> None:
 
 def test_condition_transition_time_survives_an_unchanged_status() -> None:
     qm = _qm()
-    first = status.compute(qm, [_state("q8", status.BuildPhase.RUNNING)], None, NOW)
+    first = status.compute(qm, [_state("q8", findings.BuildPhase.RUNNING)], None, NOW)
     later = NOW + datetime.timedelta(minutes=5)
-    again = status.compute(qm.model_copy(update={"status": first}), [_state("q8", status.BuildPhase.RUNNING)],
+    again = status.compute(qm.model_copy(update={"status": first}), [_state("q8", findings.BuildPhase.RUNNING)],
                            None, later)
     assert again.condition("Quantized").last_transition_time == NOW  # type: ignore[union-attr]
 

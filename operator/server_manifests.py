@@ -1,0 +1,122 @@
+"""llama-server's Deployment and Service for the promoted variant. Pure code.
+
+Rendered from what the serving decision needs: the spec, the ``artifacts.Artifact`` to serve and
+the ``serving.Candidate`` chosen for it (None on CPU). The Deployment carries ``serving_hash`` of
+the spec and the artifact, so that a pass can tell from the watched Deployment alone whether it
+serves what the spec asks for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from kquant.operator import artifacts, builds, config, manifests, serving
+from kquant.operator.api import v1alpha1 as api
+from kquant.operator.planner import plan
+
+SERVER_PORT = 8080
+HASH_ANNOTATION = "kquant.dev/serving-hash"
+"""On the server Deployment: ``serving_hash`` of what it was built from; a change means a rollout."""
+
+
+def deployment_name(qm: api.QuantizedModel) -> str:
+    return f"{qm.metadata.name}-server"
+
+
+def service_name(qm: api.QuantizedModel) -> str:
+    return qm.metadata.name
+
+
+def endpoint(qm: api.QuantizedModel) -> str:
+    """The OpenAI-compatible base URL of the Service, inside the cluster."""
+    return f"http://{service_name(qm)}.{qm.metadata.namespace}.svc.cluster.local:{SERVER_PORT}/v1"
+
+
+def server_args(qm: api.QuantizedModel, model_path: str, offload: plan.OffloadPlan | None) -> list[str]:
+    """llama-server's arguments: where and how to listen, then the plan's own arguments (which pin
+    llama.cpp to exactly what was planned: ``--fit off``, unified KV, ubatch, split, experts)."""
+    spec = qm.spec.serving
+    assert spec is not None
+    args = ["--model", model_path, "--alias", f"{qm.metadata.name}-{spec.variant}",
+            "--host", "0.0.0.0", "--port", str(SERVER_PORT), "--metrics", "--no-webui"]
+    if offload is not None:
+        args += list(offload.server_args())
+    else:  # served on CPU: nothing to plan on a GPU
+        ngl = spec.gpu_layers if isinstance(spec.gpu_layers, int) else 0
+        args += ["--ctx-size", str(spec.context_size), "--parallel", str(spec.parallel),
+                 "--n-gpu-layers", str(ngl), "--cache-type-k", spec.cache_type_k.value,
+                 "--cache-type-v", spec.cache_type_v.value, "--flash-attn", spec.flash_attention.value]
+    sampling = spec.sampling or api.Sampling()
+    for flag, value in (("--temp", sampling.temperature), ("--top-p", sampling.top_p),
+                        ("--top-k", sampling.top_k), ("--min-p", sampling.min_p), ("--seed", sampling.seed)):
+        if value is not None:
+            args += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    return args + list(spec.extra_args or [])
+
+
+def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "failureThreshold": failures,
+            "timeoutSeconds": 3}
+
+
+def _labels(qm: api.QuantizedModel) -> dict[str, str]:
+    """What the Service and the Deployment select the server pods by (not the variant: a rollout
+    to another variant keeps the same selector)."""
+    return {manifests.MODEL_LABEL: qm.metadata.name, manifests.ROLE_LABEL: "server"}
+
+
+def deployment(qm: api.QuantizedModel, artifact: artifacts.Artifact, candidate: serving.Candidate | None,
+               surge: bool, settings: config.OperatorConfig = config.DEFAULTS) -> manifests.Manifest:
+    """The server Deployment: ``artifact`` on ``candidate``'s GPU pool (None: on CPU), rolling
+    (``surge``) where a second pod fits next to the old one, else recreated."""
+    spec = qm.spec.serving
+    assert spec is not None and artifact.path and artifact.digest
+    labels = _labels(qm)
+    pod_labels = {**labels, manifests.VARIANT_LABEL: artifact.variant,
+                  manifests.DIGEST_LABEL: artifact.digest[:16]}
+    node_selector = dict(spec.node_selector or {})
+    if spec.gpus and candidate and candidate.pool.product:
+        node_selector.setdefault("nvidia.com/gpu.product", candidate.pool.product)
+    container = {
+        "name": "llama-server", "image": spec.image or settings.server_image,
+        "args": server_args(qm, artifact.path, candidate.offload if candidate else None),
+        "ports": [{"name": "http", "containerPort": SERVER_PORT}],
+        "volumeMounts": [{"name": "storage", "mountPath": builds.STORAGE_MOUNT, "readOnly": True}],
+        "resources": manifests.container_resources(spec),
+        "startupProbe": _probe("/health", 2, 600),  # loading a large GGUF takes minutes
+        "readinessProbe": _probe("/health", 5, 3),
+        "livenessProbe": _probe("/health", 10, 6),
+        "securityContext": manifests.restricted_security(),
+    }
+    pod_spec = {
+        "containers": [container], "nodeSelector": node_selector,
+        "tolerations": manifests.tolerations(spec),
+        "volumes": [{"name": "storage", "persistentVolumeClaim": {
+            "claimName": manifests.storage_claim_name(qm), "readOnly": True}}],
+        "securityContext": manifests.pod_security(),
+        "enableServiceLinks": False,
+    }
+    strategy = ({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+                if surge else {"type": "Recreate"})
+    meta = manifests.meta(qm, deployment_name(qm), "server")
+    meta["annotations"] = {HASH_ANNOTATION: serving_hash(qm, artifact)}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {
+        "replicas": spec.replicas, "selector": {"matchLabels": labels}, "strategy": strategy,
+        "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec}}}
+
+
+def service(qm: api.QuantizedModel) -> manifests.Manifest:
+    """The Service in front of the server pods, whatever variant they serve."""
+    return {"apiVersion": "v1", "kind": "Service", "metadata": manifests.meta(qm, service_name(qm), "server"),
+            "spec": {"selector": _labels(qm), "ports": [{"name": "http", "port": SERVER_PORT,
+                                                         "targetPort": "http"}]}}
+
+
+def serving_hash(qm: api.QuantizedModel, artifact: artifacts.Artifact) -> str:
+    """What decides the Deployment: the serving spec and the exact artifact."""
+    assert qm.spec.serving is not None
+    payload = {"serving": qm.spec.serving.model_dump(mode="json", by_alias=True), "digest": artifact.digest,
+               "path": artifact.path}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
