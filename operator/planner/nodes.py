@@ -19,6 +19,8 @@ from typing import Any
 
 from kquant.quantizer import units
 
+GPU_PREFIX = "nvidia.com/"
+"""Every NVIDIA extended resource (``nvidia.com/gpu``, ``nvidia.com/mig-1g.10gb``) starts so."""
 GPU_RESOURCE = "nvidia.com/gpu"
 MIG_RESOURCE_RE = re.compile(r"^nvidia\.com/mig-(?P<profile>\d+g\.\d+gb)$")
 
@@ -125,12 +127,17 @@ def _quantity(value: Any) -> int:
         raise ValueError(f"GPU {exc}") from None
 
 
+def _containers(pod: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """A pod's regular and init containers (camelCase from the API, snake_case from the client)."""
+    spec = pod.get("spec") or {}
+    return spec.get("containers") or [], spec.get("initContainers") or spec.get("init_containers") or []
+
+
 def pod_request(pod: Mapping[str, Any], resource: str) -> int:
     """What a pod holds of ``resource``: max(sum of containers, largest init container).
 
     Extended resources default their request to the limit, so limits count when requests are absent.
     """
-    spec = pod.get("spec") or {}
 
     def amount(container: Mapping[str, Any]) -> int:
         res = container.get("resources") or {}
@@ -138,10 +145,21 @@ def pod_request(pod: Mapping[str, Any], resource: str) -> int:
         limits = res.get("limits") or {}
         return _quantity(requests.get(resource, limits.get(resource)))
 
-    regular = sum(amount(c) for c in spec.get("containers") or [])
-    init_containers = spec.get("initContainers") or spec.get("init_containers") or []
+    regular, init_containers = _containers(pod)
     init = max((amount(c) for c in init_containers), default=0)
-    return max(regular, init)
+    return max(sum(amount(c) for c in regular), init)
+
+
+def gpu_resources(pod: Mapping[str, Any]) -> set[str]:
+    """The NVIDIA resources (whole GPUs, MIG slices) any of the pod's containers requests or limits."""
+    regular, init = _containers(pod)
+    return {name for container in (*regular, *init) for kind in ("requests", "limits")
+            for name in ((container.get("resources") or {}).get(kind) or {}) if name.startswith(GPU_PREFIX)}
+
+
+def holds_gpus(pod: Mapping[str, Any]) -> bool:
+    """The pod holds at least one GPU or MIG slice."""
+    return any(pod_request(pod, resource) for resource in gpu_resources(pod))
 
 
 def _pod_active_on(pod: Mapping[str, Any], node: str) -> bool:

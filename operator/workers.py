@@ -1,0 +1,115 @@
+"""The operator's workers: a few tasks take model keys from the work queue and run one pass each.
+
+A pass (``reconcile.reconcile``) blocks on the Kubernetes client, so each runs in a thread of
+one executor; the tasks themselves live in the event loop, where the watches change the indexes,
+so that what a pass reads is copied out there (``WorkerPool.snapshot``) and never read while a
+watch writes it. A failed pass is logged and retried with the queue's backoff; the other models
+keep going. ``handlers`` starts the pool at startup, keeps it in kopf's ``memo`` and stops it at
+cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+from typing import Any, TypeVar
+
+import kopf
+from kquant.operator import kube, ledger, metrics, observed, reconcile, workqueue
+
+log = logging.getLogger("kquant.operator")
+WORKERS = 4
+"""Passes that run at once. Each is mostly waiting on the API server; more would only queue there."""
+Key = tuple[str, str]
+"""A model's (namespace, name)."""
+V = TypeVar("V")
+
+
+@dataclasses.dataclass
+class WorkerPool:
+    """What the workers share, from startup to cleanup: the client, the queue, the ledger of
+    status writes, the executor the passes run in, the indexes they read, and the metrics."""
+
+    kube: kube.Kube
+    queue: workqueue.WorkQueue[Key]
+    ledger: ledger.StatusLedger
+    executor: concurrent.futures.ThreadPoolExecutor
+    indexes: dict[str, kopf.Index[Any, Any]]
+    metrics: metrics.Metrics
+    tasks: list[asyncio.Task[None]] = dataclasses.field(default_factory=list)
+    node_shapes: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Each node's labels and allocatable resources as last seen, to tell a change from a heartbeat."""
+
+    @classmethod
+    def start(cls, client: kube.Kube, indexes: dict[str, kopf.Index[Any, Any]]) -> WorkerPool:
+        """The pool with its metrics served (when the chart asks) and its workers running."""
+        pool = cls(kube=client, queue=workqueue.WorkQueue(), ledger=ledger.StatusLedger(),
+                   executor=concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="kquant-pass"),
+                   indexes=indexes, metrics=metrics.Metrics())
+        pool.metrics.track(queue_depth=lambda: len(pool.queue), models=lambda: len(pool.indexes["models"]))
+        if client.settings.metrics_port:
+            pool.metrics.serve(client.settings.metrics_port)
+        pool.tasks = [asyncio.create_task(pool._work(), name=f"kquant-worker-{i}") for i in range(WORKERS)]
+        return pool
+
+    async def stop(self) -> None:
+        """End the workers, wait for passes under way, close the client."""
+        self.queue.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        self.executor.shutdown(wait=True)
+        self.kube.close()
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            key, waited = await self.queue.get()
+            self.metrics.queue_wait_seconds.observe(waited)
+            started = loop.time()
+            try:
+                snapshot = self.snapshot(key)
+                if snapshot is None:
+                    self.queue.done(key)
+                    continue
+                body, children, view = snapshot
+                written = await loop.run_in_executor(self.executor, reconcile.reconcile,
+                                                     self.kube, body, children, view)
+            except Exception as exc:  # an API error or a bug: log it, retry later, keep the others going
+                self.metrics.passes.labels(result="error").inc()
+                delay = self.queue.failed(key)
+                log.warning("QuantizedModel %s/%s: pass failed (%s); retrying in %.1fs", key[0], key[1],
+                            kube.describe_error(exc), delay, exc_info=log.isEnabledFor(logging.DEBUG))
+                continue
+            self.metrics.passes.labels(result="success").inc()
+            self.metrics.pass_seconds.observe(loop.time() - started)
+            if written is not None:
+                self.ledger.wrote(str(body["metadata"]["uid"]), written)
+            self.queue.done(key)
+
+    def snapshot(self, key: Key) -> tuple[dict[str, Any], observed.Children, reconcile.ClusterView] | None:
+        """What the pass reads, copied out of the indexes in the event loop's thread (the watches
+        change them there); None when the model is gone or going."""
+        idx = self.indexes
+        body = next(iter(_values(idx["models"], key)), None)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return None
+        children = observed.Children.collect(
+            configmaps=_values(idx["build_configmaps"], key), jobs=_values(idx["build_jobs"], key),
+            pods=_values(idx["build_pods"], key), deployments=_values(idx["server_deployments"], key),
+            claims=_values(idx["storage_claims"], key))
+        view = reconcile.ClusterView(nodes=[n for k in idx["cluster_nodes"] for n in idx["cluster_nodes"][k]],
+                                     pods=[p for k in idx["gpu_pods"] for p in idx["gpu_pods"][k]])
+        return dict(self.ledger.newest(body)), children, view
+
+    def capacity_changed(self) -> None:
+        """A pass for every model that fits nowhere, now that the cluster changed."""
+        for key in self.indexes["models"]:
+            if any(reconcile.waits_for_capacity(body) for body in self.indexes["models"][key]):
+                self.queue.add(key)
+
+
+def _values(index: kopf.Index[Key, V], key: Key) -> list[V]:
+    return list(index[key]) if key in index else []
