@@ -32,11 +32,6 @@ RESYNC_SECONDS = 600
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
-    # kopf stores nothing on the models today (no create/update handlers); should it ever, it uses
-    # our group, not kopf's.
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="kquant.dev")
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="kquant.dev", key="last-handled-configuration")
     settings.persistence.finalizer = "kquant.dev/finalizer"
     settings.posting.enabled = False  # reconcile posts its own Events, with reasons a user can act on
     settings.watching.server_timeout = 300

@@ -17,11 +17,12 @@ from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import units
 
 PROGRESS_PHASES: dict[str, api.Phase] = {
-    "fetch": api.Phase.DOWNLOADING, "download": api.Phase.DOWNLOADING,
-    "convert": api.Phase.CONVERTING, "calibrat": api.Phase.CALIBRATING,
-    "imatrix": api.Phase.CALIBRATING, "quantiz": api.Phase.QUANTIZING, "plan": api.Phase.QUANTIZING,
+    "fetch": api.Phase.DOWNLOADING, "convert": api.Phase.CONVERTING, "calibrat": api.Phase.CALIBRATING,
+    "quantiz": api.Phase.QUANTIZING, "plan": api.Phase.QUANTIZING,
     "evaluat": api.Phase.EVALUATING, "referenc": api.Phase.EVALUATING, "publish": api.Phase.EVALUATING,
 }
+"""The model's phase while a build runs, from the step word in the quantizer's progress line
+(``steps.StepKind``: fetching, converting, calibrating, ...)."""
 
 
 def variant_status(state: findings.BuildState) -> api.VariantStatus:

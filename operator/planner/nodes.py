@@ -91,9 +91,6 @@ class NodeGPUs:
     node: str
     pools: tuple[GPUPool, ...]
 
-    def pool(self, resource: str = GPU_RESOURCE) -> GPUPool | None:
-        return next((p for p in self.pools if p.resource == resource), None)
-
 
 def normalise_product(product: str) -> str:
     return re.sub(r"[^a-z0-9]", "", product.lower())

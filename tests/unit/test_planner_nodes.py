@@ -11,6 +11,10 @@ from kquant.quantizer import units
 MiB = units.MiB
 
 
+def pool_of(info: nodes.NodeGPUs, resource: str = "nvidia.com/gpu") -> nodes.GPUPool | None:
+    return next((p for p in info.pools if p.resource == resource), None)
+
+
 def node(name: str = "gpu-1", labels: dict[str, str] | None = None, allocatable: dict[str, str] | None = None
          ) -> dict[str, Any]:  # fmt: skip
     return {"metadata": {"name": name, "labels": labels or {}}, "status": {"allocatable": allocatable or {}}}
@@ -43,7 +47,7 @@ def test_gfd_labels_and_allocatable_minus_running_pods() -> None:
         pod("gpu-1", None),  # CPU-only pod
     ]
     info = nodes.node_gpus(node(labels=GFD, allocatable={"nvidia.com/gpu": "8"}), pods)
-    pool = info.pool()
+    pool = pool_of(info)
     assert pool is not None
     assert pool.product == "NVIDIA-A100-SXM4-80GB"
     assert pool.memory_bytes == 81920 * MiB
@@ -57,13 +61,13 @@ def test_init_containers_count_when_larger() -> None:
 
 def test_known_products_fill_in_missing_memory() -> None:
     labels = {"nvidia.com/gpu.product": "Tesla-T4"}
-    pool = nodes.node_gpus(node(labels=labels, allocatable={"nvidia.com/gpu": "1"}), []).pool()
+    pool = pool_of(nodes.node_gpus(node(labels=labels, allocatable={"nvidia.com/gpu": "1"}), []))
     assert pool is not None and pool.memory_bytes == 15360 * MiB
     assert nodes.product_memory_mib("NVIDIA-H100-80GB-HBM3") == 81559
     assert nodes.product_memory_mib("NVIDIA-Some-Future-48GB") == int(48 * 1024 * 0.95)
     assert nodes.product_memory_mib("Mystery") is None
-    unknown = nodes.node_gpus(node(labels={"nvidia.com/gpu.product": "Mystery"},
-                                   allocatable={"nvidia.com/gpu": "2"}), []).pool()  # fmt: skip
+    unknown = pool_of(nodes.node_gpus(node(labels={"nvidia.com/gpu.product": "Mystery"},
+                                           allocatable={"nvidia.com/gpu": "2"}), []))  # fmt: skip
     assert unknown is not None and unknown.memory_bytes is None and unknown.free == 2
 
 
@@ -71,7 +75,7 @@ def test_label_keys_are_configurable() -> None:
     keys = nodes.LabelKeys(product="example.com/gpu-model", memory_mib="example.com/gpu-mib",
                            count="example.com/gpus")  # fmt: skip
     labels = {"example.com/gpu-model": "L4", "example.com/gpu-mib": "23034", "example.com/gpus": "2"}
-    pool = nodes.node_gpus(node(labels=labels), [], keys).pool()
+    pool = pool_of(nodes.node_gpus(node(labels=labels), [], keys))
     assert pool is not None
     assert pool.memory_bytes == 23034 * MiB and pool.allocatable == 2
 
@@ -81,12 +85,12 @@ def test_mig_slices_are_pools_of_their_own() -> None:
     allocatable = {"nvidia.com/gpu": "0", "nvidia.com/mig-1g.10gb": "4", "nvidia.com/mig-3g.40gb": "1"}
     pods = [pod("gpu-1", 1, resource="nvidia.com/mig-1g.10gb")]
     info = nodes.node_gpus(node(labels=labels, allocatable=allocatable), pods)
-    small = info.pool("nvidia.com/mig-1g.10gb")
-    big = info.pool("nvidia.com/mig-3g.40gb")
+    small = pool_of(info, "nvidia.com/mig-1g.10gb")
+    big = pool_of(info, "nvidia.com/mig-3g.40gb")
     assert small is not None and big is not None
     assert small.memory_bytes == 9856 * MiB and small.free == 3
     assert big.memory_bytes == int(40 * 1024 * 0.95) * MiB and big.free == 1
-    whole = info.pool()
+    whole = pool_of(info)
     assert whole is not None and whole.free == 0
 
 
