@@ -121,9 +121,10 @@ def plan_builds(qm: api.QuantizedModel, namespace: str) -> list[Build]:
     return builds
 
 
-def last_of_its_model(build: Build, qm: api.QuantizedModel) -> Build:
-    """``build`` as the model's last build: it deletes the intermediates when the spec keeps none.
-    Not part of the digest: the file it makes is the same."""
+def discarding_intermediates(build: Build, qm: api.QuantizedModel) -> Build:
+    """``build``, set to delete the model's intermediates (download, 16-bit GGUF, importance matrix,
+    reference logits) when it is done, unless the spec keeps them. The pass asks this of the model's last
+    build only, as the others still need them. Not part of the digest: the file it makes is the same."""
     if qm.spec.storage.keep_intermediates:
         return build
     return dataclasses.replace(build, spec=build.spec.model_copy(update={"remove_intermediates": True}))

@@ -114,7 +114,7 @@ def start_next_build(client: kube.Kube, qm: api.QuantizedModel,
     build = states[queued].build
     others = [s for i, s in enumerate(states) if i != queued]
     if all(s.phase is findings.BuildPhase.SUCCEEDED for s in others):
-        build = builds.last_of_its_model(build, qm)
+        build = builds.discarding_intermediates(build, qm)
     created = [client.create(manifest) for manifest in build_manifests.objects(qm, build, client.settings)]
     if created[-1] is not None:  # the Job; None when a pass before this one made it
         log.info("QuantizedModel %s/%s: started build %s", qm.metadata.namespace, qm.metadata.name, build.name)

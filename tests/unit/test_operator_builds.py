@@ -126,8 +126,8 @@ def test_only_the_last_build_of_a_model_that_keeps_no_intermediates_removes_them
     body["spec"]["storage"]["keepIntermediates"] = False
     drop = api.QuantizedModel.model_validate(body)
     build = builds.plan_builds(drop, "ml")[-1]
-    assert not builds.last_of_its_model(builds.plan_builds(keep, "ml")[-1], keep).spec.remove_intermediates
-    last = builds.last_of_its_model(build, drop)
+    assert not builds.discarding_intermediates(builds.plan_builds(keep, "ml")[-1], keep).spec.remove_intermediates
+    last = builds.discarding_intermediates(build, drop)
     assert last.spec.remove_intermediates and last.digest == build.digest and last.name == build.name
     configmap = build_manifests.objects(drop, last)[0]
     assert json.loads(configmap["data"][builds.SPEC_KEY])["removeIntermediates"] is True
