@@ -93,6 +93,8 @@ def choose(found: list[Candidate]) -> Candidate | None:
 
 
 def no_fit(qm: api.QuantizedModel, found: list[Candidate], facts: gguf_facts.ModelFacts) -> NoFit:
+    """Why ``choose`` found nothing: no selected node with GPUs of known memory, or the largest
+    pool, its shortfall and what would fit."""
     serving = qm.spec.serving
     assert serving is not None
     if not found:
