@@ -32,7 +32,7 @@ class WorkerPool:
     """What the workers share, from startup to cleanup: the client, the queue, the ledger of
     status writes, the executor the passes run in, the indexes they read, and the metrics."""
 
-    kube: kube.Kube
+    client: kube.Kube
     queue: workqueue.WorkQueue[Key]
     ledger: ledger.StatusLedger
     executor: concurrent.futures.ThreadPoolExecutor
@@ -45,7 +45,7 @@ class WorkerPool:
     @classmethod
     def start(cls, client: kube.Kube, indexes: dict[str, kopf.Index[Any, Any]]) -> WorkerPool:
         """The pool with its metrics served (when the chart asks) and its workers running."""
-        pool = cls(kube=client, queue=workqueue.WorkQueue(), ledger=ledger.StatusLedger(),
+        pool = cls(client=client, queue=workqueue.WorkQueue(), ledger=ledger.StatusLedger(),
                    executor=concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="kquant-pass"),
                    indexes=indexes, metrics=metrics.Metrics())
         pool.metrics.track(queue_depth=lambda: len(pool.queue), models=lambda: len(pool.indexes["models"]))
@@ -61,7 +61,7 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.executor.shutdown(wait=True)
-        self.kube.close()
+        self.client.close()
 
     async def _work(self) -> None:
         loop = asyncio.get_running_loop()
@@ -76,7 +76,7 @@ class WorkerPool:
                     continue
                 body, children, view = snapshot
                 written = await loop.run_in_executor(self.executor, reconcile.reconcile,
-                                                     self.kube, body, children, view)
+                                                     self.client, body, children, view)
             except Exception as exc:  # an API error or a bug: log it, retry later, keep the others going
                 self.metrics.passes.labels(result="error").inc()
                 delay = self.queue.failed(key)
