@@ -19,11 +19,11 @@ import uuid
 from typing import Any
 
 from kquant.operator import config as operator_config
+from kquant.operator import manifests
 from kquant.operator.api import v1alpha1 as api
 from kubernetes import client, config
 
 log = logging.getLogger("kquant.operator")
-Manifest = dict[str, Any]
 
 
 class Kube:
@@ -88,7 +88,7 @@ class Kube:
 
     # -- generic objects -------------------------------------------------------------------
 
-    def create(self, manifest: Manifest) -> Manifest | None:
+    def create(self, manifest: manifests.Manifest) -> manifests.Manifest | None:
         """Create the object and return it as the API server stored it; None if it existed
         already (it is then left untouched)."""
         try:
@@ -98,7 +98,7 @@ class Kube:
                 return None
             raise
 
-    def apply(self, manifest: Manifest) -> Manifest:
+    def apply(self, manifest: manifests.Manifest) -> manifests.Manifest:
         """Create, or merge-patch the spec of an existing object to the wanted state; returns the
         object as stored."""
         created = self.create(manifest)
@@ -114,7 +114,7 @@ class Kube:
             return _json(self.core.patch_namespaced_service(name, namespace, patch, _preload_content=False))
         raise ValueError(f"apply does not handle {manifest['kind']}")
 
-    def _creator(self, manifest: Manifest) -> Any:
+    def _creator(self, manifest: manifests.Manifest) -> Any:
         namespace = manifest["metadata"]["namespace"]
         kind = manifest["kind"]
         creators = {
@@ -143,7 +143,7 @@ def describe_error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _json(response: Any) -> Manifest:
+def _json(response: Any) -> manifests.Manifest:
     """The body of a response requested with ``_preload_content=False``."""
-    body: Manifest = json.loads(response.data)
+    body: manifests.Manifest = json.loads(response.data)
     return body
