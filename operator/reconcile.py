@@ -64,12 +64,12 @@ def observe_build(qm: api.QuantizedModel, build: builds.Build, children: observe
         last_words = children.last_words(build.name)
         reason = f"Job {build.name} failed ({job.failed[0]}: {job.failed[1]})"
         return findings.BuildState(build, findings.BuildPhase.FAILED,
-                                 reason=f"{reason}: {last_words}" if last_words else reason)
+                                   reason=f"{reason}: {last_words}" if last_words else reason)
     waiting = children.waiting(build.name)
     if waiting is not None and waiting[0] in WAITING_REASONS:
         # Not a failure: the Job keeps its pod, and the kubelet starts it once the cause is fixed.
         return findings.BuildState(build, findings.BuildPhase.BLOCKED,
-                                 reason=_blocked_message(qm, build, waiting[0], waiting[1]))
+                                   reason=_blocked_message(qm, build, waiting[0], waiting[1]))
     return findings.BuildState(build, findings.BuildPhase.RUNNING, progress=data.get("progress", ""))
 
 
@@ -124,6 +124,9 @@ def start_next_build(client: kube.Kube, qm: api.QuantizedModel,
 
 def serve(client: kube.Kube, qm: api.QuantizedModel, states: list[findings.BuildState],
           children: observed.Children, view: ClusterView) -> findings.ServingState | None:
+    """How serving stands (None without ``spec.serving``): the promoted variant is rolled out once
+    it is built and passed its gate, whenever the Deployment's hash or the recorded serving status
+    says it serves something else; until then, whatever serves keeps serving."""
     spec = qm.spec.serving
     if spec is None:
         return None
