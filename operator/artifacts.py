@@ -47,7 +47,7 @@ def volume_path(path: str, digest: str) -> str:
     return builds.STORAGE_MOUNT + marker + path.split(marker, 1)[1]
 
 
-def of(build: builds.Build, report: quantizer_report.VariantReport) -> Artifact:
+def from_report(build: builds.Build, report: quantizer_report.VariantReport) -> Artifact:
     """The artifact of ``build``, from its report."""
     return Artifact(variant=build.variant, digest=build.digest, path=volume_path(report.path, build.digest),
                     size_bytes=report.size_bytes)

@@ -141,7 +141,7 @@ def serve(client: kube.Kube, qm: api.QuantizedModel, states: list[findings.Build
         why = "; ".join(state.report.gate.reasons) if state.report.gate else "quality gate failed"
         return findings.ServingState(False, "GateFailed",
                                      f"variant {spec.variant} failed its quality gate ({why}){keeps}")
-    artifact = artifacts.of(state.build, state.report)
+    artifact = artifacts.from_report(state.build, state.report)
     wanted = server_manifests.serving_hash(qm, artifact)
     old = qm.status.serving if qm.status else None
     if current is None or current.serving_hash != wanted or old is None or old.variant != spec.variant:
