@@ -27,7 +27,7 @@ from typing import Annotated, Any, ClassVar, Literal, Self, TypeAlias
 
 import pydantic
 import pydantic.alias_generators
-from kquant.quantizer import constants
+from kquant.quantizer import constants, units
 
 GROUP = "kquant.dev"
 VERSION = "v1alpha1"
@@ -53,7 +53,6 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 CONFIG_KEY = r"^[-._a-zA-Z0-9]+$"
 HF_REPO = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
 REVISION = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$"
-QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
 POSITIVE_SIZE = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([kMGTPE]|[KMGTPE]i)?$"
 CONDITION_REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 
@@ -244,7 +243,7 @@ def _check_quantity(value: int | str) -> int | str:
         if value < 0:
             raise ValueError(f"{value} is negative; a resource quantity must be >= 0")
         return value
-    if not re.fullmatch(QUANTITY, value) or value.startswith("-"):
+    if not re.fullmatch(units.QUANTITY, value) or value.startswith("-"):
         raise ValueError(f"{value!r} is not a Kubernetes quantity such as 500m, 2 or 16Gi")
     return value
 
@@ -774,7 +773,7 @@ class PVCStorage(_Model):
     @pydantic.field_validator("size")
     @classmethod
     def _positive(cls, value: str | None) -> str | None:
-        if value is not None and parse_quantity(value) <= 0:
+        if value is not None and units.parse_quantity(value) <= 0:
             raise ValueError(f"{value!r} must be a positive quantity such as 200Gi")
         return value
 
@@ -1273,22 +1272,6 @@ def _to_plain(value: Any) -> Any:
 # Pure helpers the operator uses.
 
 
-def parse_quantity(value: str | int) -> float:
-    """The number a Kubernetes quantity stands for (``"200Gi"`` -> 214748364800.0)."""
-    if isinstance(value, int):
-        return float(value)
-    match = re.fullmatch(QUANTITY, value)
-    if not match:
-        raise ValueError(f"{value!r} is not a Kubernetes quantity")
-    suffix = match.group(3) or ""
-    if not suffix or suffix[0] in "eE":
-        return float(value)
-    number = float(value[: match.start(3)])
-    binary = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-    decimal = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
-    return number * binary.get(suffix, 1) * decimal.get(suffix, 1)
-
-
 def pattern_error(pattern: str) -> str | None:
     """Why ``pattern`` is not a regular expression that llama.cpp and the API server both accept,
     or None. Python's ``re`` catches syntax errors; backreferences and look-arounds are refused as
@@ -1368,5 +1351,5 @@ __all__ = [
     "QuantizedModelSpec", "QuantizedModelStatus", "Quantizer", "Recipe", "Sampling", "Serving",
     "ServingStatus", "Source", "SpecRuleError", "Storage", "TensorOverride", "TensorType", "Variant",
     "VariantStatus", "check_transition", "describe_errors", "invalid_override_patterns",
-    "parse_quantity", "pattern_error", "set_condition", "validate_body",
+    "pattern_error", "set_condition", "validate_body",
 ]  # fmt: skip

@@ -194,19 +194,6 @@ def test_set_condition_keeps_transition_time_when_status_holds() -> None:
     assert [c.type for c in api.set_condition(flipped, other)] == ["Ready", "Stalled"]
 
 
-@pytest.mark.parametrize(
-    ("text", "value"),
-    [("200Gi", 200 * 2**30), ("500m", 0.5), ("2", 2.0), ("1.5G", 1.5e9), ("1e3", 1000.0), (3, 3.0)],
-)
-def test_parse_quantity(text: str | int, value: float) -> None:
-    assert api.parse_quantity(text) == pytest.approx(value)
-
-
-def test_parse_quantity_refuses_words() -> None:
-    with pytest.raises(ValueError, match="not a Kubernetes quantity"):
-        api.parse_quantity("lots")
-
-
 def test_invalid_override_patterns_on_a_raw_spec() -> None:
     raw = {
         "variants": [
