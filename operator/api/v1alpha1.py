@@ -146,7 +146,13 @@ class FlashAttention(enum.StrEnum):
 
 
 class Phase(enum.StrEnum):
-    """Where a QuantizedModel is on its way from manifest to served model."""
+    """Where a QuantizedModel is on its way from manifest to served model.
+
+    The phase is a summary, computed afresh on every pass from what the watches show (the pass is
+    level-triggered), so no transition table constrains it: a Ready model moves back to
+    Quantizing when a variant is added, and any phase may go to Failed or start over. The
+    conditions, each with its ``lastTransitionTime``, carry the history of the moves.
+    """
 
     PENDING = "Pending"
     DOWNLOADING = "Downloading"
@@ -177,51 +183,6 @@ class ConditionType(enum.StrEnum):
     EVALUATED = "Evaluated"
     SERVING = "Serving"
     SPEC_VALID = "SpecValid"
-
-
-# --------------------------------------------------------------------------------------------
-# Phase transitions (house rule 4): a table, and one function that checks a move against it.
-
-_FORWARD: dict[Phase, frozenset[Phase]] = {
-    Phase.PENDING: frozenset({Phase.DOWNLOADING}),
-    # A GGUF source skips conversion: it is requantized or evaluated as it is.
-    Phase.DOWNLOADING: frozenset({Phase.CONVERTING, Phase.QUANTIZING, Phase.EVALUATING}),
-    # Calibration is skipped when no variant benefits from an importance matrix.
-    Phase.CONVERTING: frozenset({Phase.CALIBRATING, Phase.QUANTIZING}),
-    Phase.CALIBRATING: frozenset({Phase.QUANTIZING}),
-    Phase.QUANTIZING: frozenset({Phase.EVALUATING}),
-    # Without spec.serving the walk ends at Ready straight after evaluation.
-    Phase.EVALUATING: frozenset({Phase.SERVING, Phase.READY}),
-    Phase.SERVING: frozenset({Phase.READY}),
-    # Promotion of another variant rolls out again.
-    Phase.READY: frozenset({Phase.SERVING}),
-    Phase.FAILED: frozenset(),
-}
-
-PHASE_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
-    # Staying put is no move; any phase may restart at Pending (a new generation) or fail.
-    phase: forward | {phase, Phase.PENDING, Phase.FAILED}
-    for phase, forward in _FORWARD.items()
-}
-
-
-class PhaseTransitionError(ValueError):
-    """A phase change that the transition table does not allow."""
-
-
-def check_transition(current: Phase | None, new: Phase) -> Phase:
-    """Return ``new`` if a QuantizedModel in phase ``current`` may move there, else raise.
-
-    ``current`` is None for an object without status, which can only start at Pending.
-    """
-    allowed = frozenset({Phase.PENDING}) if current is None else PHASE_TRANSITIONS[current]
-    if new not in allowed:
-        expected = ", ".join(p.value for p in Phase if p in allowed)
-        raise PhaseTransitionError(
-            f"status.phase cannot move from {current.value if current else '(none)'} to {new.value}: "
-            f"expected one of {expected}, got {new.value}"
-        )
-    return new
 
 
 # --------------------------------------------------------------------------------------------
@@ -1347,9 +1308,9 @@ def validate_body(body: Mapping[str, Any]) -> QuantizedModel:
 __all__ = [
     "API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION", "AccessMode", "CacheType", "Calibration",
     "Condition", "ConditionStatus", "ConditionType", "Evaluation", "FileType", "FlashAttention",
-    "GGUFSource", "HuggingFaceSource", "Phase", "PhaseTransitionError", "QuantizedModel",
+    "GGUFSource", "HuggingFaceSource", "Phase", "QuantizedModel",
     "QuantizedModelSpec", "QuantizedModelStatus", "Quantizer", "Recipe", "Sampling", "Serving",
     "ServingStatus", "Source", "SpecRuleError", "Storage", "TensorOverride", "TensorType", "Variant",
-    "VariantStatus", "check_transition", "describe_errors", "invalid_override_patterns",
+    "VariantStatus", "describe_errors", "invalid_override_patterns",
     "pattern_error", "set_condition", "validate_body",
 ]  # fmt: skip

@@ -1,4 +1,4 @@
-"""The QuantizedModel models: valid manifests, defaults, helpers and the phase table."""
+"""The QuantizedModel models: valid manifests, defaults and helpers."""
 
 from __future__ import annotations
 
@@ -117,56 +117,6 @@ def test_token_is_never_serialised() -> None:
     source = api.HuggingFaceSource.model_validate({"repo": "a/b", "tokenSecretRef": {"name": "hf"}})
     assert "token" not in source.model_dump(by_alias=True)
     assert source.token_secret_ref is not None and source.token_secret_ref.key == "token"
-
-
-@pytest.mark.parametrize(
-    ("current", "new"),
-    [
-        (None, api.Phase.PENDING),
-        (api.Phase.PENDING, api.Phase.DOWNLOADING),
-        (api.Phase.DOWNLOADING, api.Phase.CONVERTING),
-        (api.Phase.DOWNLOADING, api.Phase.EVALUATING),
-        (api.Phase.CONVERTING, api.Phase.CALIBRATING),
-        (api.Phase.CALIBRATING, api.Phase.QUANTIZING),
-        (api.Phase.QUANTIZING, api.Phase.EVALUATING),
-        (api.Phase.EVALUATING, api.Phase.SERVING),
-        (api.Phase.EVALUATING, api.Phase.READY),
-        (api.Phase.SERVING, api.Phase.READY),
-        (api.Phase.READY, api.Phase.SERVING),
-        (api.Phase.READY, api.Phase.PENDING),
-        (api.Phase.QUANTIZING, api.Phase.FAILED),
-        (api.Phase.FAILED, api.Phase.PENDING),
-        (api.Phase.QUANTIZING, api.Phase.QUANTIZING),
-    ],
-)
-def test_allowed_transitions(current: api.Phase | None, new: api.Phase) -> None:
-    assert api.check_transition(current, new) is new
-
-
-@pytest.mark.parametrize(
-    ("current", "new", "message"),
-    [
-        (None, api.Phase.READY, "from (none) to Ready: expected one of Pending, got Ready"),
-        (
-            api.Phase.READY,
-            api.Phase.QUANTIZING,
-            "expected one of Pending, Serving, Ready, Failed, got Quantizing",
-        ),
-        (api.Phase.FAILED, api.Phase.READY, "expected one of Pending, Failed, got Ready"),
-        (api.Phase.PENDING, api.Phase.SERVING, "got Serving"),
-        (api.Phase.EVALUATING, api.Phase.CALIBRATING, "got Calibrating"),
-    ],
-)
-def test_illegal_transitions(current: api.Phase | None, new: api.Phase, message: str) -> None:
-    with pytest.raises(api.PhaseTransitionError, match="expected one of") as caught:
-        api.check_transition(current, new)
-    assert message in str(caught.value)
-
-
-def test_every_phase_has_a_row_and_can_fail_or_restart() -> None:
-    assert set(api.PHASE_TRANSITIONS) == set(api.Phase)
-    for allowed in api.PHASE_TRANSITIONS.values():
-        assert {api.Phase.PENDING, api.Phase.FAILED} <= allowed
 
 
 def _condition(status: str, minute: int) -> api.Condition:
