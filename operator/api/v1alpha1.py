@@ -178,11 +178,9 @@ class ConditionType(enum.StrEnum):
     READY = "Ready"
     RECONCILING = "Reconciling"
     STALLED = "Stalled"
-    DOWNLOADED = "Downloaded"
     QUANTIZED = "Quantized"
     EVALUATED = "Evaluated"
     SERVING = "Serving"
-    SPEC_VALID = "SpecValid"
 
 
 # --------------------------------------------------------------------------------------------
@@ -679,7 +677,7 @@ _PVC_NONE = "spec.storage.pvc sets neither claimName nor size: name an existing 
 
 class PVCStorage(_Model):
     """The PersistentVolumeClaim that holds downloads and built variants. Either `claimName`
-    (an existing claim) or `size` (kquant creates `<name>-models`)."""
+    (an existing claim) or `size` (kquant creates `<name>-storage`)."""
 
     model_config = pydantic.ConfigDict(
         json_schema_extra=_cel_list(
@@ -1246,26 +1244,6 @@ def pattern_error(pattern: str) -> str | None:
     return None
 
 
-def invalid_override_patterns(spec: QuantizedModelSpec | Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    """Every override pattern that does not compile, as (field path, pattern, error).
-
-    The API server already refuses patterns that RE2 cannot compile; this is the operator's second
-    line for objects stored before the rule existed, and it works on a raw spec that pydantic
-    would refuse as a whole, so the operator can report the exact field in a condition.
-    """
-    raw: Any = spec.model_dump(by_alias=True) if isinstance(spec, QuantizedModelSpec) else spec
-    found: list[tuple[str, str, str]] = []
-    for i, variant in enumerate(raw.get("variants") or ()):
-        for j, override in enumerate((variant or {}).get("overrides") or ()):
-            pattern = (override or {}).get("pattern")
-            if not isinstance(pattern, str):
-                continue
-            error = pattern_error(pattern)
-            if error:
-                found.append((f"spec.variants[{i}].overrides[{j}].pattern", pattern, error))
-    return found
-
-
 def _field_path(loc: Sequence[int | str]) -> str:
     path = ""
     for part in loc:
@@ -1311,6 +1289,6 @@ __all__ = [
     "GGUFSource", "HuggingFaceSource", "Phase", "QuantizedModel",
     "QuantizedModelSpec", "QuantizedModelStatus", "Quantizer", "Recipe", "Sampling", "Serving",
     "ServingStatus", "Source", "SpecRuleError", "Storage", "TensorOverride", "TensorType", "Variant",
-    "VariantStatus", "describe_errors", "invalid_override_patterns",
+    "VariantStatus", "describe_errors",
     "pattern_error", "set_condition", "validate_body",
 ]  # fmt: skip

@@ -144,32 +144,6 @@ def test_set_condition_keeps_transition_time_when_status_holds() -> None:
     assert [c.type for c in api.set_condition(flipped, other)] == ["Ready", "Stalled"]
 
 
-def test_invalid_override_patterns_on_a_raw_spec() -> None:
-    raw = {
-        "variants": [
-            {
-                "name": "a",
-                "overrides": [
-                    {"pattern": r"blk\.[0-2]\.", "type": "Q6_K"},
-                    {"pattern": "blk\\.(", "type": "Q6_K"},
-                ],
-            },
-            {"name": "b", "overrides": [{"pattern": r"(?=attn)", "type": "Q8_0"}]},
-        ]
-    }  # fmt: skip
-    found = api.invalid_override_patterns(raw)
-    assert [(path, pattern) for path, pattern, _ in found] == [
-        ("spec.variants[0].overrides[1].pattern", "blk\\.("),
-        ("spec.variants[1].overrides[0].pattern", "(?=attn)"),
-    ]
-    assert "look-around" in found[1][2]
-
-
-def test_invalid_override_patterns_on_a_valid_model_is_empty() -> None:
-    model = api.QuantizedModel.model_validate(_load(EXAMPLES[1]))
-    assert api.invalid_override_patterns(model.spec) == []
-
-
 def test_describe_errors_names_object_and_camel_case_fields() -> None:
     body = _load(EXAMPLES[0])
     body["metadata"]["namespace"] = "ml"
