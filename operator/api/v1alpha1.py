@@ -27,7 +27,7 @@ from typing import Annotated, Any, ClassVar, Literal, Self, TypeAlias
 
 import pydantic
 import pydantic.alias_generators
-from kquant.quantizer import constants, units
+from kquant.quantizer import constants, units, validation
 
 GROUP = "kquant.dev"
 VERSION = "v1alpha1"
@@ -1244,34 +1244,20 @@ def pattern_error(pattern: str) -> str | None:
     return None
 
 
-def _field_path(loc: Sequence[int | str]) -> str:
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
-
-
 def describe_errors(error: pydantic.ValidationError, body: Mapping[str, Any] | None = None) -> list[str]:
     """Each validation error as ``QuantizedModel ns/name: field.path is <value>: rule``, the field
-    named as the user writes it (camelCase, list indices)."""
+    named as the user writes it (camelCase, list indices), as ``kquant.quantizer.validation``
+    writes every kquant model's errors. A rule across fields (``SpecRuleError``) fails on the
+    object that holds them, so its line names the field below that object which the rule blames."""
     meta = (body or {}).get("metadata") or {}
     prefix = f"{KIND} {meta.get('namespace') or 'default'}/{meta.get('name') or '?'}: " if body else ""
     lines = []
     for item in error.errors(include_url=False):
-        loc = [p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
         cause = (item.get("ctx") or {}).get("error")
         if isinstance(cause, SpecRuleError):
-            lines.append(f"{prefix}{_field_path([*loc, *cause.field.split('.')])}: {cause.message}")
-            continue
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            lines.append(f"{prefix}{_field_path(loc)}: unknown field (misspelt?)")
-            continue
-        shown = item.get("input")
-        if item["type"] in ("missing", "model_type", "dict_type") or isinstance(shown, dict | list):
-            lines.append(f"{prefix}{_field_path(loc)}: {message}")
+            lines.append(f"{prefix}{validation.field_path([*item['loc'], *cause.field.split('.')])}: {cause.message}")
         else:
-            lines.append(f"{prefix}{_field_path(loc)} is {shown!r}: {message}")
+            lines.append(f"{prefix}{validation.describe(item)}")
     return lines
 
 

@@ -154,3 +154,16 @@ def test_describe_errors_names_object_and_camel_case_fields() -> None:
     text = str(caught.value)
     assert "QuantizedModel ml/smollm2: spec.serving.gpuLayers is -2" in text
     assert "spec.variants[1].tokenEmbeddingType is 'Q4_K_M'" in text
+
+
+def test_describe_errors_names_the_field_a_cross_field_rule_blames_and_unknown_fields() -> None:
+    body = _load(EXAMPLES[0])
+    body["spec"]["storage"]["pvc"]["claimName"] = "shared"
+    body["spec"]["variants"][0]["typeX"] = "Q4_K_M"
+    with pytest.raises(pydantic.ValidationError) as caught:
+        api.QuantizedModel.model_validate(body)
+    # Without a body there is no object prefix: the operator's InvalidSpec condition sits on the object.
+    assert sorted(api.describe_errors(caught.value)) == [
+        "spec.storage.pvc.size: spec.storage.pvc sets both claimName and size: an existing claim has its own size",
+        "spec.variants[0].typeX: unknown field (misspelt?)",
+    ]
