@@ -458,6 +458,19 @@ class Calibration(_Model):
     context_size: int = pydantic.Field(default=512, ge=32, le=131_072, description="Tokens per chunk. Defaults to 512.")
 
 
+def pattern_error(pattern: str) -> str | None:
+    """Why ``pattern`` is not a regular expression that llama.cpp and the API server both accept,
+    or None. Python's ``re`` catches syntax errors; backreferences and look-arounds are refused as
+    RE2 (the API server's CEL) has neither."""
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        return str(error)
+    if re.search(r"\(\?[=!<]|\\[1-9]", pattern):
+        return "look-arounds and backreferences are not supported"
+    return None
+
+
 class TensorOverride(_Model):
     """A rule giving every tensor whose name matches `pattern` the type `type`."""
 
@@ -1228,20 +1241,7 @@ def _to_plain(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Pure helpers the operator uses.
-
-
-def pattern_error(pattern: str) -> str | None:
-    """Why ``pattern`` is not a regular expression that llama.cpp and the API server both accept,
-    or None. Python's ``re`` catches syntax errors; backreferences and look-arounds are refused as
-    RE2 (the API server's CEL) has neither."""
-    try:
-        re.compile(pattern)
-    except re.error as error:
-        return str(error)
-    if re.search(r"\(\?[=!<]|\\[1-9]", pattern):
-        return "look-arounds and backreferences are not supported"
-    return None
+# Parsing a raw object, with errors that name the object and the fields as its author wrote them.
 
 
 def describe_errors(error: pydantic.ValidationError, body: Mapping[str, Any] | None = None) -> list[str]:
@@ -1270,11 +1270,14 @@ def validate_body(body: Mapping[str, Any]) -> QuantizedModel:
 
 
 __all__ = [
-    "API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION", "AccessMode", "CacheType", "Calibration",
-    "Condition", "ConditionStatus", "ConditionType", "Evaluation", "FileType", "FlashAttention",
-    "GGUFSource", "HuggingFaceSource", "Phase", "QuantizedModel",
-    "QuantizedModelSpec", "QuantizedModelStatus", "Quantizer", "Recipe", "Sampling", "Serving",
-    "ServingStatus", "Source", "SpecRuleError", "Storage", "TensorOverride", "TensorType", "Variant",
-    "VariantStatus", "describe_errors",
+    "API_VERSION", "CATEGORIES", "CONDITION_REASON", "CONFIG_KEY", "DEFAULT_SERVER_IMAGE", "DNS_1035_LABEL",
+    "DNS_LABEL", "DNS_SUBDOMAIN", "GROUP", "HF_REPO", "KIND", "MANAGED_SERVER_FLAGS", "MAX_NAME_LENGTH",
+    "MAX_OVERRIDES", "MAX_PATTERN_LENGTH", "MAX_VARIANTS", "MAX_VARIANT_NAME_LENGTH", "PLURAL", "POSITIVE_SIZE",
+    "REVISION", "SHORT_NAMES", "SINGULAR", "VERSION", "AccessMode", "CacheType", "Calibration", "Condition",
+    "ConditionStatus", "ConditionType", "ConfigMapKeyRef", "Evaluation", "FileType", "FlashAttention", "GGUFSource",
+    "GpuLayers", "HuggingFaceSource", "LabelMap", "ObjectMeta", "PVCStorage", "Phase", "PodSettings", "Quantity",
+    "QuantizedModel", "QuantizedModelSpec", "QuantizedModelStatus", "Quantizer", "Recipe", "ResourceRequirements",
+    "Sampling", "SecretKeyRef", "Serving", "ServingStatus", "Source", "SpecRuleError", "Storage", "TaintEffect",
+    "TensorOverride", "TensorType", "Toleration", "TolerationOperator", "Variant", "VariantStatus", "describe_errors",
     "pattern_error", "set_condition", "validate_body",
 ]  # fmt: skip
