@@ -151,7 +151,7 @@ class Phase(enum.StrEnum):
     The phase is a summary, computed afresh on every pass from what the watches show (the pass is
     level-triggered), so no transition table constrains it: a Ready model moves back to
     Quantizing when a variant is added, and any phase may go to Failed or start over. The
-    conditions, each with its ``lastTransitionTime``, carry the history of the moves.
+    conditions, each with its `lastTransitionTime`, carry the history of the moves.
     """
 
     PENDING = "Pending"
