@@ -4,11 +4,12 @@
     hack/gen_api_docs.py           # write docs/api-reference.md
     hack/gen_api_docs.py --check   # exit 1 when the committed file differs (tests/unit/test_api_docs.py)
 
-The models are the API's one definition (house rule 3): the CRD is generated from them, and so is
-this page. Each object type gets a section with its description (the class docstring), a table of
-its fields as a user writes them (camelCase), their types with links, bounds, defaults and
-descriptions, and the cross-field rules the API server enforces (the CEL rules' messages). Enums
-list their values. Nothing here is written by hand: edit the models, then rerun this.
+The models are the API's one definition, so that this page cannot drift from what the API server
+and the operator enforce: the CRD is generated from them, and so is this page. Each object type
+gets a section with its description (the class docstring), a table of its fields as a user writes
+them (camelCase), their types with links, bounds, defaults and descriptions, and the cross-field
+rules the API server enforces (the CEL rules' messages). Enums list their values. Nothing here
+is written by hand: edit the models, then rerun this.
 """
 
 from __future__ import annotations

@@ -188,9 +188,7 @@ def _invalid(client: kube.Kube, body: Mapping[str, Any], exc: pydantic.Validatio
     """A body the API server took but the models refuse (a CRD older than the operator): say so
     in status, once per generation."""
     meta = body.get("metadata") or {}
-    message = "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}"
-                        if e["loc"] and e["loc"][0] == "spec" else f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                        for e in exc.errors())[:2000]
+    message = "; ".join(api.describe_errors(exc))[:2000]
     old = body.get("status") or {}
     if old.get("observedGeneration") == meta.get("generation") and any(
             c.get("reason") == "InvalidSpec" and c.get("message") == message for c in old.get("conditions") or []):

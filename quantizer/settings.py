@@ -22,7 +22,7 @@ from typing import Annotated, Any, Self
 import pydantic
 import pydantic.alias_generators
 import yaml
-from kquant.quantizer import constants
+from kquant.quantizer import constants, validation
 
 QUANTIZER_VERSION = "0.1.0"
 """Part of every variant digest: a quantizer change that alters output must bump it."""
@@ -273,24 +273,12 @@ class SpecError(Exception):
     """The spec could not be read or is invalid; the message names the field and the rule."""
 
 
-def _format_validation_error(exc: pydantic.ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        loc = ""
-        for part in err["loc"]:
-            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
-        value = err.get("input")
-        shown = "" if isinstance(value, dict | list) else f" (got {value!r})"
-        lines.append(f"{loc or 'spec'}: {err['msg']}{shown}")
-    return "; ".join(lines)
-
-
 def parse_spec(data: Any) -> BuildSpec:
     """Validate already-parsed JSON/YAML; raise ``SpecError`` naming every bad field."""
     try:
         return BuildSpec.model_validate(data)
     except pydantic.ValidationError as exc:
-        raise SpecError(f"invalid build spec: {_format_validation_error(exc)}") from None
+        raise SpecError(f"invalid build spec: {'; '.join(validation.describe_all(exc, root='spec'))}") from None
 
 
 def load_spec(path: Path | None, env: dict[str, str] | None = None) -> BuildSpec:

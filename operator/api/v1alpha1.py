@@ -27,7 +27,7 @@ from typing import Annotated, Any, ClassVar, Literal, Self, TypeAlias
 
 import pydantic
 import pydantic.alias_generators
-from kquant.quantizer import constants
+from kquant.quantizer import constants, units, validation
 
 GROUP = "kquant.dev"
 VERSION = "v1alpha1"
@@ -53,7 +53,6 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 CONFIG_KEY = r"^[-._a-zA-Z0-9]+$"
 HF_REPO = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
 REVISION = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,254}$"
-QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?$"
 POSITIVE_SIZE = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([kMGTPE]|[KMGTPE]i)?$"
 CONDITION_REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 
@@ -147,7 +146,13 @@ class FlashAttention(enum.StrEnum):
 
 
 class Phase(enum.StrEnum):
-    """Where a QuantizedModel is on its way from manifest to served model."""
+    """Where a QuantizedModel is on its way from manifest to served model.
+
+    The phase is a summary, computed afresh on every pass from what the watches show (the pass is
+    level-triggered), so no transition table constrains it: a Ready model moves back to
+    Quantizing when a variant is added, and any phase may go to Failed or start over. The
+    conditions, each with its `lastTransitionTime`, carry the history of the moves.
+    """
 
     PENDING = "Pending"
     DOWNLOADING = "Downloading"
@@ -173,56 +178,9 @@ class ConditionType(enum.StrEnum):
     READY = "Ready"
     RECONCILING = "Reconciling"
     STALLED = "Stalled"
-    DOWNLOADED = "Downloaded"
     QUANTIZED = "Quantized"
     EVALUATED = "Evaluated"
     SERVING = "Serving"
-    SPEC_VALID = "SpecValid"
-
-
-# --------------------------------------------------------------------------------------------
-# Phase transitions (house rule 4): a table, and one function that checks a move against it.
-
-_FORWARD: dict[Phase, frozenset[Phase]] = {
-    Phase.PENDING: frozenset({Phase.DOWNLOADING}),
-    # A GGUF source skips conversion: it is requantized or evaluated as it is.
-    Phase.DOWNLOADING: frozenset({Phase.CONVERTING, Phase.QUANTIZING, Phase.EVALUATING}),
-    # Calibration is skipped when no variant benefits from an importance matrix.
-    Phase.CONVERTING: frozenset({Phase.CALIBRATING, Phase.QUANTIZING}),
-    Phase.CALIBRATING: frozenset({Phase.QUANTIZING}),
-    Phase.QUANTIZING: frozenset({Phase.EVALUATING}),
-    # Without spec.serving the walk ends at Ready straight after evaluation.
-    Phase.EVALUATING: frozenset({Phase.SERVING, Phase.READY}),
-    Phase.SERVING: frozenset({Phase.READY}),
-    # Promotion of another variant rolls out again.
-    Phase.READY: frozenset({Phase.SERVING}),
-    Phase.FAILED: frozenset(),
-}
-
-PHASE_TRANSITIONS: dict[Phase, frozenset[Phase]] = {
-    # Staying put is no move; any phase may restart at Pending (a new generation) or fail.
-    phase: forward | {phase, Phase.PENDING, Phase.FAILED}
-    for phase, forward in _FORWARD.items()
-}
-
-
-class PhaseTransitionError(ValueError):
-    """A phase change that the transition table does not allow."""
-
-
-def check_transition(current: Phase | None, new: Phase) -> Phase:
-    """Return ``new`` if a QuantizedModel in phase ``current`` may move there, else raise.
-
-    ``current`` is None for an object without status, which can only start at Pending.
-    """
-    allowed = frozenset({Phase.PENDING}) if current is None else PHASE_TRANSITIONS[current]
-    if new not in allowed:
-        expected = ", ".join(p.value for p in Phase if p in allowed)
-        raise PhaseTransitionError(
-            f"status.phase cannot move from {current.value if current else '(none)'} to {new.value}: "
-            f"expected one of {expected}, got {new.value}"
-        )
-    return new
 
 
 # --------------------------------------------------------------------------------------------
@@ -244,7 +202,7 @@ def _check_quantity(value: int | str) -> int | str:
         if value < 0:
             raise ValueError(f"{value} is negative; a resource quantity must be >= 0")
         return value
-    if not re.fullmatch(QUANTITY, value) or value.startswith("-"):
+    if not re.fullmatch(units.QUANTITY, value) or value.startswith("-"):
         raise ValueError(f"{value!r} is not a Kubernetes quantity such as 500m, 2 or 16Gi")
     return value
 
@@ -500,6 +458,19 @@ class Calibration(_Model):
     context_size: int = pydantic.Field(default=512, ge=32, le=131_072, description="Tokens per chunk. Defaults to 512.")
 
 
+def pattern_error(pattern: str) -> str | None:
+    """Why ``pattern`` is not a regular expression that llama.cpp and the API server both accept,
+    or None. Python's ``re`` catches syntax errors; backreferences and look-arounds are refused as
+    RE2 (the API server's CEL) has neither."""
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        return str(error)
+    if re.search(r"\(\?[=!<]|\\[1-9]", pattern):
+        return "look-arounds and backreferences are not supported"
+    return None
+
+
 class TensorOverride(_Model):
     """A rule giving every tensor whose name matches `pattern` the type `type`."""
 
@@ -719,7 +690,7 @@ _PVC_NONE = "spec.storage.pvc sets neither claimName nor size: name an existing 
 
 class PVCStorage(_Model):
     """The PersistentVolumeClaim that holds downloads and built variants. Either `claimName`
-    (an existing claim) or `size` (kquant creates `<name>-models`)."""
+    (an existing claim) or `size` (kquant creates `<name>-storage`)."""
 
     model_config = pydantic.ConfigDict(
         json_schema_extra=_cel_list(
@@ -774,7 +745,7 @@ class PVCStorage(_Model):
     @pydantic.field_validator("size")
     @classmethod
     def _positive(cls, value: str | None) -> str | None:
-        if value is not None and parse_quantity(value) <= 0:
+        if value is not None and units.parse_quantity(value) <= 0:
             raise ValueError(f"{value!r} must be a positive quantity such as 200Gi")
         return value
 
@@ -1270,86 +1241,23 @@ def _to_plain(value: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------
-# Pure helpers the operator uses.
-
-
-def parse_quantity(value: str | int) -> float:
-    """The number a Kubernetes quantity stands for (``"200Gi"`` -> 214748364800.0)."""
-    if isinstance(value, int):
-        return float(value)
-    match = re.fullmatch(QUANTITY, value)
-    if not match:
-        raise ValueError(f"{value!r} is not a Kubernetes quantity")
-    suffix = match.group(3) or ""
-    if not suffix or suffix[0] in "eE":
-        return float(value)
-    number = float(value[: match.start(3)])
-    binary = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
-    decimal = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
-    return number * binary.get(suffix, 1) * decimal.get(suffix, 1)
-
-
-def pattern_error(pattern: str) -> str | None:
-    """Why ``pattern`` is not a regular expression that llama.cpp and the API server both accept,
-    or None. Python's ``re`` catches syntax errors; backreferences and look-arounds are refused as
-    RE2 (the API server's CEL) has neither."""
-    try:
-        re.compile(pattern)
-    except re.error as error:
-        return str(error)
-    if re.search(r"\(\?[=!<]|\\[1-9]", pattern):
-        return "look-arounds and backreferences are not supported"
-    return None
-
-
-def invalid_override_patterns(spec: QuantizedModelSpec | Mapping[str, Any]) -> list[tuple[str, str, str]]:
-    """Every override pattern that does not compile, as (field path, pattern, error).
-
-    The API server already refuses patterns that RE2 cannot compile; this is the operator's second
-    line for objects stored before the rule existed, and it works on a raw spec that pydantic
-    would refuse as a whole, so the operator can report the exact field in a condition.
-    """
-    raw: Any = spec.model_dump(by_alias=True) if isinstance(spec, QuantizedModelSpec) else spec
-    found: list[tuple[str, str, str]] = []
-    for i, variant in enumerate(raw.get("variants") or ()):
-        for j, override in enumerate((variant or {}).get("overrides") or ()):
-            pattern = (override or {}).get("pattern")
-            if not isinstance(pattern, str):
-                continue
-            error = pattern_error(pattern)
-            if error:
-                found.append((f"spec.variants[{i}].overrides[{j}].pattern", pattern, error))
-    return found
-
-
-def _field_path(loc: Sequence[int | str]) -> str:
-    path = ""
-    for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
-    return path
+# Parsing a raw object, with errors that name the object and the fields as its author wrote them.
 
 
 def describe_errors(error: pydantic.ValidationError, body: Mapping[str, Any] | None = None) -> list[str]:
     """Each validation error as ``QuantizedModel ns/name: field.path is <value>: rule``, the field
-    named as the user writes it (camelCase, list indices)."""
+    named as the user writes it (camelCase, list indices), as ``kquant.quantizer.validation``
+    writes every kquant model's errors. A rule across fields (``SpecRuleError``) fails on the
+    object that holds them, so its line names the field below that object which the rule blames."""
     meta = (body or {}).get("metadata") or {}
     prefix = f"{KIND} {meta.get('namespace') or 'default'}/{meta.get('name') or '?'}: " if body else ""
     lines = []
     for item in error.errors(include_url=False):
-        loc = [p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
         cause = (item.get("ctx") or {}).get("error")
         if isinstance(cause, SpecRuleError):
-            lines.append(f"{prefix}{_field_path([*loc, *cause.field.split('.')])}: {cause.message}")
-            continue
-        message = item["msg"].removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            lines.append(f"{prefix}{_field_path(loc)}: unknown field (misspelt?)")
-            continue
-        shown = item.get("input")
-        if item["type"] in ("missing", "model_type", "dict_type") or isinstance(shown, dict | list):
-            lines.append(f"{prefix}{_field_path(loc)}: {message}")
+            lines.append(f"{prefix}{validation.field_path([*item['loc'], *cause.field.split('.')])}: {cause.message}")
         else:
-            lines.append(f"{prefix}{_field_path(loc)} is {shown!r}: {message}")
+            lines.append(f"{prefix}{validation.describe(item)}")
     return lines
 
 
@@ -1362,11 +1270,14 @@ def validate_body(body: Mapping[str, Any]) -> QuantizedModel:
 
 
 __all__ = [
-    "API_VERSION", "GROUP", "KIND", "PLURAL", "VERSION", "AccessMode", "CacheType", "Calibration",
-    "Condition", "ConditionStatus", "ConditionType", "Evaluation", "FileType", "FlashAttention",
-    "GGUFSource", "HuggingFaceSource", "Phase", "PhaseTransitionError", "QuantizedModel",
-    "QuantizedModelSpec", "QuantizedModelStatus", "Quantizer", "Recipe", "Sampling", "Serving",
-    "ServingStatus", "Source", "SpecRuleError", "Storage", "TensorOverride", "TensorType", "Variant",
-    "VariantStatus", "check_transition", "describe_errors", "invalid_override_patterns",
-    "parse_quantity", "pattern_error", "set_condition", "validate_body",
+    "API_VERSION", "CATEGORIES", "CONDITION_REASON", "CONFIG_KEY", "DEFAULT_SERVER_IMAGE", "DNS_1035_LABEL",
+    "DNS_LABEL", "DNS_SUBDOMAIN", "GROUP", "HF_REPO", "KIND", "MANAGED_SERVER_FLAGS", "MAX_NAME_LENGTH",
+    "MAX_OVERRIDES", "MAX_PATTERN_LENGTH", "MAX_VARIANTS", "MAX_VARIANT_NAME_LENGTH", "PLURAL", "POSITIVE_SIZE",
+    "REVISION", "SHORT_NAMES", "SINGULAR", "VERSION", "AccessMode", "CacheType", "Calibration", "Condition",
+    "ConditionStatus", "ConditionType", "ConfigMapKeyRef", "Evaluation", "FileType", "FlashAttention", "GGUFSource",
+    "GpuLayers", "HuggingFaceSource", "LabelMap", "ObjectMeta", "PVCStorage", "Phase", "PodSettings", "Quantity",
+    "QuantizedModel", "QuantizedModelSpec", "QuantizedModelStatus", "Quantizer", "Recipe", "ResourceRequirements",
+    "Sampling", "SecretKeyRef", "Serving", "ServingStatus", "Source", "SpecRuleError", "Storage", "TaintEffect",
+    "TensorOverride", "TensorType", "Toleration", "TolerationOperator", "Variant", "VariantStatus", "describe_errors",
+    "pattern_error", "set_condition", "validate_body",
 ]  # fmt: skip

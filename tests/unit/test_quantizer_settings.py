@@ -77,6 +77,17 @@ def test_errors_name_the_field(changes: dict[str, object], fragment: str) -> Non
     assert fragment in str(err.value)
 
 
+def test_errors_read_like_the_operators() -> None:
+    # One formatter (kquant.quantizer.validation) for the build spec and the QuantizedModel.
+    with pytest.raises(settings.SpecError) as err:
+        spec(variants=[{"name": "q4km", "type": "Q4_K_M", "overrides": [{"pattern": "(", "type": "Q8_0"}]}],
+             surprise=1)
+    assert str(err.value).startswith("invalid build spec: variants[0].overrides[0].pattern is '(': pattern '(' is")
+    assert str(err.value).endswith("; surprise: unknown field (misspelt?)")
+    with pytest.raises(settings.SpecError, match=r"^invalid build spec: spec: Input should be a valid dictionary"):
+        settings.parse_spec([1])
+
+
 def test_load_from_yaml_file_and_env(tmp_path: Path) -> None:
     path = tmp_path / "spec.yaml"
     path.write_text("source:\n  local: {path: /data/model}\nvariants:\n- {name: q8, type: Q8_0}\nstorageRoot: /m\n")
