@@ -139,4 +139,3 @@ def run_step(step: Step, stamps: StampStore, listener: StepListener | None = Non
     report(1.0)
     log.info("step %s: done in %.1f s", step.key, seconds)
     return StepOutcome(step.key, step.kind, step.variant, skipped=False, seconds=seconds)
-
