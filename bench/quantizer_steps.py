@@ -1,7 +1,7 @@
 """The quantizer pipeline's numbers: each step's wall time, the quantize step's overhead, and
 uniform Q4_K_M against the dynamic recipe (size and KL divergence), all through the real pipeline.
 
-1. **Step times on SmolLM2-135M-Instruct.** A full ``pipeline.Build`` from an empty storage root:
+1. **Step times on SmolLM2-135M-Instruct.** A full ``pipeline.BuildRunner`` from an empty storage root:
    fetch (through ``tests/hub_server.py``, a local server speaking the hub API), convert (llama.cpp's
    converter), calibrate (torch imatrix), reference logits, and per variant quantize, evaluate and
    publish. Times are the steps' own, from the build report.
@@ -66,7 +66,7 @@ def build(source: dict[str, Any], root: Path, chunks: int) -> report.BuildReport
             "threads": os.cpu_count() or 1,
         }
     )
-    result = pipeline.Build(spec, _Quiet(), env={}).run()
+    result = pipeline.BuildRunner(spec, _Quiet(), env={}).run()
     if result.status is not report.BuildStatus.SUCCEEDED:
         raise SystemExit(f"build failed in {result.failed_step}: {result.reason}")
     return result

@@ -55,7 +55,7 @@ def _sink(spec: settings.BuildSpec) -> progress.Sink:
 
 
 def cmd_run(spec: settings.BuildSpec, report_path: Path | None) -> int:
-    result = pipeline.Build(spec, _sink(spec)).run()
+    result = pipeline.BuildRunner(spec, _sink(spec)).run()
     if report_path is not None:
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(result.to_json())

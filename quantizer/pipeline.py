@@ -3,7 +3,7 @@
 The order is written out here, step by step, rather than derived from a graph: which steps exist
 depends on what the fetch produced (safetensors need converting; a GGUF that is already
 quantized is published and evaluated as it is), and a reader should see the whole run in one
-function (``Build._run``). Every step goes through ``steps.run_step`` so a rerun after a crash
+function (``BuildRunner._run``). Every step goes through ``steps.run_step`` so a rerun after a crash
 skips what is done.
 
 Intermediates live in ``<work>/<source key>/`` (``workDir``, by default ``<storageRoot>/.work``),
@@ -151,7 +151,7 @@ class Prepared:
 def prepare(spec: settings.BuildSpec, sink: progress.Sink) -> tuple[Path, Path | None] | str:
     """Run the steps a plan needs (fetch, convert, calibrate; cached); the base GGUF and imatrix,
     or the reason they could not be made."""
-    build = Build(spec, sink)
+    build = BuildRunner(spec, sink)
     handled: tuple[type[Exception], ...] = (*_expected_errors(), OSError)
     try:
         src = build.prepare()
@@ -162,7 +162,7 @@ def prepare(spec: settings.BuildSpec, sink: progress.Sink) -> tuple[Path, Path |
     return src.base, src.imatrix
 
 
-class Build:
+class BuildRunner:
     """Runs one ``BuildSpec`` and always produces a ``BuildReport``."""
 
     def __init__(self, spec: settings.BuildSpec, sink: progress.Sink, env: dict[str, str] | None = None) -> None:
