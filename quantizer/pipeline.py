@@ -375,7 +375,7 @@ class BuildRunner:
     def _reference(self, base: Path, base_digest: str) -> Path:
         ev = self.spec.evaluation
         text = evaluate.dataset_text(ev.dataset, ev.path, "heldout.txt")
-        rt = evaluate.Runtime.from_spec(ev, self.spec.threads)
+        scoring = evaluate.LlamaEvalSettings.from_spec(ev, self.spec.threads)
         out = self.layout.reference
         inputs = {
             "base": base_digest,
@@ -388,7 +388,7 @@ class BuildRunner:
             steps.StepKind.REFERENCE,
             inputs,
             evaluate.reference_outputs(out),
-            lambda p: evaluate.build_reference(base, text, out, rt, p),
+            lambda p: evaluate.build_reference(base, text, out, scoring, p),
         )
         return out
 
@@ -496,7 +496,7 @@ class BuildRunner:
         """The evaluate step (stamped by what the file is, not where it is) and its metrics."""
         ev = self.spec.evaluation
         text = evaluate.dataset_text(ev.dataset, ev.path, "heldout.txt")
-        rt = evaluate.Runtime.from_spec(ev, self.spec.threads)
+        scoring = evaluate.LlamaEvalSettings.from_spec(ev, self.spec.threads)
         metrics_path = self.layout.metrics(variant.name, digest)
         e_inputs = {
             # The variant digest names the file's content, the base digest the reference: the
@@ -513,7 +513,7 @@ class BuildRunner:
         }
 
         def run_evaluate(p: steps.Progress) -> None:
-            metrics = evaluate.evaluate(model, ref_dir, text, rt, ev, progress=p)
+            metrics = evaluate.evaluate(model, ref_dir, text, scoring, ev, progress=p)
             metrics_path.write_text(metrics.model_dump_json(by_alias=True))
 
         e = self._step(
