@@ -85,11 +85,12 @@ def cmd_plan(spec: settings.BuildSpec, variant_name: str, gguf: Path | None) -> 
         print(f"kquant-quantize: {exc.args[0]}", file=sys.stderr)
         return EXIT_USAGE
     if gguf is None:
-        prepared = pipeline.prepare(spec, _sink(spec))
-        if isinstance(prepared, str):
-            print(f"kquant-quantize: cannot plan: {prepared}", file=sys.stderr)
+        try:
+            prepared = pipeline.prepare(spec, _sink(spec))
+        except pipeline.CannotPlanError as exc:
+            print(f"kquant-quantize: cannot plan: {exc}", file=sys.stderr)
             return EXIT_FAILED
-        gguf, imatrix_path = prepared
+        gguf, imatrix_path = prepared.base, prepared.imatrix
     else:
         imatrix_path = None
     data = None

@@ -70,6 +70,10 @@ class DiskFullError(BuildError):
     pass
 
 
+class CannotPlanError(BuildError):
+    """``prepare`` could not make what a plan needs; the message says why."""
+
+
 def source_key(spec: settings.BuildSpec) -> str:
     """Names the work folder: the same source and conversion settings share intermediates."""
     data = spec.source.model_dump(mode="json", by_alias=True)
@@ -148,18 +152,23 @@ class Prepared:
     """True for a 16-bit (or f32) base; an already quantized GGUF is published as it is."""
 
 
-def prepare(spec: settings.BuildSpec, sink: progress.Sink) -> tuple[Path, Path | None] | str:
-    """Run the steps a plan needs (fetch, convert, calibrate; cached); the base GGUF and imatrix,
-    or the reason they could not be made."""
-    build = BuildRunner(spec, sink)
+def prepare(spec: settings.BuildSpec, sink: progress.Sink) -> Prepared:
+    """Run the steps a plan needs (fetch, convert, calibrate; cached) and return what they made.
+
+    Raises :class:`CannotPlanError`, carrying the reason, when a step fails or when the source is
+    already quantized and there is nothing to plan.
+    """
+    runner = BuildRunner(spec, sink)
     handled: tuple[type[Exception], ...] = (*_expected_errors(), OSError)
     try:
-        src = build.prepare()
+        src = runner.prepare()
     except handled as exc:
-        return str(exc)
+        raise CannotPlanError(str(exc)) from exc
     if not src.quantizable:
-        return "the source GGUF is already quantized: it is published as it is, there is nothing to plan"
-    return src.base, src.imatrix
+        raise CannotPlanError(
+            "the source GGUF is already quantized: it is published as it is, there is nothing to plan"
+        )
+    return src
 
 
 class BuildRunner:
