@@ -30,7 +30,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 import numpy.typing as npt
-from kquant.quantizer import constants, evaluate, imatrix, quantize, recipes
+from kquant.quantizer import constants, evaluate, imatrix, quantize, recipes, units
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
@@ -97,7 +97,7 @@ def variants(uniform_bytes: int) -> list[recipes.VariantRecipe]:
             name="dynamic-95pct",
             type=F.Q4_K_M,
             recipe="dynamic",
-            target_size_gib=0.95 * uniform_bytes / recipes.GIB,
+            target_size_gib=0.95 * uniform_bytes / units.GiB,
         ),
     ]
 

@@ -42,6 +42,7 @@ from kquant.quantizer import (
     report,
     settings,
     steps,
+    units,
 )
 
 log = logging.getLogger(__name__)
@@ -134,8 +135,8 @@ def check_space(folder: Path, needed: int, what: str) -> None:
     want = int(needed * SPACE_MARGIN)
     if free < want:
         raise DiskFullError(
-            f"storage at {folder} has {free / 2**20:.1f} MiB free, but {what} needs about "
-            f"{want / 2**20:.1f} MiB; grow storage.pvc.size or remove old variants"
+            f"storage at {folder} has {free / units.MiB:.1f} MiB free, but {what} needs about "
+            f"{want / units.MiB:.1f} MiB; grow storage.pvc.size or remove old variants"
         )
 
 
@@ -274,7 +275,7 @@ class BuildRunner:
                     shutil.rmtree(child)
                 elif child.name != ".lock":
                     child.unlink()
-        log.info("removed the intermediates in %s (%.2f GiB): keepIntermediates is false", work, freed / 2**30)
+        log.info("removed the intermediates in %s (%.2f GiB): keepIntermediates is false", work, freed / units.GiB)
 
     def prepare(self) -> Prepared:
         """fetch, then convert and calibrate when the source is safetensors."""

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import gguf
 import numpy as np
 import pydantic
-from kquant.quantizer import constants, settings
+from kquant.quantizer import constants, settings, units
 from kquant.quantizer import quantize as quantize_mod
 from pydantic import alias_generators
 
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
     from kquant.quantizer import imatrix as imatrix_mod
 
 T = constants.TensorType
-GIB = 1 << 30
 
 # Relative error power E[(w - q(w))^2] / E[w^2] per type on Gaussian weights (1024- and 2048-wide
 # rows): (quantized without an imatrix, quantized with a log-normal one and measured in the
@@ -291,10 +290,10 @@ class RecipePlan:
         for tensor_type, nbytes in sorted(per_type.items(), key=lambda item: -item[1]):
             count = self.type_counts()[tensor_type]
             lines.append(f"{tensor_type:<8} {count:>5} tensors {nbytes:>16,} bytes")
-        budget = "" if self.budget_bytes is None else f" (budget {self.budget_bytes / GIB:.3f} GiB)"
+        budget = "" if self.budget_bytes is None else f" (budget {units.gib(self.budget_bytes, 3)})"
         lines.append(
             f"total    {len(self.rows):>5} tensors {self.total_bytes:>16,} bytes = "
-            f"{self.total_bytes / GIB:.3f} GiB, {self.bits_per_weight:.3f} bits per weight{budget}"
+            f"{units.gib(self.total_bytes, 3)}, {self.bits_per_weight:.3f} bits per weight{budget}"
         )
         lines.append(f"predicted loss {self.predicted_loss:.5f}; {len(self.job.overrides)} tensor-type rules")
         return "\n".join(lines)
@@ -664,7 +663,10 @@ def rows_for(tensors: Sequence[TensorSpec], types: Mapping[str, constants.Tensor
 def budget_for(variant: VariantRecipe, n_elements: int, default_bytes: int) -> tuple[int, str]:
     """The byte budget and how to name it in errors."""
     if variant.target_size_gib is not None:
-        return int(variant.target_size_gib * GIB), f"variant {variant.name}: targetSizeGiB {variant.target_size_gib}"
+        return (
+            int(variant.target_size_gib * units.GiB),
+            f"variant {variant.name}: targetSizeGiB {variant.target_size_gib}",
+        )
     if variant.target_bits_per_weight is not None:
         return (
             int(variant.target_bits_per_weight * n_elements / 8),
@@ -674,7 +676,7 @@ def budget_for(variant: VariantRecipe, n_elements: int, default_bytes: int) -> t
 
 
 def _size(nbytes: int) -> str:
-    return f"{nbytes / GIB:.3f} GiB ({nbytes:,} bytes)"
+    return f"{units.gib(nbytes, 3)} ({nbytes:,} bytes)"
 
 
 def importance_of(imatrix: imatrix_mod.ImatrixData | None) -> dict[str, float]:

@@ -6,7 +6,7 @@ import re
 
 import pydantic
 import pytest
-from kquant.quantizer import constants, recipes
+from kquant.quantizer import constants, recipes, units
 
 T = constants.TensorType
 
@@ -344,8 +344,8 @@ def deepseek_r1() -> list[recipes.TensorSpec]:
 def test_deepseek_r1_at_131_gib_looks_like_unsloths_mix() -> None:
     tensors = deepseek_r1()
     by_name = {t.name: t for t in tensors}
-    choice = plan(tensors, 131 * recipes.GIB, base=T.IQ1_S)
-    assert 130 * recipes.GIB < choice.total_bytes <= 131 * recipes.GIB
+    choice = plan(tensors, 131 * units.GiB, base=T.IQ1_S)
+    assert 130 * units.GiB < choice.total_bytes <= 131 * units.GiB
     roles = recipes.roles_for(tensors)
 
     def bits_of(role: recipes.Role) -> list[float]:
@@ -360,4 +360,4 @@ def test_deepseek_r1_at_131_gib_looks_like_unsloths_mix() -> None:
     kept = [n for n, r in roles.items() if r is recipes.Role.KEPT]
     assert len(recipes.overrides_for(choice.types, kept)) < 40
     with pytest.raises(recipes.RecipeError, match=r"smallest mix this recipe allows is 127\.\d+ GiB"):
-        plan(tensors, 110 * recipes.GIB, base=T.IQ1_S)
+        plan(tensors, 110 * units.GiB, base=T.IQ1_S)
