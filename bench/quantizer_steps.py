@@ -31,7 +31,18 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
-from kquant.quantizer import constants, evaluate, imatrix, pipeline, progress, quantize, report, settings, steps
+from kquant.quantizer import (
+    constants,
+    evaluate,
+    imatrix,
+    pipeline,
+    progress,
+    quantize,
+    quantize_job,
+    report,
+    settings,
+    steps,
+)
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
@@ -79,7 +90,7 @@ def print_steps(result: report.BuildReport) -> None:
     print(f"{'total':<16} {sum(s.seconds for s in result.steps):>8.2f}")
 
 
-def bare_params(job: quantize.QuantizeJob, data: imatrix.ImatrixData | None, keep: list[Any]) -> Any:
+def bare_params(job: quantize_job.QuantizeJob, data: imatrix.ImatrixData | None, keep: list[Any]) -> Any:
     """The same ``llama_model_quantize_params`` the step builds, made once, outside the timing."""
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = job.nthread
@@ -100,7 +111,7 @@ def bare_params(job: quantize.QuantizeJob, data: imatrix.ImatrixData | None, kee
 
 def overhead(f16: Path, imatrix_path: Path, repeats: int, work: Path) -> list[tuple[float, float]]:
     """(bare seconds, step seconds) pairs, alternating."""
-    job = quantize.QuantizeJob(constants.FileType.Q4_K_M, nthread=os.cpu_count() or 1)
+    job = quantize_job.QuantizeJob(constants.FileType.Q4_K_M, nthread=os.cpu_count() or 1)
     data = imatrix.read_gguf(imatrix_path)
     keep: list[Any] = []
     params = bare_params(job, data, keep)

@@ -420,7 +420,7 @@ class BuildRunner:
         self._current = f"plan-{variant.name}"
         self._listener(steps.Step(self._current, steps.StepKind.PLAN, {}, (), lambda p: None, variant.name), 0.0)
         try:
-            plan = recipes.plan_variant(base, to_recipe(variant), data)
+            plan = quantize.plan(base, to_recipe(variant), data)
         except (recipes.RecipeError, ValueError) as exc:
             raise BuildError(f"variants[{self._variant_index()}] ({variant.name}): {exc}") from None
         log.info("plan for %s:\n%s", variant.name, plan.render())
