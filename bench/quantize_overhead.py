@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
-from kquant.quantizer import constants, evaluate, imatrix, quantize
+from kquant.quantizer import constants, evaluate, imatrix, quantize, quantize_job
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
@@ -37,7 +37,7 @@ def cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def bare_call(src: Path, dst: Path, job: quantize.QuantizeJob, data: imatrix.ImatrixData) -> tuple[float, float]:
+def bare_call(src: Path, dst: Path, job: quantize_job.QuantizeJob, data: imatrix.ImatrixData) -> tuple[float, float]:
     """Time one ``llama_model_quantize`` call as the research snippet makes it."""
     keep: list[Any] = []
     params = llama_cpp.llama_model_quantize_default_params()
@@ -63,7 +63,7 @@ def main() -> None:
         hf = quantize_models.write_random_hf_like(Path.home() / ".cache" / "kquant" / "fixtures" / "random-256-hf", hf)
     src = quantize_models.cached_f16_gguf(hf, args.model)
     data = imatrix.compute_imatrix(hf, [evaluate.builtin_text("calibration.txt")], chunks=4, context_size=512)
-    job = quantize.QuantizeJob(file_type=constants.FileType(args.type), nthread=2)
+    job = quantize_job.QuantizeJob(file_type=constants.FileType(args.type), nthread=2)
     bare: list[float] = []
     step: list[float] = []
     bare_cpu: list[float] = []

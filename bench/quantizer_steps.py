@@ -1,7 +1,7 @@
 """The quantizer pipeline's numbers: each step's wall time, the quantize step's overhead, and
 uniform Q4_K_M against the dynamic recipe (size and KL divergence), all through the real pipeline.
 
-1. **Step times on SmolLM2-135M-Instruct.** A full ``pipeline.Build`` from an empty storage root:
+1. **Step times on SmolLM2-135M-Instruct.** A full ``pipeline.BuildRunner`` from an empty storage root:
    fetch (through ``tests/hub_server.py``, a local server speaking the hub API), convert (llama.cpp's
    converter), calibrate (torch imatrix), reference logits, and per variant quantize, evaluate and
    publish. Times are the steps' own, from the build report.
@@ -31,7 +31,18 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp
-from kquant.quantizer import constants, evaluate, imatrix, pipeline, progress, quantize, report, settings, steps
+from kquant.quantizer import (
+    constants,
+    evaluate,
+    imatrix,
+    pipeline,
+    progress,
+    quantize,
+    quantize_job,
+    report,
+    settings,
+    steps,
+)
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
@@ -66,7 +77,7 @@ def build(source: dict[str, Any], root: Path, chunks: int) -> report.BuildReport
             "threads": os.cpu_count() or 1,
         }
     )
-    result = pipeline.Build(spec, _Quiet(), env={}).run()
+    result = pipeline.BuildRunner(spec, _Quiet(), env={}).run()
     if result.status is not report.BuildStatus.SUCCEEDED:
         raise SystemExit(f"build failed in {result.failed_step}: {result.reason}")
     return result
@@ -79,7 +90,7 @@ def print_steps(result: report.BuildReport) -> None:
     print(f"{'total':<16} {sum(s.seconds for s in result.steps):>8.2f}")
 
 
-def bare_params(job: quantize.QuantizeJob, data: imatrix.ImatrixData | None, keep: list[Any]) -> Any:
+def bare_params(job: quantize_job.QuantizeJob, data: imatrix.ImatrixData | None, keep: list[Any]) -> Any:
     """The same ``llama_model_quantize_params`` the step builds, made once, outside the timing."""
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = job.nthread
@@ -100,7 +111,7 @@ def bare_params(job: quantize.QuantizeJob, data: imatrix.ImatrixData | None, kee
 
 def overhead(f16: Path, imatrix_path: Path, repeats: int, work: Path) -> list[tuple[float, float]]:
     """(bare seconds, step seconds) pairs, alternating."""
-    job = quantize.QuantizeJob(constants.FileType.Q4_K_M, nthread=os.cpu_count() or 1)
+    job = quantize_job.QuantizeJob(constants.FileType.Q4_K_M, nthread=os.cpu_count() or 1)
     data = imatrix.read_gguf(imatrix_path)
     keep: list[Any] = []
     params = bare_params(job, data, keep)

@@ -30,7 +30,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 import numpy.typing as npt
-from kquant.quantizer import constants, evaluate, imatrix, quantize, recipes
+from kquant.quantizer import constants, evaluate, imatrix, quantize, recipes, units
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
@@ -97,7 +97,7 @@ def variants(uniform_bytes: int) -> list[recipes.VariantRecipe]:
             name="dynamic-95pct",
             type=F.Q4_K_M,
             recipe="dynamic",
-            target_size_gib=0.95 * uniform_bytes / recipes.GIB,
+            target_size_gib=0.95 * uniform_bytes / units.GiB,
         ),
     ]
 
@@ -113,7 +113,7 @@ def run_model(name: str, hf_dir: Path, f16: Path, n_chunks: int, work: Path) -> 
     chunks = chunks_of(f16, evaluate.builtin_text("heldout.txt"), n_chunks)
     reference = log_probs(f16, chunks)
     rows = [Row(name, "f16", f16.stat().st_size, 16.0, 0.0, 1.0, None, 0.0)]
-    uniform = recipes.plan_variant(f16, recipes.VariantRecipe(name="u", type=F.Q4_K_M), data)
+    uniform = quantize.plan(f16, recipes.VariantRecipe(name="u", type=F.Q4_K_M), data)
     plain = work / f"{name}-q4km-noimatrix.gguf"
     quantize.quantize(f16, plain, uniform.job, None)
     kl, top1 = compare(reference, log_probs(plain, chunks))
@@ -121,7 +121,7 @@ def run_model(name: str, hf_dir: Path, f16: Path, n_chunks: int, work: Path) -> 
     for variant in variants(uniform.total_bytes):
         start = time.perf_counter()
         try:
-            plan = recipes.plan_variant(f16, variant, data)
+            plan = quantize.plan(f16, variant, data)
         except recipes.RecipeError as err:  # a budget below the recipe's floors is reported, not fatal
             print(f"{name} {variant.name}: {err}", file=sys.stderr)
             continue

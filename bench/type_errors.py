@@ -22,7 +22,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import numpy.typing as npt
-from kquant.quantizer import constants, imatrix, quantize, recipes
+from kquant.quantizer import constants, imatrix, quantize, quantize_job, recipes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import quantize_models
@@ -73,7 +73,7 @@ def main() -> None:
         source = blocks(src)
         print(f"{'type':<8} {'bpw':>6} {'plain':>10} {'weighted':>10} {'seconds':>8}")
         for tensor_type in TYPES:
-            job = quantize.QuantizeJob(
+            job = quantize_job.QuantizeJob(
                 file_type=constants.FileType.Q8_0, overrides=((r"^blk\.", tensor_type),), nthread=2
             )
             dst = Path(tmp) / f"{tensor_type}.gguf"

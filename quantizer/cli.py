@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kquant.quantizer import imatrix, pipeline, progress, recipes, report, settings
+from kquant.quantizer import imatrix, pipeline, progress, quantize, report, settings
 
 log = logging.getLogger("kquant.quantizer")
 
@@ -55,7 +55,7 @@ def _sink(spec: settings.BuildSpec) -> progress.Sink:
 
 
 def cmd_run(spec: settings.BuildSpec, report_path: Path | None) -> int:
-    result = pipeline.Build(spec, _sink(spec)).run()
+    result = pipeline.BuildRunner(spec, _sink(spec)).run()
     if report_path is not None:
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(result.to_json())
@@ -85,18 +85,19 @@ def cmd_plan(spec: settings.BuildSpec, variant_name: str, gguf: Path | None) -> 
         print(f"kquant-quantize: {exc.args[0]}", file=sys.stderr)
         return EXIT_USAGE
     if gguf is None:
-        prepared = pipeline.prepare(spec, _sink(spec))
-        if isinstance(prepared, str):
-            print(f"kquant-quantize: cannot plan: {prepared}", file=sys.stderr)
+        try:
+            prepared = pipeline.prepare(spec, _sink(spec))
+        except pipeline.CannotPlanError as exc:
+            print(f"kquant-quantize: cannot plan: {exc}", file=sys.stderr)
             return EXIT_FAILED
-        gguf, imatrix_path = prepared
+        gguf, imatrix_path = prepared.base, prepared.imatrix
     else:
         imatrix_path = None
     data = None
     if imatrix_path is not None:
         data = imatrix.read_gguf(imatrix_path)
     try:
-        plan = recipes.plan_variant(gguf, pipeline.to_recipe(variant), data)
+        plan = quantize.plan(gguf, pipeline.to_recipe(variant), data)
     except Exception as exc:  # recipe errors are the user's to fix: show the reason, not a trace
         print(f"kquant-quantize: variant {variant.name}: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -1,4 +1,4 @@
-"""The one table of llama.cpp quantization types.
+"""The one table of llama.cpp quantization types that kquant offers.
 
 Everything that needs to know about a quantization type (the API's list of valid types, the
 recipes that mix types per tensor, the offload planner's byte counts) reads it from here, so a
@@ -9,14 +9,21 @@ new llama.cpp type is added in one place. Two kinds of names exist in llama.cpp 
 * a *file type* (``llama_ftype``) is what ``llama-quantize`` is asked for: a default tensor type
   plus llama.cpp's own per-tensor rules (``Q4_K_M`` keeps some tensors at ``Q6_K``, for example).
 
-The codes are llama.cpp's on-disk and ABI numbers; a unit test checks them against gguf-py and
-llama-cpp-python so drift is caught when either is upgraded.
+The codes and block layouts are gguf-py's (``gguf.GGMLQuantizationType``, ``gguf.LlamaFileType``,
+``gguf.GGML_QUANT_SIZES``), the package that reads and writes every GGUF here, so they are not
+restated. This module keeps what gguf-py does not know: which types kquant offers (the API's
+enums), which need an importance matrix, llama.cpp's fallback for rows a block does not divide,
+each file type's base tensor type and nominal bits per weight, and the KV cache types. A type
+gguf-py does not have fails at import, not at quantize time; a unit test checks the codes against
+llama-cpp-python's, the ABI they are handed to.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+
+import gguf
 
 
 class TensorType(enum.StrEnum):
@@ -75,33 +82,22 @@ class TensorTypeInfo:
         return n_elements // self.block_size * self.type_size
 
 
+_NEEDS_IMATRIX: frozenset[TensorType] = frozenset(
+    {TensorType.IQ1_S, TensorType.IQ1_M, TensorType.IQ2_XXS, TensorType.IQ2_XS, TensorType.IQ2_S, TensorType.IQ3_XXS}
+)
+"""Types llama.cpp refuses to quantize to without an importance matrix (``llama-quant.cpp``)."""
+
+
+def _tensor_type_info(tensor_type: TensorType) -> TensorTypeInfo:
+    ggml_type = gguf.GGMLQuantizationType[tensor_type.value]
+    block_size, type_size = gguf.GGML_QUANT_SIZES[ggml_type]
+    return TensorTypeInfo(int(ggml_type), block_size, type_size, tensor_type in _NEEDS_IMATRIX)
+
+
 TENSOR_TYPES: dict[TensorType, TensorTypeInfo] = {
-    TensorType.F32: TensorTypeInfo(0, 1, 4),
-    TensorType.F16: TensorTypeInfo(1, 1, 2),
-    TensorType.Q4_0: TensorTypeInfo(2, 32, 18),
-    TensorType.Q4_1: TensorTypeInfo(3, 32, 20),
-    TensorType.Q5_0: TensorTypeInfo(6, 32, 22),
-    TensorType.Q5_1: TensorTypeInfo(7, 32, 24),
-    TensorType.Q8_0: TensorTypeInfo(8, 32, 34),
-    TensorType.Q2_K: TensorTypeInfo(10, 256, 84),
-    TensorType.Q3_K: TensorTypeInfo(11, 256, 110),
-    TensorType.Q4_K: TensorTypeInfo(12, 256, 144),
-    TensorType.Q5_K: TensorTypeInfo(13, 256, 176),
-    TensorType.Q6_K: TensorTypeInfo(14, 256, 210),
-    TensorType.IQ2_XXS: TensorTypeInfo(16, 256, 66, needs_imatrix=True),
-    TensorType.IQ2_XS: TensorTypeInfo(17, 256, 74, needs_imatrix=True),
-    TensorType.IQ3_XXS: TensorTypeInfo(18, 256, 98, needs_imatrix=True),
-    TensorType.IQ1_S: TensorTypeInfo(19, 256, 50, needs_imatrix=True),
-    TensorType.IQ4_NL: TensorTypeInfo(20, 32, 18),
-    TensorType.IQ3_S: TensorTypeInfo(21, 256, 110),
-    TensorType.IQ2_S: TensorTypeInfo(22, 256, 82, needs_imatrix=True),
-    TensorType.IQ4_XS: TensorTypeInfo(23, 256, 136),
-    TensorType.IQ1_M: TensorTypeInfo(29, 256, 56, needs_imatrix=True),
-    TensorType.BF16: TensorTypeInfo(30, 1, 2),
-    TensorType.TQ1_0: TensorTypeInfo(34, 256, 54),
-    TensorType.TQ2_0: TensorTypeInfo(35, 256, 66),
-    TensorType.MXFP4: TensorTypeInfo(39, 32, 17),
+    t: _tensor_type_info(t) for t in sorted(TensorType, key=lambda t: gguf.GGMLQuantizationType[t.value])
 }
+"""Every tensor type kquant offers, in ``ggml_type`` order."""
 
 TENSOR_TYPE_BY_CODE: dict[int, TensorType] = {info.code: t for t, info in TENSOR_TYPES.items()}
 
@@ -187,41 +183,54 @@ class FileTypeInfo:
     """Average bits per weight llama.cpp quotes for a typical 7-8B model, for estimates only."""
 
 
-FILE_TYPES: dict[FileType, FileTypeInfo] = {
-    FileType.F32: FileTypeInfo(0, TensorType.F32, 32.0),
-    FileType.F16: FileTypeInfo(1, TensorType.F16, 16.0),
-    FileType.Q4_0: FileTypeInfo(2, TensorType.Q4_0, 4.5),
-    FileType.Q4_1: FileTypeInfo(3, TensorType.Q4_1, 5.0),
-    FileType.Q8_0: FileTypeInfo(7, TensorType.Q8_0, 8.5),
-    FileType.Q5_0: FileTypeInfo(8, TensorType.Q5_0, 5.5),
-    FileType.Q5_1: FileTypeInfo(9, TensorType.Q5_1, 6.0),
-    FileType.Q2_K: FileTypeInfo(10, TensorType.Q2_K, 3.0),
-    FileType.Q3_K_S: FileTypeInfo(11, TensorType.Q3_K, 3.5),
-    FileType.Q3_K_M: FileTypeInfo(12, TensorType.Q3_K, 3.9),
-    FileType.Q3_K_L: FileTypeInfo(13, TensorType.Q3_K, 4.3),
-    FileType.Q4_K_S: FileTypeInfo(14, TensorType.Q4_K, 4.6),
-    FileType.Q4_K_M: FileTypeInfo(15, TensorType.Q4_K, 4.9),
-    FileType.Q5_K_S: FileTypeInfo(16, TensorType.Q5_K, 5.5),
-    FileType.Q5_K_M: FileTypeInfo(17, TensorType.Q5_K, 5.7),
-    FileType.Q6_K: FileTypeInfo(18, TensorType.Q6_K, 6.6),
-    FileType.IQ2_XXS: FileTypeInfo(19, TensorType.IQ2_XXS, 2.06),
-    FileType.IQ2_XS: FileTypeInfo(20, TensorType.IQ2_XS, 2.31),
-    FileType.Q2_K_S: FileTypeInfo(21, TensorType.Q2_K, 2.96),
-    FileType.IQ3_XS: FileTypeInfo(22, TensorType.IQ3_S, 3.3),
-    FileType.IQ3_XXS: FileTypeInfo(23, TensorType.IQ3_XXS, 3.06),
-    FileType.IQ1_S: FileTypeInfo(24, TensorType.IQ1_S, 1.56),
-    FileType.IQ4_NL: FileTypeInfo(25, TensorType.IQ4_NL, 4.5),
-    FileType.IQ3_S: FileTypeInfo(26, TensorType.IQ3_S, 3.44),
-    FileType.IQ3_M: FileTypeInfo(27, TensorType.IQ3_S, 3.66),
-    FileType.IQ2_S: FileTypeInfo(28, TensorType.IQ2_S, 2.5),
-    FileType.IQ2_M: FileTypeInfo(29, TensorType.IQ2_S, 2.7),
-    FileType.IQ4_XS: FileTypeInfo(30, TensorType.IQ4_XS, 4.25),
-    FileType.IQ1_M: FileTypeInfo(31, TensorType.IQ1_M, 1.75),
-    FileType.BF16: FileTypeInfo(32, TensorType.BF16, 16.0),
-    FileType.TQ1_0: FileTypeInfo(36, TensorType.TQ1_0, 1.69),
-    FileType.TQ2_0: FileTypeInfo(37, TensorType.TQ2_0, 2.06),
-    FileType.MXFP4_MOE: FileTypeInfo(38, TensorType.MXFP4, 4.25),
+_FILE_TYPE_MIX: dict[FileType, tuple[TensorType, float]] = {
+    FileType.F32: (TensorType.F32, 32.0),
+    FileType.F16: (TensorType.F16, 16.0),
+    FileType.Q4_0: (TensorType.Q4_0, 4.5),
+    FileType.Q4_1: (TensorType.Q4_1, 5.0),
+    FileType.Q8_0: (TensorType.Q8_0, 8.5),
+    FileType.Q5_0: (TensorType.Q5_0, 5.5),
+    FileType.Q5_1: (TensorType.Q5_1, 6.0),
+    FileType.Q2_K: (TensorType.Q2_K, 3.0),
+    FileType.Q3_K_S: (TensorType.Q3_K, 3.5),
+    FileType.Q3_K_M: (TensorType.Q3_K, 3.9),
+    FileType.Q3_K_L: (TensorType.Q3_K, 4.3),
+    FileType.Q4_K_S: (TensorType.Q4_K, 4.6),
+    FileType.Q4_K_M: (TensorType.Q4_K, 4.9),
+    FileType.Q5_K_S: (TensorType.Q5_K, 5.5),
+    FileType.Q5_K_M: (TensorType.Q5_K, 5.7),
+    FileType.Q6_K: (TensorType.Q6_K, 6.6),
+    FileType.IQ2_XXS: (TensorType.IQ2_XXS, 2.06),
+    FileType.IQ2_XS: (TensorType.IQ2_XS, 2.31),
+    FileType.Q2_K_S: (TensorType.Q2_K, 2.96),
+    FileType.IQ3_XS: (TensorType.IQ3_S, 3.3),
+    FileType.IQ3_XXS: (TensorType.IQ3_XXS, 3.06),
+    FileType.IQ1_S: (TensorType.IQ1_S, 1.56),
+    FileType.IQ4_NL: (TensorType.IQ4_NL, 4.5),
+    FileType.IQ3_S: (TensorType.IQ3_S, 3.44),
+    FileType.IQ3_M: (TensorType.IQ3_S, 3.66),
+    FileType.IQ2_S: (TensorType.IQ2_S, 2.5),
+    FileType.IQ2_M: (TensorType.IQ2_S, 2.7),
+    FileType.IQ4_XS: (TensorType.IQ4_XS, 4.25),
+    FileType.IQ1_M: (TensorType.IQ1_M, 1.75),
+    FileType.BF16: (TensorType.BF16, 16.0),
+    FileType.TQ1_0: (TensorType.TQ1_0, 1.69),
+    FileType.TQ2_0: (TensorType.TQ2_0, 2.06),
+    FileType.MXFP4_MOE: (TensorType.MXFP4, 4.25),
 }
+"""Each file type's base tensor type and llama.cpp's quoted bits per weight: what gguf-py lacks."""
+
+
+def _llama_ftype(file_type: FileType) -> gguf.LlamaFileType:
+    # gguf-py spells llama.h's names: LLAMA_FTYPE_ALL_F32, then LLAMA_FTYPE_MOSTLY_<name>.
+    return gguf.LlamaFileType["ALL_F32" if file_type is FileType.F32 else f"MOSTLY_{file_type.value}"]
+
+
+FILE_TYPES: dict[FileType, FileTypeInfo] = {
+    f: FileTypeInfo(int(_llama_ftype(f)), base, bpw)
+    for f, (base, bpw) in sorted(_FILE_TYPE_MIX.items(), key=lambda item: _llama_ftype(item[0]))
+}
+"""Every ``llama-quantize`` target kquant offers, in ``llama_ftype`` order."""
 
 
 class CacheType(enum.StrEnum):

@@ -152,29 +152,35 @@ def gate(metrics: report.Metrics, ev: settings.Evaluation) -> report.Gate:
 
 
 @dataclasses.dataclass(frozen=True)
-class Runtime:
+class LlamaEvalSettings:
+    """How llama.cpp is loaded to score a model, and how much of the text it scores.
+
+    The reference and every variant are scored with the same settings, so their log-probabilities
+    line up chunk by chunk.
+    """
+
     context_size: int
     chunks: int
     threads: int = 0
     gpu_layers: int = -1
 
     @classmethod
-    def from_spec(cls, ev: settings.Evaluation, threads: int) -> Runtime:
+    def from_spec(cls, ev: settings.Evaluation, threads: int) -> LlamaEvalSettings:
         return cls(ev.context_size, ev.chunks, threads, ev.gpu_layers)
 
 
 @contextlib.contextmanager
-def load(model: Path, rt: Runtime, *, logits_all: bool = True) -> Iterator[Any]:
+def load(model: Path, scoring: LlamaEvalSettings, *, logits_all: bool = True) -> Iterator[Any]:
     """A ``llama_cpp.Llama`` for ``model``, closed afterwards; a load failure is an EvaluateError."""
     try:
         llm = llama_cpp.Llama(
             model_path=str(model),
-            n_ctx=rt.context_size,
-            n_batch=rt.context_size,
-            n_ubatch=rt.context_size,
+            n_ctx=scoring.context_size,
+            n_batch=scoring.context_size,
+            n_ubatch=scoring.context_size,
             logits_all=logits_all,
-            n_gpu_layers=rt.gpu_layers,
-            n_threads=rt.threads or None,
+            n_gpu_layers=scoring.gpu_layers,
+            n_threads=scoring.threads or None,
             verbose=False,
         )
     except (ValueError, RuntimeError) as exc:
@@ -197,13 +203,13 @@ def _chunk_logprobs(llm: Any, chunk: Sequence[int]) -> FloatArray:
 
 
 def build_reference(
-    model: Path, text: str, out_dir: Path, rt: Runtime, progress: Callable[[float], None] | None = None
+    model: Path, text: str, out_dir: Path, scoring: LlamaEvalSettings, progress: Callable[[float], None] | None = None
 ) -> None:
     """Tokenise ``text`` with the reference model, score it, keep tokens and log-probs on disk."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    with load(model, rt) as llm:
+    with load(model, scoring) as llm:
         tokens = llm.tokenize(text.encode(), add_bos=False, special=False)
-        chunks = chunk_tokens(tokens, rt.context_size, rt.chunks, _bos(llm))
+        chunks = chunk_tokens(tokens, scoring.context_size, scoring.chunks, _bos(llm))
         if not chunks:
             raise EvaluateError(f"the held-out text has {len(tokens)} tokens; at least 2 are needed")
         positions = sum(len(c) - 1 for c in chunks)
@@ -240,13 +246,13 @@ def evaluate(
     model: Path,
     ref_dir: Path | None,
     text: str,
-    rt: Runtime,
+    scoring: LlamaEvalSettings,
     ev: settings.Evaluation,
     *,
     progress: Callable[[float], None] | None = None,
 ) -> report.Metrics:
     """Score ``model`` against the reference in ``ref_dir`` (or alone when there is none)."""
-    with load(model, rt) as llm:
+    with load(model, scoring) as llm:
         if ref_dir is not None:
             meta = json.loads((ref_dir / _REF_META).read_text())
             flat = np.load(ref_dir / _REF_TOKENS)
@@ -259,7 +265,7 @@ def evaluate(
                 )
         else:
             tokens = llm.tokenize(text.encode(), add_bos=False, special=False)
-            chunks = chunk_tokens(tokens, rt.context_size, rt.chunks, _bos(llm))
+            chunks = chunk_tokens(tokens, scoring.context_size, scoring.chunks, _bos(llm))
             ref, meta = None, {}
         total = ChunkScore(0, 0.0)
         row = 0

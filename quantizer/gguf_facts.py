@@ -187,7 +187,7 @@ def _field_value(field: Any) -> Any:
 
 
 def _token_count(reader: Any) -> int | None:
-    field = reader.fields.get("tokenizer.ggml.tokens")
+    field = reader.fields.get(gguf.Keys.Tokenizer.LIST)
     return len(field.data) if field is not None else None
 
 
@@ -201,32 +201,37 @@ def facts_from_header(
 ) -> ModelFacts:
     """Pure part of ``read_facts``: turn decoded metadata and tensor records into ``ModelFacts``."""
     tensors = list(tensors)
-    arch = _require(metadata, "general.architecture", source)
+    arch = _require(metadata, gguf.Keys.General.ARCHITECTURE, source)
+    llm, attn = gguf.Keys.LLM, gguf.Keys.Attention
 
-    def key(suffix: str, default: Any = None) -> Any:
-        return metadata.get(f"{arch}.{suffix}", default)
+    def key_name(template: str) -> str:
+        """The metadata key of this architecture, from one of gguf-py's ``{arch}.…`` templates."""
+        return template.format(arch=arch)
 
-    n_layer = int(_require(metadata, f"{arch}.block_count", source))
-    n_embd = int(_require(metadata, f"{arch}.embedding_length", source))
-    head_count = _per_layer(key("attention.head_count", 0), n_layer, f"{arch}.attention.head_count")
+    def key(template: str, default: Any = None) -> Any:
+        return metadata.get(key_name(template), default)
+
+    n_layer = int(_require(metadata, key_name(llm.BLOCK_COUNT), source))
+    n_embd = int(_require(metadata, key_name(llm.EMBEDDING_LENGTH), source))
+    head_count = _per_layer(key(attn.HEAD_COUNT, 0), n_layer, key_name(attn.HEAD_COUNT))
     head_count_kv = _per_layer(
-        key("attention.head_count_kv", None) if key("attention.head_count_kv") is not None else head_count,
+        key(attn.HEAD_COUNT_KV, None) if key(attn.HEAD_COUNT_KV) is not None else head_count,
         n_layer,
-        f"{arch}.attention.head_count_kv",
+        key_name(attn.HEAD_COUNT_KV),
     )
     n_head_max = max(head_count) if head_count else 0
     default_head = n_embd // n_head_max if n_head_max else 0
-    key_length = int(key("attention.key_length", default_head))
-    value_length = int(key("attention.value_length", default_head))
+    key_length = int(key(attn.KEY_LENGTH, default_head))
+    value_length = int(key(attn.VALUE_LENGTH, default_head))
 
     by_name = {t.name: t for t in tensors}
     token_embd = by_name.get("token_embd.weight")
-    vocab = key("vocab_size") or metadata.get("__tokens__")
+    vocab = key(llm.VOCAB_SIZE) or metadata.get("__tokens__")
     if not vocab and token_embd is not None:
         vocab = token_embd.shape[-1]
     if not vocab:
         raise ValueError(
-            f"{source}: cannot tell the vocabulary size (no {arch}.vocab_size, token list or token_embd)"
+            f"{source}: cannot tell the vocabulary size (no {key_name(llm.VOCAB_SIZE)}, token list or token_embd)"
         )
 
     layer_bytes = [0] * n_layer
@@ -252,32 +257,32 @@ def facts_from_header(
         else:
             other_bytes += t.n_bytes
 
-    sliding_window = int(key("attention.sliding_window", 0) or 0)
-    swa_layers = _swa_layers(arch, n_layer, sliding_window, key("attention.sliding_window_pattern"))
-    ff = key("feed_forward_length", 0)
+    sliding_window = int(key(attn.SLIDING_WINDOW, 0) or 0)
+    swa_layers = _swa_layers(arch, n_layer, sliding_window, key(attn.SLIDING_WINDOW_PATTERN))
+    ff = key(llm.FEED_FORWARD_LENGTH, 0)
     return ModelFacts(
         architecture=arch,
-        name=metadata.get("general.name"),
-        file_type=metadata.get("general.file_type"),
+        name=metadata.get(gguf.Keys.General.NAME),
+        file_type=metadata.get(gguf.Keys.General.FILE_TYPE),
         block_count=n_layer,
-        context_length=int(key("context_length", 0)),
+        context_length=int(key(llm.CONTEXT_LENGTH, 0)),
         embedding_length=n_embd,
         vocab_size=int(vocab),
-        feed_forward_length=_per_layer(ff, n_layer, f"{arch}.feed_forward_length"),
-        expert_feed_forward_length=int(key("expert_feed_forward_length", 0) or 0),
+        feed_forward_length=_per_layer(ff, n_layer, key_name(llm.FEED_FORWARD_LENGTH)),
+        expert_feed_forward_length=int(key(llm.EXPERT_FEED_FORWARD_LENGTH, 0) or 0),
         head_count=head_count,
         head_count_kv=head_count_kv,
         key_length=key_length,
         value_length=value_length,
-        key_length_mla=key("attention.key_length_mla"),
-        value_length_mla=key("attention.value_length_mla"),
-        kv_lora_rank=key("attention.kv_lora_rank"),
+        key_length_mla=key(attn.KEY_LENGTH_MLA),
+        value_length_mla=key(attn.VALUE_LENGTH_MLA),
+        kv_lora_rank=key(attn.KV_LORA_RANK),
         sliding_window=sliding_window,
         swa_layers=swa_layers,
-        expert_count=int(key("expert_count", 0) or 0),
-        expert_used_count=int(key("expert_used_count", 0) or 0),
-        expert_shared_count=int(key("expert_shared_count", 0) or 0),
-        nextn_predict_layers=int(key("nextn_predict_layers", 0) or 0),
+        expert_count=int(key(llm.EXPERT_COUNT, 0) or 0),
+        expert_used_count=int(key(llm.EXPERT_USED_COUNT, 0) or 0),
+        expert_shared_count=int(key(llm.EXPERT_SHARED_COUNT, 0) or 0),
+        nextn_predict_layers=int(key(llm.NEXTN_PREDICT_LAYERS, 0) or 0),
         layer_bytes=tuple(layer_bytes),
         layer_max_tensor_bytes=tuple(layer_max),
         layer_expert_bytes=tuple(layer_expert),
@@ -314,7 +319,7 @@ def _swa_layers(arch: str, n_layer: int, window: int, pattern: Any) -> tuple[boo
     if isinstance(pattern, list):
         if len(pattern) != n_layer:
             raise ValueError(
-                f"{arch}.attention.sliding_window_pattern has {len(pattern)} entries, "
+                f"{gguf.Keys.Attention.SLIDING_WINDOW_PATTERN.format(arch=arch)} has {len(pattern)} entries, "
                 f"but the model has {n_layer} layers"
             )
         return tuple(bool(v) for v in pattern)

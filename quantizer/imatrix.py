@@ -47,10 +47,7 @@ GGUF_ONLY_NOTE = (
     "terabyte of memory to dequantize"
 )
 
-KEY_TYPE = "general.type"
-KEY_DATASETS = "imatrix.datasets"
-KEY_CHUNK_COUNT = "imatrix.chunk_count"
-KEY_CHUNK_SIZE = "imatrix.chunk_size"
+# The metadata keys are gguf-py's (``gguf.Keys.IMatrix``); the tensor suffixes it does not name.
 SUFFIX_SUMS = ".in_sum2"
 SUFFIX_COUNTS = ".counts"
 
@@ -154,10 +151,10 @@ def write_gguf(data: ImatrixData, path: Path) -> None:
     # GGUFWriter always records an architecture; llama.cpp's imatrix files carry none.
     for kv in writer.kv_data:
         kv.pop(gguf.Keys.General.ARCHITECTURE, None)
-    writer.add_string(KEY_TYPE, "imatrix")
-    writer.add_array(KEY_DATASETS, list(data.datasets))
-    writer.add_uint32(KEY_CHUNK_COUNT, data.chunk_count)
-    writer.add_uint32(KEY_CHUNK_SIZE, data.chunk_size)
+    writer.add_string(gguf.Keys.General.TYPE, gguf.GGUFType.IMATRIX)
+    writer.add_array(gguf.Keys.IMatrix.DATASETS, list(data.datasets))
+    writer.add_uint32(gguf.Keys.IMatrix.CHUNK_COUNT, data.chunk_count)
+    writer.add_uint32(gguf.Keys.IMatrix.CHUNK_SIZE, data.chunk_size)
     for name in sorted(data.means):  # llama.cpp sorts too, so files compare byte for byte
         count = np.asarray(data.counts[name], dtype=np.int64)
         means = np.asarray(data.means[name], dtype=np.float64).reshape(count.size, -1)
@@ -180,9 +177,11 @@ def read_gguf(path: Path) -> ImatrixData:
     except (OSError, ValueError) as err:
         raise ImatrixError(f"imatrix file {path} is not a readable GGUF file: {err}") from err
     fields = reader.fields
-    kind = fields.get(KEY_TYPE)
-    if kind is not None and kind.contents() != "imatrix":
-        raise ImatrixError(f"{path} has {KEY_TYPE} = {kind.contents()!r}, expected 'imatrix'")
+    kind = fields.get(gguf.Keys.General.TYPE)
+    if kind is not None and kind.contents() != gguf.GGUFType.IMATRIX:
+        raise ImatrixError(
+            f"{path} has {gguf.Keys.General.TYPE} = {kind.contents()!r}, expected {gguf.GGUFType.IMATRIX!r}"
+        )
     sums: dict[str, FloatArray] = {}
     counts: dict[str, CountArray] = {}
     for tensor in reader.tensors:
@@ -196,13 +195,17 @@ def read_gguf(path: Path) -> ImatrixData:
         raise ImatrixError(f"imatrix file {path}: {unpaired[0]} has sums or counts but not both")
     if not sums:
         raise ImatrixError(f"imatrix file {path} holds no {SUFFIX_SUMS} tensors")
-    datasets = tuple(fields[KEY_DATASETS].contents()) if KEY_DATASETS in fields else ()
+    keys = gguf.Keys.IMatrix
+
+    def number(key: str) -> int:
+        return int(fields[key].contents()) if key in fields else 0
+
     return from_sums(
         sums,
         counts,
-        chunk_count=int(fields[KEY_CHUNK_COUNT].contents()) if KEY_CHUNK_COUNT in fields else 0,
-        chunk_size=int(fields[KEY_CHUNK_SIZE].contents()) if KEY_CHUNK_SIZE in fields else 0,
-        datasets=datasets,
+        chunk_count=number(keys.CHUNK_COUNT),
+        chunk_size=number(keys.CHUNK_SIZE),
+        datasets=tuple(fields[keys.DATASETS].contents()) if keys.DATASETS in fields else (),
     )
 
 

@@ -3,7 +3,7 @@
 The order is written out here, step by step, rather than derived from a graph: which steps exist
 depends on what the fetch produced (safetensors need converting; a GGUF that is already
 quantized is published and evaluated as it is), and a reader should see the whole run in one
-function (``Build._run``). Every step goes through ``steps.run_step`` so a rerun after a crash
+function (``BuildRunner._run``). Every step goes through ``steps.run_step`` so a rerun after a crash
 skips what is done.
 
 Intermediates live in ``<work>/<source key>/`` (``workDir``, by default ``<storageRoot>/.work``),
@@ -42,6 +42,7 @@ from kquant.quantizer import (
     report,
     settings,
     steps,
+    units,
 )
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,10 @@ class BuildError(Exception):
 
 class DiskFullError(BuildError):
     pass
+
+
+class CannotPlanError(BuildError):
+    """``prepare`` could not make what a plan needs; the message says why."""
 
 
 def source_key(spec: settings.BuildSpec) -> str:
@@ -130,8 +135,8 @@ def check_space(folder: Path, needed: int, what: str) -> None:
     want = int(needed * SPACE_MARGIN)
     if free < want:
         raise DiskFullError(
-            f"storage at {folder} has {free / 2**20:.1f} MiB free, but {what} needs about "
-            f"{want / 2**20:.1f} MiB; grow storage.pvc.size or remove old variants"
+            f"storage at {folder} has {free / units.MiB:.1f} MiB free, but {what} needs about "
+            f"{want / units.MiB:.1f} MiB; grow storage.pvc.size or remove old variants"
         )
 
 
@@ -148,21 +153,26 @@ class Prepared:
     """True for a 16-bit (or f32) base; an already quantized GGUF is published as it is."""
 
 
-def prepare(spec: settings.BuildSpec, sink: progress.Sink) -> tuple[Path, Path | None] | str:
-    """Run the steps a plan needs (fetch, convert, calibrate; cached); the base GGUF and imatrix,
-    or the reason they could not be made."""
-    build = Build(spec, sink)
+def prepare(spec: settings.BuildSpec, sink: progress.Sink) -> Prepared:
+    """Run the steps a plan needs (fetch, convert, calibrate; cached) and return what they made.
+
+    Raises :class:`CannotPlanError`, carrying the reason, when a step fails or when the source is
+    already quantized and there is nothing to plan.
+    """
+    runner = BuildRunner(spec, sink)
     handled: tuple[type[Exception], ...] = (*_expected_errors(), OSError)
     try:
-        src = build.prepare()
+        src = runner.prepare()
     except handled as exc:
-        return str(exc)
+        raise CannotPlanError(str(exc)) from exc
     if not src.quantizable:
-        return "the source GGUF is already quantized: it is published as it is, there is nothing to plan"
-    return src.base, src.imatrix
+        raise CannotPlanError(
+            "the source GGUF is already quantized: it is published as it is, there is nothing to plan"
+        )
+    return src
 
 
-class Build:
+class BuildRunner:
     """Runs one ``BuildSpec`` and always produces a ``BuildReport``."""
 
     def __init__(self, spec: settings.BuildSpec, sink: progress.Sink, env: dict[str, str] | None = None) -> None:
@@ -265,7 +275,7 @@ class Build:
                     shutil.rmtree(child)
                 elif child.name != ".lock":
                     child.unlink()
-        log.info("removed the intermediates in %s (%.2f GiB): keepIntermediates is false", work, freed / 2**30)
+        log.info("removed the intermediates in %s (%.2f GiB): keepIntermediates is false", work, freed / units.GiB)
 
     def prepare(self) -> Prepared:
         """fetch, then convert and calibrate when the source is safetensors."""
@@ -375,7 +385,7 @@ class Build:
     def _reference(self, base: Path, base_digest: str) -> Path:
         ev = self.spec.evaluation
         text = evaluate.dataset_text(ev.dataset, ev.path, "heldout.txt")
-        rt = evaluate.Runtime.from_spec(ev, self.spec.threads)
+        scoring = evaluate.LlamaEvalSettings.from_spec(ev, self.spec.threads)
         out = self.layout.reference
         inputs = {
             "base": base_digest,
@@ -388,7 +398,7 @@ class Build:
             steps.StepKind.REFERENCE,
             inputs,
             evaluate.reference_outputs(out),
-            lambda p: evaluate.build_reference(base, text, out, rt, p),
+            lambda p: evaluate.build_reference(base, text, out, scoring, p),
         )
         return out
 
@@ -410,7 +420,7 @@ class Build:
         self._current = f"plan-{variant.name}"
         self._listener(steps.Step(self._current, steps.StepKind.PLAN, {}, (), lambda p: None, variant.name), 0.0)
         try:
-            plan = recipes.plan_variant(base, to_recipe(variant), data)
+            plan = quantize.plan(base, to_recipe(variant), data)
         except (recipes.RecipeError, ValueError) as exc:
             raise BuildError(f"variants[{self._variant_index()}] ({variant.name}): {exc}") from None
         log.info("plan for %s:\n%s", variant.name, plan.render())
@@ -496,7 +506,7 @@ class Build:
         """The evaluate step (stamped by what the file is, not where it is) and its metrics."""
         ev = self.spec.evaluation
         text = evaluate.dataset_text(ev.dataset, ev.path, "heldout.txt")
-        rt = evaluate.Runtime.from_spec(ev, self.spec.threads)
+        scoring = evaluate.LlamaEvalSettings.from_spec(ev, self.spec.threads)
         metrics_path = self.layout.metrics(variant.name, digest)
         e_inputs = {
             # The variant digest names the file's content, the base digest the reference: the
@@ -513,7 +523,7 @@ class Build:
         }
 
         def run_evaluate(p: steps.Progress) -> None:
-            metrics = evaluate.evaluate(model, ref_dir, text, rt, ev, progress=p)
+            metrics = evaluate.evaluate(model, ref_dir, text, scoring, ev, progress=p)
             metrics_path.write_text(metrics.model_dump_json(by_alias=True))
 
         e = self._step(

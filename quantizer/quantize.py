@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import dataclasses
 import os
 import re
 import shutil
@@ -31,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 import numpy as np
-from kquant.quantizer import constants
+from kquant.quantizer import constants, quantize_job, recipes
 
 if TYPE_CHECKING:
     from kquant.quantizer import imatrix as imatrix_mod
@@ -52,31 +51,10 @@ class QuantizeError(RuntimeError):
     """llama.cpp refused or failed to quantize; the message carries its reason."""
 
 
-@dataclasses.dataclass(frozen=True)
-class QuantizeJob:
-    """Everything ``llama_model_quantize`` is asked to do, in kquant's own names.
-
-    ``overrides`` are (regex, type) pairs that llama.cpp tries in order with ``std::regex_search``
-    on each tensor name; the first match wins and takes precedence over llama.cpp's own rules, but
-    not over ``output_tensor_type`` and ``token_embedding_type``.
-    """
-
-    file_type: constants.FileType
-    overrides: tuple[tuple[str, constants.TensorType], ...] = ()
-    output_tensor_type: constants.TensorType | None = None
-    token_embedding_type: constants.TensorType | None = None
-    leave_output_tensor: bool = False
-    pure: bool = False
-    allow_requantize: bool = False
-    keep_split: bool = False
-    nthread: int = 0
-    """0 lets llama.cpp use every hardware thread."""
-
-
 def quantize(
     src: Path,
     dst: Path,
-    job: QuantizeJob,
+    job: quantize_job.QuantizeJob,
     imatrix: imatrix_mod.ImatrixData | None,
     progress: Callable[[float], None] | None = None,
 ) -> None:
@@ -101,7 +79,7 @@ def quantize(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def dry_run(src: Path, job: QuantizeJob) -> dict[str, constants.TensorType]:
+def dry_run(src: Path, job: quantize_job.QuantizeJob) -> dict[str, constants.TensorType]:
     """llama.cpp's choice of type for every tensor of ``src`` under ``job``, without writing anything.
 
     Tensors llama.cpp leaves alone (norms, expert routers, a kept output tensor) keep their source
@@ -117,10 +95,28 @@ def dry_run(src: Path, job: QuantizeJob) -> dict[str, constants.TensorType]:
     return types
 
 
+def plan(
+    src_gguf: Path,
+    variant: recipes.VariantRecipe,
+    imatrix: imatrix_mod.ImatrixData | None,
+    *,
+    nthread: int = 0,
+) -> recipes.RecipePlan:
+    """Plan ``variant`` against ``src_gguf``, with llama.cpp's own choice for the uniform file.
+
+    The dry run is the one part of planning that needs llama.cpp; :func:`recipes.plan_variant`
+    does the rest and stays importable without the C library. The header is read first, so a file
+    that is no GGUF fails with the recipe's reason before llama.cpp is asked about it.
+    """
+    tensors = recipes.read_tensors(src_gguf)
+    uniform_types = dry_run(src_gguf, recipes.base_job(variant, nthread))
+    return recipes.plan_variant(tensors, variant, imatrix, uniform_types, source=src_gguf, nthread=nthread)
+
+
 def _run(
     src: Path,
     dst: Path | None,
-    job: QuantizeJob,
+    job: quantize_job.QuantizeJob,
     imatrix: imatrix_mod.ImatrixData | None,
     *,
     dry: bool,
@@ -206,7 +202,7 @@ def _captured_log(progress: Callable[[float], None] | None = None) -> Iterator[l
         llama_cpp.llama_log_set(previous, previous_data)
 
 
-def _failure_message(src: Path, job: QuantizeJob, log: str) -> str:
+def _failure_message(src: Path, job: quantize_job.QuantizeJob, log: str) -> str:
     needs = _NEEDS_IMATRIX.search(log)
     if needs is not None or "requires an imatrix" in log or "Missing importance matrix" in log:
         detail = ""

@@ -6,6 +6,11 @@ spirit of Unsloth's DeepSeek-R1 1.58-bit quants, where the token embedding, the 
 attention, ``ffn_down`` and the first dense layers keep 4-6 bits and the MoE experts, ~88% of the
 weights, take 1.5-2 bits.
 
+The module is pure and loads no native library (neither llama.cpp nor torch): ``kquant plan`` and
+the operator import it to show plans. The one question planning asks llama.cpp, its own choice of
+type for each tensor of the uniform file (a dry run), is asked by ``quantize.plan``, which passes
+the answer to :func:`plan_variant`.
+
 How the dynamic mix is chosen (:func:`plan_dynamic`, pure):
 
 * **Error model.** Quantizing a tensor to type ``t`` adds noise of relative power ``e(t)``
@@ -48,15 +53,13 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import gguf
 import numpy as np
 import pydantic
-from kquant.quantizer import constants, settings
-from kquant.quantizer import quantize as quantize_mod
+from kquant.quantizer import constants, quantize_job, settings, units
 from pydantic import alias_generators
 
 if TYPE_CHECKING:
     from kquant.quantizer import imatrix as imatrix_mod
 
 T = constants.TensorType
-GIB = 1 << 30
 
 # Relative error power E[(w - q(w))^2] / E[w^2] per type on Gaussian weights (1024- and 2048-wide
 # rows): (quantized without an imatrix, quantized with a log-normal one and measured in the
@@ -261,7 +264,7 @@ class RecipePlan:
 
     variant: str
     recipe: str
-    job: quantize_mod.QuantizeJob
+    job: quantize_job.QuantizeJob
     rows: tuple[PlanRow, ...]
     total_bytes: int
     n_elements: int
@@ -291,10 +294,10 @@ class RecipePlan:
         for tensor_type, nbytes in sorted(per_type.items(), key=lambda item: -item[1]):
             count = self.type_counts()[tensor_type]
             lines.append(f"{tensor_type:<8} {count:>5} tensors {nbytes:>16,} bytes")
-        budget = "" if self.budget_bytes is None else f" (budget {self.budget_bytes / GIB:.3f} GiB)"
+        budget = "" if self.budget_bytes is None else f" (budget {units.gib(self.budget_bytes, 3)})"
         lines.append(
             f"total    {len(self.rows):>5} tensors {self.total_bytes:>16,} bytes = "
-            f"{self.total_bytes / GIB:.3f} GiB, {self.bits_per_weight:.3f} bits per weight{budget}"
+            f"{units.gib(self.total_bytes, 3)}, {self.bits_per_weight:.3f} bits per weight{budget}"
         )
         lines.append(f"predicted loss {self.predicted_loss:.5f}; {len(self.job.overrides)} tensor-type rules")
         return "\n".join(lines)
@@ -601,9 +604,9 @@ def first_match(name: str, overrides: Sequence[tuple[str, constants.TensorType]]
     return None
 
 
-def base_job(variant: VariantRecipe, nthread: int = 0) -> quantize_mod.QuantizeJob:
+def base_job(variant: VariantRecipe, nthread: int = 0) -> quantize_job.QuantizeJob:
     """The job for a uniform variant: its file type, settings and overrides, as given."""
-    return quantize_mod.QuantizeJob(
+    return quantize_job.QuantizeJob(
         file_type=variant.type,
         overrides=tuple((o.pattern, o.type) for o in variant.overrides),
         output_tensor_type=variant.output_tensor_type,
@@ -664,7 +667,10 @@ def rows_for(tensors: Sequence[TensorSpec], types: Mapping[str, constants.Tensor
 def budget_for(variant: VariantRecipe, n_elements: int, default_bytes: int) -> tuple[int, str]:
     """The byte budget and how to name it in errors."""
     if variant.target_size_gib is not None:
-        return int(variant.target_size_gib * GIB), f"variant {variant.name}: targetSizeGiB {variant.target_size_gib}"
+        return (
+            int(variant.target_size_gib * units.GiB),
+            f"variant {variant.name}: targetSizeGiB {variant.target_size_gib}",
+        )
     if variant.target_bits_per_weight is not None:
         return (
             int(variant.target_bits_per_weight * n_elements / 8),
@@ -674,7 +680,7 @@ def budget_for(variant: VariantRecipe, n_elements: int, default_bytes: int) -> t
 
 
 def _size(nbytes: int) -> str:
-    return f"{nbytes / GIB:.3f} GiB ({nbytes:,} bytes)"
+    return f"{units.gib(nbytes, 3)} ({nbytes:,} bytes)"
 
 
 def importance_of(imatrix: imatrix_mod.ImatrixData | None) -> dict[str, float]:
@@ -706,27 +712,29 @@ def read_tensors(src_gguf: Path) -> list[TensorSpec]:
 
 
 def plan_variant(
-    src_gguf: Path,
+    tensors: Sequence[TensorSpec],
     variant: VariantRecipe,
     imatrix: imatrix_mod.ImatrixData | None,
+    uniform_types: Mapping[str, constants.TensorType],
     *,
+    source: Path,
     nthread: int = 0,
 ) -> RecipePlan:
     """Plan ``variant`` against the converted model: per-tensor types, bytes and the job to run.
 
-    Uniform plans are llama.cpp's own choices (a dry run of the job); dynamic ones come from
+    ``tensors`` are :func:`read_tensors` of ``source``, and ``uniform_types`` is llama.cpp's choice
+    for each of them under :func:`base_job` (a dry run, which ``quantize.plan`` makes: this module
+    loads no llama.cpp). Uniform plans are those choices; dynamic ones come from
     :func:`plan_dynamic` and are turned into one regex rule per (tensor stem, type).
     """
-    tensors = read_tensors(src_gguf)
     roles = roles_for(tensors, leave_output_tensor=variant.leave_output_tensor)
     importance = importance_of(imatrix)
     has_imatrix = imatrix is not None
     n_elements = sum(t.n_elements for t in tensors)
     job = base_job(variant, nthread)
-    uniform_types = quantize_mod.dry_run(src_gguf, job)
     missing = [t.name for t in tensors if t.name not in uniform_types]
     if missing:
-        raise RecipeError(f"llama.cpp's dry run of {src_gguf} did not list tensor {missing[0]}")
+        raise RecipeError(f"llama.cpp's dry run of {source} did not list tensor {missing[0]}")
     uniform_bytes = sum(t.nbytes(uniform_types[t.name]) for t in tensors)
     budget, label = budget_for(variant, n_elements, uniform_bytes)
 

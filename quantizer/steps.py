@@ -6,7 +6,8 @@ on the next run the step is skipped when every output exists and the stamp holds
 An output without a stamp is never trusted (the process may have died while writing it), and a
 step removes its stale stamp before it starts, so a crash mid-step always reruns the step.
 
-Steps run in the order given: the order is part of the pipeline's definition, not derived.
+The pipeline runs its steps one by one in the order it writes out: the order is part of its
+definition, not derived.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -138,11 +139,3 @@ def run_step(step: Step, stamps: StampStore, listener: StepListener | None = Non
     report(1.0)
     log.info("step %s: done in %.1f s", step.key, seconds)
     return StepOutcome(step.key, step.kind, step.variant, skipped=False, seconds=seconds)
-
-
-def run_steps(steps: Sequence[Step], stamps: StampStore, listener: StepListener | None = None) -> list[StepOutcome]:
-    """Run ``steps`` in order; the first exception stops the run and propagates."""
-    keys = [s.key for s in steps]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"step keys must be unique, got {keys}")
-    return [run_step(s, stamps, listener) for s in steps]

@@ -86,4 +86,4 @@ def run(spec: settings.BuildSpec, console: Console) -> report.BuildReport:
     # transformers follows huggingface_hub's switch when it is imported afterwards.
     huggingface_hub.utils.disable_progress_bars()  # type: ignore[attr-defined]  # re-exported without "as"
     with RichSink(console) as sink:
-        return pipeline.Build(spec, sink).run()
+        return pipeline.BuildRunner(spec, sink).run()

@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 import pytest
 import quantize_models
-from kquant.quantizer import constants, evaluate, imatrix, quantize
+from kquant.quantizer import constants, evaluate, imatrix, quantize, quantize_job
 
 BIN = Path(
     os.environ.get("KQUANT_LLAMA_BIN", Path.home() / ".cache" / "kquant" / "llama.cpp" / "0.3.36" / "bin")
@@ -60,7 +60,7 @@ def test_llama_imatrix_output_reads_back(model: Path, tmp_path: Path) -> None:
     assert float(data["blk.0.attn_q.weight"].min()) > 0.0
     # the in-process quantizer and llama-quantize agree when given llama-imatrix's numbers
     quantize.quantize(
-        model, tmp_path / "ours.gguf", quantize.QuantizeJob(file_type=constants.FileType.IQ2_XS, nthread=2), data
+        model, tmp_path / "ours.gguf", quantize_job.QuantizeJob(file_type=constants.FileType.IQ2_XS, nthread=2), data
     )
     cli = tmp_path / "cli.gguf"
     done = subprocess.run(
@@ -97,6 +97,6 @@ def test_llama_quantize_reads_our_file(model: Path, tmp_path: Path) -> None:
     # same, so both sides quantize with bit-identical weights
     back = imatrix.read_gguf(path)
     quantize.quantize(
-        model, tmp_path / "ours.gguf", quantize.QuantizeJob(file_type=constants.FileType.Q4_K_M, nthread=2), back
+        model, tmp_path / "ours.gguf", quantize_job.QuantizeJob(file_type=constants.FileType.Q4_K_M, nthread=2), back
     )
     assert tensor_data(tmp_path / "ours.gguf") == tensor_data(cli)

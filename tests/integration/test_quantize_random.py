@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 import quantize_models
-from kquant.quantizer import constants, imatrix, quantize, recipes
+from kquant.quantizer import constants, imatrix, quantize, quantize_job, recipes
 
 F = constants.FileType
 T = constants.TensorType
@@ -68,7 +68,7 @@ def test_every_file_type_quantizes(
     if file_type is F.MXFP4_MOE:
         src, data, probe = moe, None, "blk.1.ffn_up_exps.weight"  # MXFP4 goes to expert tensors only
     dst = tmp_path / f"{file_type}.gguf"
-    quantize.quantize(src, dst, quantize.QuantizeJob(file_type=file_type, nthread=2), data)
+    quantize.quantize(src, dst, quantize_job.QuantizeJob(file_type=file_type, nthread=2), data)
     assert file_type_of(dst) == constants.FILE_TYPES[file_type].code
     base = constants.FILE_TYPES[file_type].base
     types = tensor_types(dst)
@@ -85,12 +85,12 @@ def _neighbours(base: T) -> set[T]:
 def test_iq_type_without_imatrix_fails_clearly(dense: Path, tmp_path: Path) -> None:
     dst = tmp_path / "iq2.gguf"
     with pytest.raises(quantize.QuantizeError, match=r"IQ2_XXS needs an importance matrix"):
-        quantize.quantize(dense, dst, quantize.QuantizeJob(file_type=F.IQ2_XXS, nthread=2), None)
+        quantize.quantize(dense, dst, quantize_job.QuantizeJob(file_type=F.IQ2_XXS, nthread=2), None)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_imatrix_changes_the_result(dense: Path, dense_imatrix: imatrix.ImatrixData, tmp_path: Path) -> None:
-    job = quantize.QuantizeJob(file_type=F.Q4_K_M, nthread=2)
+    job = quantize_job.QuantizeJob(file_type=F.Q4_K_M, nthread=2)
     quantize.quantize(dense, tmp_path / "plain.gguf", job, None)
     quantize.quantize(dense, tmp_path / "imatrix.gguf", job, dense_imatrix)
     plain, weighted = (tmp_path / "plain.gguf").read_bytes(), (tmp_path / "imatrix.gguf").read_bytes()
@@ -99,7 +99,7 @@ def test_imatrix_changes_the_result(dense: Path, dense_imatrix: imatrix.ImatrixD
 
 
 def test_overrides_and_tensor_settings_take_effect(dense: Path, tmp_path: Path) -> None:
-    job = quantize.QuantizeJob(
+    job = quantize_job.QuantizeJob(
         file_type=F.Q4_K_M,
         overrides=((r"attn_v", T.Q8_0), (r"blk\.[01]\.ffn_down", T.Q2_K), (r"ffn_down", T.Q5_K)),
         token_embedding_type=T.Q8_0,
@@ -121,7 +121,8 @@ def test_overrides_and_tensor_settings_take_effect(dense: Path, tmp_path: Path) 
 
 def test_pure_and_leave_output_tensor(dense: Path, tmp_path: Path) -> None:
     dst = tmp_path / "p.gguf"
-    quantize.quantize(dense, dst, quantize.QuantizeJob(file_type=F.Q4_K_M, pure=True, leave_output_tensor=True), None)
+    job = quantize_job.QuantizeJob(file_type=F.Q4_K_M, pure=True, leave_output_tensor=True)
+    quantize.quantize(dense, dst, job, None)
     types = tensor_types(dst)
     assert types["output.weight"] is T.F16
     assert {t for n, t in types.items() if n.startswith("blk.") and not n.endswith("norm.weight")} == {T.Q4_K}
@@ -129,11 +130,11 @@ def test_pure_and_leave_output_tensor(dense: Path, tmp_path: Path) -> None:
 
 def test_requantizing_needs_allow_requantize(dense: Path, tmp_path: Path) -> None:
     q8 = tmp_path / "q8.gguf"
-    quantize.quantize(dense, q8, quantize.QuantizeJob(file_type=F.Q8_0), None)
+    quantize.quantize(dense, q8, quantize_job.QuantizeJob(file_type=F.Q8_0), None)
     with pytest.raises(quantize.QuantizeError, match="requantizing from type q8_0 is disabled"):
-        quantize.quantize(q8, tmp_path / "q4.gguf", quantize.QuantizeJob(file_type=F.Q4_0), None)
+        quantize.quantize(q8, tmp_path / "q4.gguf", quantize_job.QuantizeJob(file_type=F.Q4_0), None)
     assert not (tmp_path / "q4.gguf").exists()
-    quantize.quantize(q8, tmp_path / "q4.gguf", quantize.QuantizeJob(file_type=F.Q4_0, allow_requantize=True), None)
+    quantize.quantize(q8, tmp_path / "q4.gguf", quantize_job.QuantizeJob(file_type=F.Q4_0, allow_requantize=True), None)
     assert tensor_types(tmp_path / "q4.gguf")["blk.0.ffn_up.weight"] is T.Q4_0
 
 
@@ -143,7 +144,7 @@ def test_corrupt_source_fails_and_writes_nothing(dense: Path, tmp_path: Path) ->
     broken.write_bytes(dense.read_bytes()[: dense.stat().st_size // 2])
     out = tmp_path / "out"
     with pytest.raises(quantize.QuantizeError, match="could not quantize"):
-        quantize.quantize(broken, out / "q.gguf", quantize.QuantizeJob(file_type=F.Q8_0), None)
+        quantize.quantize(broken, out / "q.gguf", quantize_job.QuantizeJob(file_type=F.Q8_0), None)
     assert list(out.iterdir()) == []
 
 
@@ -165,7 +166,7 @@ def test_keep_split_keeps_the_shards(dense: Path, tmp_path: Path) -> None:
     shards = sorted(tmp_path.glob("split-*-of-*.gguf"))
     assert len(shards) > 1
     out = tmp_path / "out"
-    job = quantize.QuantizeJob(file_type=F.Q8_0, keep_split=True)
+    job = quantize_job.QuantizeJob(file_type=F.Q8_0, keep_split=True)
     quantize.quantize(shards[0], out / f"q8-00001-of-{len(shards):05d}.gguf", job, None)
     assert sorted(p.name for p in out.iterdir()) == [
         f"q8-{i:05d}-of-{len(shards):05d}.gguf" for i in range(1, len(shards) + 1)
@@ -176,7 +177,7 @@ def test_moe_imatrix_layout_is_what_llama_cpp_expects(moe: Path, tmp_path: Path)
     data = synthetic_imatrix(moe)
     assert data["blk.0.ffn_down_exps.weight"].size == 512 * 4
     dst = tmp_path / "iq2.gguf"
-    quantize.quantize(moe, dst, quantize.QuantizeJob(file_type=F.IQ2_XXS, nthread=2), data)
+    quantize.quantize(moe, dst, quantize_job.QuantizeJob(file_type=F.IQ2_XXS, nthread=2), data)
     assert tensor_types(dst)["blk.0.ffn_up_exps.weight"] in {T.IQ2_XXS, T.IQ2_XS, T.IQ3_XXS, T.Q2_K}
     wrong = imatrix.ImatrixData(
         means=dict(data.means) | {"blk.0.ffn_up_exps.weight": np.ones(256, dtype=np.float32)},
@@ -185,7 +186,7 @@ def test_moe_imatrix_layout_is_what_llama_cpp_expects(moe: Path, tmp_path: Path)
         chunk_size=512,
     )
     with pytest.raises(quantize.QuantizeError, match=r"imatrix size 256 is different from tensor size 1024"):
-        quantize.quantize(moe, tmp_path / "bad.gguf", quantize.QuantizeJob(file_type=F.IQ2_XXS), wrong)
+        quantize.quantize(moe, tmp_path / "bad.gguf", quantize_job.QuantizeJob(file_type=F.IQ2_XXS), wrong)
 
 
 def test_imatrix_gguf_round_trip(moe: Path, tmp_path: Path) -> None:
@@ -210,8 +211,8 @@ def test_imatrix_gguf_round_trip(moe: Path, tmp_path: Path) -> None:
 def test_plans_are_what_llama_cpp_does(model: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
     src: Path = request.getfixturevalue(model)
     data = synthetic_imatrix(src)
-    uniform = recipes.plan_variant(src, recipes.VariantRecipe(name="u", type=F.Q4_K_M), data)
-    dynamic = recipes.plan_variant(src, recipes.VariantRecipe(name="d", type=F.Q4_K_M, recipe="dynamic"), data)
+    uniform = quantize.plan(src, recipes.VariantRecipe(name="u", type=F.Q4_K_M), data)
+    dynamic = quantize.plan(src, recipes.VariantRecipe(name="d", type=F.Q4_K_M, recipe="dynamic"), data)
     assert dynamic.total_bytes <= uniform.total_bytes
     assert dynamic.predicted_loss < uniform.predicted_loss
     for plan in (uniform, dynamic):
@@ -227,12 +228,12 @@ def test_dynamic_with_a_budget_and_an_impossible_one(moe: Path) -> None:
     data = synthetic_imatrix(moe)
     n_weights = sum(t.n_elements for t in recipes.read_tensors(moe))
     variant = recipes.VariantRecipe(name="ud", type=F.IQ1_S, recipe="dynamic", target_bits_per_weight=2.5)
-    plan = recipes.plan_variant(moe, variant, data)
+    plan = quantize.plan(moe, variant, data)
     assert plan.total_bytes <= 2.5 * n_weights / 8
     types = {row.tensor: row.type for row in plan.rows}
     assert constants.TENSOR_TYPES[types["blk.0.attn_v.weight"]].bits_per_weight >= 4
     assert constants.TENSOR_TYPES[types["blk.0.ffn_up_exps.weight"]].bits_per_weight < 4
     impossible = variant.model_copy(update={"target_bits_per_weight": 1.0})
     with pytest.raises(recipes.RecipeError, match=r"targetBitsPerWeight 1.0 is .* smallest mix"):
-        recipes.plan_variant(moe, impossible, data)
+        quantize.plan(moe, impossible, data)
     print(plan.render())

@@ -13,7 +13,7 @@ import gguf
 import pytest
 import quantize_models
 from fixtures import smollm2
-from kquant.quantizer import constants, evaluate, imatrix, quantize, recipes
+from kquant.quantizer import constants, evaluate, imatrix, quantize, quantize_job, recipes
 
 F = constants.FileType
 T = constants.TensorType
@@ -57,12 +57,12 @@ def test_imatrix_names_every_quantized_tensor(f16: Path, calibrated: imatrix.Ima
 def test_uniform_and_dynamic_plans_are_what_llama_cpp_writes(
     f16: Path, calibrated: imatrix.ImatrixData, tmp_path: Path
 ) -> None:
-    uniform = recipes.plan_variant(f16, recipes.VariantRecipe(name="q4km", type=F.Q4_K_M), calibrated)
+    uniform = quantize.plan(f16, recipes.VariantRecipe(name="q4km", type=F.Q4_K_M), calibrated)
     # 576-wide rows: Q4_K falls back to Q5_0 and Q6_K to Q8_0; only the 1536-wide ffn_down keeps K-types
     types = {row.tensor: row.type for row in uniform.rows}
     assert types["blk.5.attn_q.weight"] is T.Q5_0
     assert types["blk.0.ffn_down.weight"] in {T.Q4_K, T.Q6_K}
-    dynamic = recipes.plan_variant(f16, recipes.VariantRecipe(name="dyn", type=F.Q4_K_M, recipe="dynamic"), calibrated)
+    dynamic = quantize.plan(f16, recipes.VariantRecipe(name="dyn", type=F.Q4_K_M, recipe="dynamic"), calibrated)
     assert dynamic.total_bytes <= uniform.total_bytes
     assert all(
         row.type in {T.F32, T.F16} or 576 % constants.TENSOR_TYPES[row.type].block_size == 0
@@ -78,7 +78,7 @@ def test_uniform_and_dynamic_plans_are_what_llama_cpp_writes(
 def test_imatrix_file_feeds_the_quantizer(f16: Path, calibrated: imatrix.ImatrixData, tmp_path: Path) -> None:
     path = tmp_path / "imatrix.gguf"
     imatrix.write_gguf(calibrated, path)
-    job = quantize.QuantizeJob(file_type=F.IQ2_XS, nthread=2)
+    job = quantize_job.QuantizeJob(file_type=F.IQ2_XS, nthread=2)
     quantize.quantize(f16, tmp_path / "a.gguf", job, calibrated)
     quantize.quantize(f16, tmp_path / "b.gguf", job, imatrix.read_gguf(path))
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()

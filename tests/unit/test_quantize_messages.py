@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kquant.quantizer import constants, quantize
+from kquant.quantizer import constants, quantize, quantize_job
 
-JOB = quantize.QuantizeJob(file_type=constants.FileType.IQ2_XXS)
+JOB = quantize_job.QuantizeJob(file_type=constants.FileType.IQ2_XXS)
 
 NEEDS_IMATRIX_LOG = """
 ============================================================================

@@ -55,24 +55,6 @@ def test_step_that_forgets_its_output_fails(tmp_path: Path) -> None:
         steps.run_step(step, steps.StampStore(tmp_path))
 
 
-def test_run_steps_in_order_and_unique_keys(tmp_path: Path) -> None:
-    order: list[str] = []
-
-    def step(key: str) -> steps.Step:
-        out = tmp_path / key
-
-        def run(progress: steps.Progress) -> None:
-            order.append(key)
-            out.write_text(key)
-
-        return steps.Step(key, steps.StepKind.FETCH, {}, (out,), run)
-
-    outcomes = steps.run_steps([step("b"), step("a")], steps.StampStore(tmp_path / "s"))
-    assert order == ["b", "a"] and [o.key for o in outcomes] == ["b", "a"]
-    with pytest.raises(ValueError, match="unique"):
-        steps.run_steps([step("a"), step("a")], steps.StampStore(tmp_path / "s"))
-
-
 def test_digest_is_order_independent() -> None:
     assert steps.inputs_digest({"a": 1, "b": [1, 2]}) == steps.inputs_digest({"b": [1, 2], "a": 1})
     assert steps.inputs_digest({"a": 1}) != steps.inputs_digest({"a": 2})

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pydantic
 import pytest
-from kquant.quantizer import constants, recipes
+from kquant.quantizer import constants, recipes, units
 
 T = constants.TensorType
 
@@ -344,8 +347,8 @@ def deepseek_r1() -> list[recipes.TensorSpec]:
 def test_deepseek_r1_at_131_gib_looks_like_unsloths_mix() -> None:
     tensors = deepseek_r1()
     by_name = {t.name: t for t in tensors}
-    choice = plan(tensors, 131 * recipes.GIB, base=T.IQ1_S)
-    assert 130 * recipes.GIB < choice.total_bytes <= 131 * recipes.GIB
+    choice = plan(tensors, 131 * units.GiB, base=T.IQ1_S)
+    assert 130 * units.GiB < choice.total_bytes <= 131 * units.GiB
     roles = recipes.roles_for(tensors)
 
     def bits_of(role: recipes.Role) -> list[float]:
@@ -360,4 +363,34 @@ def test_deepseek_r1_at_131_gib_looks_like_unsloths_mix() -> None:
     kept = [n for n, r in roles.items() if r is recipes.Role.KEPT]
     assert len(recipes.overrides_for(choice.types, kept)) < 40
     with pytest.raises(recipes.RecipeError, match=r"smallest mix this recipe allows is 127\.\d+ GiB"):
-        plan(tensors, 110 * recipes.GIB, base=T.IQ1_S)
+        plan(tensors, 110 * units.GiB, base=T.IQ1_S)
+
+
+def test_plan_variant_needs_only_llama_cpps_answer() -> None:
+    """The dry run's answer is an argument, so a plan is made and checked without llama.cpp."""
+    tensors = dense_model(layers=2)
+    uniform = {
+        t.name: T.F32 if t.type is T.F32 else T.Q6_K if t.name in ("output.weight", "token_embd.weight") else T.Q4_K
+        for t in tensors
+    }
+    source = Path("m.gguf")
+    variant = recipes.VariantRecipe(name="v", type=constants.FileType.Q4_K_M)
+    uniform_plan = recipes.plan_variant(tensors, variant, None, uniform, source=source)
+    assert uniform_plan.recipe == "uniform" and uniform_plan.job == recipes.base_job(variant)
+    assert uniform_plan.total_bytes == sum(q4k_m_like(t) for t in tensors)
+    dynamic = recipes.VariantRecipe(name="d", type=constants.FileType.Q4_K_M, recipe="dynamic")
+    assert recipes.plan_variant(tensors, dynamic, None, uniform, source=source).total_bytes <= uniform_plan.total_bytes
+    missing = {name: t for name, t in uniform.items() if name != "output.weight"}
+    with pytest.raises(recipes.RecipeError, match=r"dry run of m.gguf did not list tensor output.weight"):
+        recipes.plan_variant(tensors, variant, None, missing, source=source)
+
+
+def test_planning_loads_no_native_library() -> None:
+    """``kquant plan`` and the recipes run where llama.cpp and torch are not loaded (nor wanted)."""
+    code = (
+        "import sys, kquant.operator.commands.plan, kquant.quantizer.recipes\n"
+        "loaded = sorted({'llama_cpp', 'torch'} & set(sys.modules))\n"
+        "assert not loaded, loaded"
+    )
+    done = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
