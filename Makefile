@@ -22,6 +22,7 @@ lint: setup
 	$(VENV)/python -P hack/gen_api_docs.py --check
 	$(VENV)/python -P hack/gen_gitops.py --check
 	$(VENV)/python -P hack/gen_crds.py --check
+	$(VENV)/python -P hack/gen_chart_docs.py --check
 
 test-unit: setup
 	$(VENV)/pytest tests/unit
