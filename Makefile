@@ -19,7 +19,6 @@ tools:
 lint: setup
 	$(VENV)/ruff check operator quantizer hack tests bench
 	bash hack/typecheck.sh
-	bash hack/lint-imports.sh
 	$(VENV)/python -P hack/gen_api_docs.py --check
 	$(VENV)/python -P hack/gen_gitops.py --check
 	$(VENV)/python -P hack/gen_crds.py --check

@@ -50,16 +50,22 @@ def quantity_bytes(value: str | int | None) -> int | None:
     return int(parse_quantity(value if isinstance(value, int) else str(value).strip()))
 
 
-def whole_quantity(value: object) -> int:
-    """An extended-resource quantity such as ``nvidia.com/gpu``: a whole number, 0 when unset."""
+def whole_quantity(value: object, what: str = "quantity") -> int:
+    """An extended-resource quantity such as ``nvidia.com/gpu``: a whole number, 0 when unset.
+
+    ``what`` names the value in the error (``GPU quantity '1.5' is not a whole number``).
+    """
     if value is None:
         return 0
     text = str(value).strip()
     if not text:
         return 0
-    number = parse_quantity(text)
+    try:
+        number = parse_quantity(text)
+    except ValueError:
+        raise ValueError(f"{what} {text!r} is not a Kubernetes quantity") from None
     if not number.is_integer():
-        raise ValueError(f"quantity {text!r} is not a whole number")
+        raise ValueError(f"{what} {text!r} is not a whole number")
     return int(number)
 
 

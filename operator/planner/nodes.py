@@ -116,12 +116,9 @@ def mig_memory_mib(profile: str) -> int:
     return int(int(match.group(1)) * 1024 * 0.95)
 
 
-def _quantity(value: Any) -> int:
-    """An extended-resource quantity (always whole numbers for GPUs), 0 when unset."""
-    try:
-        return units.whole_quantity(value)
-    except ValueError as exc:  # "quantity '1.5' is not a whole number": say it is a GPU's
-        raise ValueError(f"GPU {exc}") from None
+def _gpu_quantity(value: Any) -> int:
+    """A GPU count or a GPU memory label: whole numbers, 0 when unset."""
+    return units.whole_quantity(value, "GPU quantity")
 
 
 def _containers(pod: Mapping[str, Any]) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
@@ -140,7 +137,7 @@ def pod_request(pod: Mapping[str, Any], resource: str) -> int:
         res = container.get("resources") or {}
         requests = res.get("requests") or {}
         limits = res.get("limits") or {}
-        return _quantity(requests.get(resource, limits.get(resource)))
+        return _gpu_quantity(requests.get(resource, limits.get(resource)))
 
     regular, init_containers = _containers(pod)
     init = max((amount(c) for c in init_containers), default=0)
@@ -181,10 +178,10 @@ def node_gpus(
         product = labels.get(keys.product)
         memory_mib: int | None = None
         if labels.get(keys.memory_mib):
-            memory_mib = _quantity(labels[keys.memory_mib])
+            memory_mib = _gpu_quantity(labels[keys.memory_mib])
         elif product:
             memory_mib = product_memory_mib(product)
-        count = _quantity(allocatable.get(keys.resource, labels.get(keys.count)))
+        count = _gpu_quantity(allocatable.get(keys.resource, labels.get(keys.count)))
         pools.append(GPUPool(
             resource=keys.resource,
             product=product,
@@ -199,12 +196,12 @@ def node_gpus(
             continue
         profile = match["profile"]
         label_mib = labels.get(f"nvidia.com/mig-{profile}.memory")
-        mib = _quantity(label_mib) if label_mib else mig_memory_mib(profile)
+        mib = _gpu_quantity(label_mib) if label_mib else mig_memory_mib(profile)
         pools.append(GPUPool(
             resource=resource,
             product=labels.get(f"nvidia.com/mig-{profile}.product", labels.get(keys.product)),
             memory_bytes=mib * units.MiB,
-            allocatable=_quantity(value),
+            allocatable=_gpu_quantity(value),
             requested=sum(pod_request(p, resource) for p in active),
         ))  # fmt: skip
     return NodeGPUs(node=name, pools=tuple(pools))

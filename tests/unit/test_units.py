@@ -52,3 +52,10 @@ def test_formatters() -> None:
     assert units.human_size(int(131.4 * 2**30)) == "131.4GiB"
     assert units.human_size(int(98.9 * 2**20)) == "98.9MiB"
     assert units.human_size(512) == "512"
+
+
+def test_whole_quantity_names_the_value_it_refuses() -> None:
+    with pytest.raises(ValueError, match=r"^GPU quantity 'abc' is not a Kubernetes quantity$"):
+        units.whole_quantity("abc", "GPU quantity")
+    with pytest.raises(ValueError, match=r"^GPU quantity '1\.5' is not a whole number$"):
+        units.whole_quantity("1.5", "GPU quantity")
