@@ -31,7 +31,7 @@ from kquant.quantizer import constants, gguf_facts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import fit_params
-import gguf_models
+from fixtures import gguf_models
 
 MiB = memory.MiB
 CACHE = Path.home() / ".cache" / "kquant" / "bench-gguf"

@@ -27,8 +27,7 @@ from kquant.quantizer import constants, evaluate, imatrix, quantize, quantize_jo
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
-import quantize_models  # noqa: E402
-from fixtures import smollm2  # noqa: E402
+from fixtures import hf_models, smollm2  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -60,8 +59,8 @@ def main() -> None:
     args = parser.parse_args()
     hf = smollm2.hf_dir()
     if args.model == "random-256":
-        hf = quantize_models.write_random_hf_like(Path.home() / ".cache" / "kquant" / "fixtures" / "random-256-hf", hf)
-    src = quantize_models.cached_f16_gguf(hf, args.model)
+        hf = hf_models.write_random_hf_like(Path.home() / ".cache" / "kquant" / "fixtures" / "random-256-hf", hf)
+    src = hf_models.cached_f16_gguf(hf, args.model)
     data = imatrix.compute_imatrix(hf, [evaluate.builtin_text("calibration.txt")], chunks=4, context_size=512)
     job = quantize_job.QuantizeJob(file_type=constants.FileType(args.type), nthread=2)
     bare: list[float] = []

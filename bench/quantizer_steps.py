@@ -46,8 +46,7 @@ from kquant.quantizer import (
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
-import quantize_models  # noqa: E402
-from fixtures import smollm2  # noqa: E402
+from fixtures import hf_models, smollm2  # noqa: E402
 from hub_server import FakeHub  # noqa: E402
 
 REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -164,7 +163,7 @@ def overhead_inputs(
         layout = pipeline.Layout.for_spec(settings.parse_spec(spec))
         return layout.base_gguf(settings.ConvertType.F16), layout.imatrix
     hf = smollm2.hf_dir()
-    f16 = quantize_models.cached_f16_gguf(hf, "smollm2")
+    f16 = hf_models.cached_f16_gguf(hf, "smollm2")
     data = imatrix.compute_imatrix(hf, [evaluate.builtin_text("calibration.txt")], chunks=chunks, context_size=512)
     path = work / "imatrix.gguf"
     imatrix.write_gguf(data, path)
@@ -204,7 +203,7 @@ def main() -> None:
 
         if "3" in sections and smol is not None:
             print("\n== 3. uniform Q4_K_M vs dynamic at the same or smaller size (KL vs f16, held-out text)")
-            rand_hf = quantize_models.write_random_hf_like(
+            rand_hf = hf_models.write_random_hf_like(
                 Path.home() / ".cache" / "kquant" / "fixtures" / "random-256-hf", smol_hf
             )
             rand = build({"local": {"path": str(rand_hf)}}, work / "rand", args.chunks)

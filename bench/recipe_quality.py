@@ -34,8 +34,7 @@ from kquant.quantizer import constants, evaluate, imatrix, quantize, recipes, un
 
 TESTS = Path(__file__).resolve().parents[1] / "tests"
 sys.path.insert(0, str(TESTS))
-import quantize_models  # noqa: E402
-from fixtures import smollm2  # noqa: E402
+from fixtures import hf_models, smollm2  # noqa: E402
 
 F = constants.FileType
 CONTEXT = 512
@@ -150,8 +149,8 @@ def main() -> None:
                 hf = smol_hf
             else:
                 cache = Path.home() / ".cache" / "kquant" / "fixtures" / "random-256-hf"
-                hf = quantize_models.write_random_hf_like(cache, smol_hf)
-            f16 = quantize_models.cached_f16_gguf(hf, name)
+                hf = hf_models.write_random_hf_like(cache, smol_hf)
+            f16 = hf_models.cached_f16_gguf(hf, name)
             rows += run_model(name, hf, f16, args.chunks, work)
     print(f"{'model':<11} {'variant':<26} {'bytes':>13} {'bpw':>6} {'KL':>9} {'top-1':>6} {'pred.loss':>9}")
     for r in rows:

@@ -1,6 +1,6 @@
 """Measure each llama.cpp type's relative quantization error, the numbers in recipes.RELATIVE_ERROR.
 
-A random f16 llama model (tests/quantize_models.py, Gaussian weights) is quantized by llama.cpp
+A random f16 llama model (tests/fixtures/gguf_models.py, Gaussian weights) is quantized by llama.cpp
 in-process with every block tensor forced to one type, once without and once with a log-normal
 importance matrix; the result is dequantized with gguf-py and compared with the source:
 
@@ -14,6 +14,7 @@ Types that llama.cpp refuses without an imatrix report the imatrix run in both c
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 import time
@@ -25,7 +26,7 @@ import numpy.typing as npt
 from kquant.quantizer import constants, imatrix, quantize, quantize_job, recipes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import quantize_models
+from fixtures import gguf_models
 
 T = constants.TensorType
 TYPES = [*recipes.CANDIDATES, T.TQ1_0, T.TQ2_0, T.MXFP4, T.Q4_1, T.Q5_1, T.F16, T.BF16]
@@ -60,10 +61,10 @@ def errors(
 
 
 def main() -> None:
-    spec = quantize_models.RandomModel(n_embd=1024, n_ff=2048, n_layer=2, n_head=8, n_head_kv=4)
+    spec = dataclasses.replace(gguf_models.QUANTIZABLE, n_embd=1024, n_ff=2048, n_layer=2, n_head=8, n_head_kv=4)
     with tempfile.TemporaryDirectory() as tmp:
-        src = quantize_models.write_random_llama(Path(tmp) / "f16.gguf", spec)
-        synthetic = quantize_models.synthetic_imatrix_values(src)
+        src = gguf_models.write_model(Path(tmp) / "f16.gguf", spec)
+        synthetic = gguf_models.synthetic_imatrix_values(src)
         data = imatrix.ImatrixData(
             means={name: values for name, (values, _) in synthetic.items()},
             counts={name: np.full(n, 512, dtype=np.int64) for name, (_, n) in synthetic.items()},

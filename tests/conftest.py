@@ -14,14 +14,14 @@ from collections.abc import Iterator
 
 import pytest
 import yaml
-from kube import Cluster, wait_for
+from fixtures import cluster_client
 from kubernetes import client
 from localcluster import cluster as localcluster
 from localcluster import controlplane
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster_client.Cluster]:
     bin_dir = localcluster.build_binaries()
     root = pathlib.Path(os.environ.get("KQUANT_TEST_CLUSTER_ROOT") or tmp_path_factory.mktemp("cluster"))
     paths = controlplane.ClusterPaths(root)
@@ -29,7 +29,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     previous = os.environ.get("KUBECONFIG")
     os.environ["KUBECONFIG"] = str(paths.kubeconfig)
     try:
-        yield Cluster(paths, bin_dir)
+        yield cluster_client.Cluster(paths, bin_dir)
     finally:
         localcluster.down(paths)
         if previous is None:
@@ -39,14 +39,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 @pytest.fixture
-def namespace(cluster: Cluster) -> Iterator[str]:
+def namespace(cluster: cluster_client.Cluster) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:10]}"
     core = client.CoreV1Api(cluster.api_client())
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
         name=name, labels={"kquant.dev/test": "true"})))
     # Pods are refused until the service-account controller has made "default", as on any cluster.
-    wait_for(lambda: core.list_namespaced_service_account(name, field_selector="metadata.name=default").items,
-             what=f"ServiceAccount {name}/default")
+    cluster_client.wait_for(
+        lambda: core.list_namespaced_service_account(name, field_selector="metadata.name=default").items,
+        what=f"ServiceAccount {name}/default")
     try:
         yield name
     finally:
@@ -57,7 +58,7 @@ CRD_FILE = pathlib.Path(__file__).resolve().parents[1] / "crds/kquant.dev_quanti
 
 
 @pytest.fixture(scope="session")
-def crd(cluster: Cluster) -> None:
+def crd(cluster: cluster_client.Cluster) -> None:
     """Install the generated QuantizedModel CRD once and wait until the API server serves it."""
     api_client = cluster.api_client()
     body = yaml.safe_load(CRD_FILE.read_text())
@@ -75,4 +76,4 @@ def crd(cluster: Cluster) -> None:
             return False
         return True
 
-    wait_for(served, timeout=60, what="quantizedmodels to be served")
+    cluster_client.wait_for(served, timeout=60, what="quantizedmodels to be served")

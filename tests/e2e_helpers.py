@@ -10,11 +10,11 @@ import sys
 import time
 from typing import Any
 
-from kube import Cluster
+from fixtures import cluster_client
 from kubernetes import client
 
 
-def qm_status(cluster: Cluster, namespace: str, name: str) -> dict[str, Any]:
+def qm_status(cluster: cluster_client.Cluster, namespace: str, name: str) -> dict[str, Any]:
     custom = client.CustomObjectsApi(cluster.api_client())
     body = custom.get_namespaced_custom_object("kquant.dev", "v1alpha1", namespace, "quantizedmodels", name)
     status: dict[str, Any] = body.get("status") or {}

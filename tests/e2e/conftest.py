@@ -7,15 +7,16 @@ from collections.abc import Iterator
 
 import pytest
 from e2e_helpers import OperatorProcess
+from fixtures import cluster_client
 from hub_server import FakeHub
-from kube import Cluster
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
-def operator(cluster: Cluster, crd: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+def operator(cluster: cluster_client.Cluster, crd: None,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     # One per test module: a running operator would also act on the QuantizedModels that later
     # tests (the CLI's, the GitOps kit's) create to check status rendering by hand.
     process = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log")

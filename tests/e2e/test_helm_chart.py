@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kube import wait_for
+from fixtures import cluster_client
 from kubernetes import client
 from kubernetes.client import exceptions
 
@@ -201,7 +201,7 @@ def test_install_and_uninstall(cluster: Any, namespace: str, helm: Helm) -> None
          "--set", f"peering.name={release}", "--set", f"healthPort={_free_port()}")  # fmt: skip
 
     for crd in CRDS:
-        wait_for(functools.partial(_established, ext, crd), timeout=60, what=f"{crd} Established")
+        cluster_client.wait_for(functools.partial(_established, ext, crd), timeout=60, what=f"{crd} Established")
     name = f"{release}-kquant-operator"
     role = rbac.read_cluster_role(name)
     assert any("quantizedmodels/status" in (r.resources or []) for r in role.rules or [])
@@ -224,7 +224,7 @@ def test_install_and_uninstall(cluster: Any, namespace: str, helm: Helm) -> None
 
     # The operator itself: kopf's /healthz answers once it runs, under the chart's RBAC.
     selector = f"app.kubernetes.io/instance={release}"
-    wait_for(lambda: _pod_ready(core, namespace, selector), timeout=180, what="operator pod Ready")
+    cluster_client.wait_for(lambda: _pod_ready(core, namespace, selector), timeout=180, what="operator pod Ready")
     deployment = apps.read_namespaced_deployment(name, namespace)
     assert deployment.status and deployment.status.ready_replicas == 1
 
@@ -237,7 +237,8 @@ def test_install_and_uninstall(cluster: Any, namespace: str, helm: Helm) -> None
     assert not _exists(lambda: apps.read_namespaced_deployment(name, namespace))
     # Pods go by garbage collection (Deployment -> ReplicaSet -> Pod) and graceful termination.
     try:
-        wait_for(lambda: not _pods_left(core, namespace, selector), timeout=180, what="operator pods gone")
+        cluster_client.wait_for(
+            lambda: not _pods_left(core, namespace, selector), timeout=180, what="operator pods gone")
     except AssertionError as error:
         raise AssertionError(f"{error}: {_pods_left(core, namespace, selector)}") from None
     assert helm("list", "--namespace", namespace, "--all", "-q").stdout.strip() == ""

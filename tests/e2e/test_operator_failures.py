@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 from e2e_helpers import OperatorProcess, condition, qm_status
+from fixtures import cluster_client
 from hub_server import FakeHub
-from kube import Cluster, wait_for
 from kubernetes import client
 from localcluster import nodes
 
@@ -35,13 +35,13 @@ def _manifest(name: str, hub: FakeHub, variant: dict[str, Any], **spec: Any) -> 
     return body
 
 
-def _wait_condition(cluster: Cluster, namespace: str, name: str, kind: str, reason: str,
+def _wait_condition(cluster: cluster_client.Cluster, namespace: str, name: str, kind: str, reason: str,
                     timeout: float = 600) -> dict[str, Any]:
     def check() -> dict[str, Any] | None:
         found = condition(qm_status(cluster, namespace, name), kind)
         return found if found and found["reason"] == reason else None
 
-    return wait_for(check, timeout=timeout, interval=2, what=f"{name}: {kind} reason {reason}")
+    return cluster_client.wait_for(check, timeout=timeout, interval=2, what=f"{name}: {kind} reason {reason}")
 
 
 def _warnings(core: client.CoreV1Api, namespace: str, name: str) -> set[str]:
@@ -50,7 +50,7 @@ def _warnings(core: client.CoreV1Api, namespace: str, name: str) -> set[str]:
 
 
 @pytest.fixture
-def shared_claim(cluster: Cluster, namespace: str) -> str:
+def shared_claim(cluster: cluster_client.Cluster, namespace: str) -> str:
     core = client.CoreV1Api(cluster.api_client())
     core.create_namespaced_persistent_volume_claim(namespace, {
         "metadata": {"name": "models"},
@@ -58,7 +58,7 @@ def shared_claim(cluster: Cluster, namespace: str) -> str:
     return "models"
 
 
-def _a_bigger_gpu_node_arrives(cluster: Cluster, namespace: str) -> None:
+def _a_bigger_gpu_node_arrives(cluster: cluster_client.Cluster, namespace: str) -> None:
     """A model that fits nowhere is planned again as soon as a node that can hold it joins, not at
     the next resync. The node has no agent behind it, so it goes again before anything runs there."""
     core, apps = client.CoreV1Api(cluster.api_client()), client.AppsV1Api(cluster.api_client())
@@ -68,7 +68,7 @@ def _a_bigger_gpu_node_arrives(cluster: Cluster, namespace: str) -> None:
         core.patch_node_status(giant.name, {"status": {"capacity": giant.resources(),
                                                        "allocatable": giant.resources()}})
         start = time.monotonic()
-        served = wait_for(lambda: apps.list_namespaced_deployment(
+        served = cluster_client.wait_for(lambda: apps.list_namespaced_deployment(
             namespace, label_selector="kquant.dev/model=huge").items, timeout=60, interval=0.5,
             what="a Deployment for huge once a node can hold it")
         assert time.monotonic() - start < 30, "the new node must trigger a pass, not the resync timer"
@@ -78,7 +78,7 @@ def _a_bigger_gpu_node_arrives(cluster: Cluster, namespace: str) -> None:
 
 
 def test_failures_are_reported_and_nothing_bad_is_served(
-        cluster: Cluster, namespace: str, operator: OperatorProcess, smollm2_hub: FakeHub,
+        cluster: cluster_client.Cluster, namespace: str, operator: OperatorProcess, smollm2_hub: FakeHub,
         shared_claim: str) -> None:
     api = cluster.api_client()
     custom, core, batch, apps = (client.CustomObjectsApi(api), client.CoreV1Api(api),
@@ -105,8 +105,9 @@ def test_failures_are_reported_and_nothing_bad_is_served(
     token = next(e for e in env if e.name == "HF_TOKEN")
     assert token.value is None and token.value_from.secret_key_ref.name == "hf-token"
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "gated")
-    wait_for(lambda: not batch.list_namespaced_job(namespace, label_selector="kquant.dev/model=gated").items,
-             what="the gated build to be garbage-collected")
+    cluster_client.wait_for(
+        lambda: not batch.list_namespaced_job(namespace, label_selector="kquant.dev/model=gated").items,
+        what="the gated build to be garbage-collected")
 
     # A revision the hub does not have: the build fails once, with the quantizer's own reason.
     norev = _manifest("norev", smollm2_hub, {"name": "q8", "type": "Q8_0"})

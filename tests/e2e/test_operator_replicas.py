@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from e2e_helpers import OperatorProcess
-from kube import Cluster, wait_for
+from fixtures import cluster_client
 from kubernetes import client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
@@ -24,7 +24,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 PAUSE = "registry.k8s.io/pause:3.10"
 
 
-def _install_peering_crds(cluster: Cluster) -> None:
+def _install_peering_crds(cluster: cluster_client.Cluster) -> None:
     ext = client.ApiextensionsV1Api(cluster.api_client())
     for crd in yaml.safe_load_all((REPO / "charts/kquant/crds/kopf.dev_peerings.yaml").read_text()):
         try:
@@ -33,8 +33,9 @@ def _install_peering_crds(cluster: Cluster) -> None:
             if exc.status != 409:
                 raise
     custom = client.CustomObjectsApi(cluster.api_client())
-    wait_for(lambda: custom.list_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings") is not None,
-             timeout=60, what="ClusterKopfPeerings to be served")
+    cluster_client.wait_for(
+        lambda: custom.list_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings") is not None,
+        timeout=60, what="ClusterKopfPeerings to be served")
 
 
 def _model() -> dict[str, Any]:
@@ -52,7 +53,7 @@ def _report(digest: str) -> str:
     return json.dumps({"status": "Succeeded", "quantizerVersion": "0.1.0", "variants": [variant]})
 
 
-def test_one_replica_acts_and_the_other_takes_over(cluster: Cluster, crd: None, namespace: str,
+def test_one_replica_acts_and_the_other_takes_over(cluster: cluster_client.Cluster, crd: None, namespace: str,
                                                   tmp_path: pathlib.Path) -> None:
     _install_peering_crds(cluster)
     api = cluster.api_client()
@@ -70,7 +71,8 @@ def test_one_replica_acts_and_the_other_takes_over(cluster: Cluster, crd: None, 
     try:
         time.sleep(5)  # peers find each other; the lower priority pauses
         custom.create_namespaced_custom_object("kquant.dev", "v1alpha1", namespace, "quantizedmodels", _model())
-        [job] = wait_for(lambda: batch.list_namespaced_job(namespace).items, timeout=60, what="the build Job")
+        [job] = cluster_client.wait_for(
+            lambda: batch.list_namespaced_job(namespace).items, timeout=60, what="the build Job")
         time.sleep(5)
         assert len(batch.list_namespaced_job(namespace).items) == 1, "two replicas made two Jobs"
         assert "started build" in first.log.read_text() and "started build" not in second.log.read_text()
@@ -79,10 +81,11 @@ def test_one_replica_acts_and_the_other_takes_over(cluster: Cluster, crd: None, 
         digest = job.metadata.labels["kquant.dev/digest"]  # the whole 16-digit build digest
         core.patch_namespaced_config_map(job.metadata.name, namespace,
                                           {"data": {"progress": "done", "report": _report(digest)}})
-        wait_for(lambda: apps.list_namespaced_deployment(namespace, label_selector="kquant.dev/model=twin").items,
-                 timeout=90, what="the second replica to roll out the served variant")
-        wait_for(lambda: "rolling out q8" in second.log.read_text(), timeout=10,
-                 what="the second replica's log to say it rolled out")
+        cluster_client.wait_for(
+            lambda: apps.list_namespaced_deployment(namespace, label_selector="kquant.dev/model=twin").items,
+            timeout=90, what="the second replica to roll out the served variant")
+        cluster_client.wait_for(lambda: "rolling out q8" in second.log.read_text(), timeout=10,
+                                what="the second replica's log to say it rolled out")
         assert len(batch.list_namespaced_job(namespace).items) == 1
     finally:
         first.stop()

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 from e2e_helpers import OperatorProcess, condition, qm_status
+from fixtures import cluster_client
 from hub_server import FakeHub
-from kube import Cluster, wait_for
 from kubernetes import client
 from localcluster import services
 
@@ -51,7 +51,7 @@ def _chat(core: client.CoreV1Api, namespace: str, question: str) -> dict[str, An
     return answer
 
 
-def _ready_with(cluster: Cluster, namespace: str, name: str, variant: str) -> dict[str, Any] | None:
+def _ready_with(cluster: cluster_client.Cluster, namespace: str, name: str, variant: str) -> dict[str, Any] | None:
     status = qm_status(cluster, namespace, name)
     ready = condition(status, "Ready")
     if ready and ready["status"] == "True" and (status.get("serving") or {}).get("variant") == variant:
@@ -84,7 +84,7 @@ def _assert_each_event_once(core: client.CoreV1Api, namespace: str) -> None:
     assert all((e.count or 1) == 1 for e in events), said
 
 
-def test_build_serve_and_promote(cluster: Cluster, namespace: str, operator: OperatorProcess,
+def test_build_serve_and_promote(cluster: cluster_client.Cluster, namespace: str, operator: OperatorProcess,
                                  smollm2_hub: FakeHub) -> None:
     api = cluster.api_client()
     custom, core, batch = client.CustomObjectsApi(api), client.CoreV1Api(api), client.BatchV1Api(api)
@@ -95,14 +95,15 @@ def test_build_serve_and_promote(cluster: Cluster, namespace: str, operator: Ope
     # no second Job appears for it.
     # (Killed once the status shows the build: a kill between an Event and the status write that
     # follows it would make the restarted operator say the same thing again.)
-    wait_for(lambda: batch.list_namespaced_job(namespace).items and qm_status(cluster, namespace, "smollm2")
-             .get("progress", "").startswith("q8 1/2"), what="the first build Job and its progress in status")
+    cluster_client.wait_for(
+        lambda: batch.list_namespaced_job(namespace).items and qm_status(cluster, namespace, "smollm2")
+        .get("progress", "").startswith("q8 1/2"), what="the first build Job and its progress in status")
     operator.kill()
     time.sleep(2)
     operator.start()
 
-    status = wait_for(lambda: _ready_with(cluster, namespace, "smollm2", "q4km"), timeout=900,
-                      interval=2, what="smollm2 to serve q4km")
+    status = cluster_client.wait_for(lambda: _ready_with(cluster, namespace, "smollm2", "q4km"), timeout=900,
+                                     interval=2, what="smollm2 to serve q4km")
     variants = {v["name"]: v for v in status["variants"]}
     assert set(variants) == {"q8", "q4km"}
     for variant in variants.values():
@@ -126,10 +127,11 @@ def test_build_serve_and_promote(cluster: Cluster, namespace: str, operator: Ope
     promoted["spec"]["serving"]["variant"] = "q8"
     custom.patch_namespaced_custom_object("kquant.dev", "v1alpha1", namespace, "quantizedmodels", "smollm2",
                                           {"spec": {"serving": {"variant": "q8"}}})
-    wait_for(lambda: _ready_with(cluster, namespace, "smollm2", "q8"), timeout=300, interval=2,
-             what="smollm2 to serve q8")
-    wait_for(lambda: len(_server_pods(core, namespace)) == 1 and _server_pods(core, namespace)[0].metadata.uid
-             != pod.metadata.uid, timeout=120, what="the old server pod to go")
+    cluster_client.wait_for(lambda: _ready_with(cluster, namespace, "smollm2", "q8"), timeout=300, interval=2,
+                            what="smollm2 to serve q8")
+    cluster_client.wait_for(
+        lambda: len(_server_pods(core, namespace)) == 1 and _server_pods(core, namespace)[0].metadata.uid
+        != pod.metadata.uid, timeout=120, what="the old server pod to go")
     [new_pod] = _server_pods(core, namespace)
     assert _chat(core, namespace, "Say hello.")["model"] == "smollm2-q8"
     assert new_pod.metadata.labels["kquant.dev/variant"] == "q8"

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 import yaml
+from fixtures import cluster_client
 from kquant.operator import builds, findings, status
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import report
-from kube import Cluster
 from kubernetes import client
 
 pytestmark = pytest.mark.integration
@@ -30,7 +30,7 @@ NOW = datetime.datetime(2026, 11, 25, 12, 0, tzinfo=datetime.UTC)
 
 
 @pytest.fixture(scope="module")
-def custom(cluster: Cluster, crd: None) -> client.CustomObjectsApi:
+def custom(cluster: cluster_client.Cluster, crd: None) -> client.CustomObjectsApi:
     return client.CustomObjectsApi(cluster.api_client())
 
 
@@ -59,13 +59,13 @@ def _status(qm: api.QuantizedModel) -> dict[str, Any]:
     return status.compute(qm, states, serving, NOW).to_patch()
 
 
-def _kquant(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+def _kquant(cluster: cluster_client.Cluster, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "COLUMNS": "200", "PYTHONSAFEPATH": "1"}
     return subprocess.run([str(KQUANT), *args], capture_output=True, text=True, env=env, timeout=60, check=False)
 
 
 def test_status_shows_variants_serving_and_conditions(
-    cluster: Cluster, custom: client.CustomObjectsApi, namespace: str
+    cluster: cluster_client.Cluster, custom: client.CustomObjectsApi, namespace: str
 ) -> None:
     body = yaml.safe_load((REPO / "examples/01-smollm2/quantizedmodel.yaml").read_text())
     created = custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, body)
@@ -88,7 +88,7 @@ def test_status_shows_variants_serving_and_conditions(
 
 
 def test_status_before_the_operator_wrote_anything(
-    cluster: Cluster, custom: client.CustomObjectsApi, namespace: str
+    cluster: cluster_client.Cluster, custom: client.CustomObjectsApi, namespace: str
 ) -> None:
     body = yaml.safe_load((REPO / "examples/04-promotion/quantizedmodel.yaml").read_text())
     custom.create_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, body)
@@ -98,7 +98,8 @@ def test_status_before_the_operator_wrote_anything(
     assert "promoted" in next(line for line in result.stdout.splitlines() if line.strip().startswith("q8"))
 
 
-def test_status_of_a_missing_model_says_so(cluster: Cluster, custom: client.CustomObjectsApi, namespace: str) -> None:
+def test_status_of_a_missing_model_says_so(cluster: cluster_client.Cluster, custom: client.CustomObjectsApi,
+                                           namespace: str) -> None:
     result = _kquant(cluster, "status", "nothing-here", "-n", namespace)
     assert result.returncode == 1
     assert f"QuantizedModel {namespace}/nothing-here not found" in result.stderr

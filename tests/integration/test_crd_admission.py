@@ -18,8 +18,8 @@ from typing import Any
 import invalid_manifests
 import pytest
 import yaml
+from fixtures import cluster_client
 from kquant.operator.api import v1alpha1 as api
-from kube import wait_for
 from kubernetes import client
 from kubernetes.client import exceptions
 
@@ -56,7 +56,7 @@ def install_crd(api_client: client.ApiClient, path: pathlib.Path) -> str:
         conditions = (status.conditions if status else None) or []
         return any(c.type == "Established" and c.status == "True" for c in conditions)
 
-    wait_for(established, timeout=60, what=f"CRD {name} Established")
+    cluster_client.wait_for(established, timeout=60, what=f"CRD {name} Established")
     return name
 
 
@@ -66,7 +66,7 @@ def objects(cluster: Any) -> Iterator[client.CustomObjectsApi]:
     install_crd(api_client, CRD_FILE)
     custom = client.CustomObjectsApi(api_client)
     # The CRD was just (re)established: wait until the new schema serves requests.
-    wait_for(lambda: _listable(custom), timeout=30, what="quantizedmodels served")
+    cluster_client.wait_for(lambda: _listable(custom), timeout=30, what="quantizedmodels served")
     yield custom
 
 

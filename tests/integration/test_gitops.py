@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 import yaml
+from fixtures import cluster_client
 from kquant.operator import cli
 from kquant.operator.api import v1alpha1 as api
-from kube import Cluster
 from kubernetes import client
 from kubernetes.client import exceptions
 from typer.testing import CliRunner
@@ -36,7 +36,7 @@ def render(overlay: pathlib.Path) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def custom(cluster: Cluster, crd: None) -> client.CustomObjectsApi:
+def custom(cluster: cluster_client.Cluster, crd: None) -> client.CustomObjectsApi:
     return client.CustomObjectsApi(cluster.api_client())
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-import quantize_models
+from fixtures import gguf_models
 from kquant.quantizer import constants, evaluate, imatrix, quantize, quantize_job
 
 BIN = Path(
@@ -33,7 +33,7 @@ def tool(name: str) -> Path:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return quantize_models.write_random_llama(tmp_path_factory.mktemp("m") / "f16.gguf")
+    return gguf_models.write_model(tmp_path_factory.mktemp("m") / "f16.gguf", gguf_models.QUANTIZABLE)
 
 
 def tensor_data(path: Path) -> dict[str, bytes]:
@@ -74,7 +74,7 @@ def test_llama_imatrix_output_reads_back(model: Path, tmp_path: Path) -> None:
 
 
 def test_llama_quantize_reads_our_file(model: Path, tmp_path: Path) -> None:
-    values = quantize_models.synthetic_imatrix_values(model)
+    values = gguf_models.synthetic_imatrix_values(model)
     data = imatrix.ImatrixData(
         means={name: v for name, (v, _) in values.items()},
         counts={name: np.full(n, 300, dtype=np.int64) for name, (_, n) in values.items()},

@@ -6,7 +6,7 @@ import pathlib
 from typing import Any
 
 import pytest
-from kube import Cluster, wait_for
+from fixtures import cluster_client
 from kubernetes import client, utils
 
 pytestmark = pytest.mark.integration
@@ -29,7 +29,7 @@ def _condition(conditions: list[Any] | None, kind: str) -> Any:
     return next((c for c in conditions or [] if c.type == kind), None)
 
 
-def test_nodes_carry_gpu_labels_and_capacity(cluster: Cluster) -> None:
+def test_nodes_carry_gpu_labels_and_capacity(cluster: cluster_client.Cluster) -> None:
     core = client.CoreV1Api(cluster.api_client())
     nodes = {n.metadata.name: n for n in core.list_node().items}
     big = nodes["gpu-8x80g"]
@@ -41,15 +41,16 @@ def test_nodes_carry_gpu_labels_and_capacity(cluster: Cluster) -> None:
     assert all(_condition(n.status.conditions, "Ready").status == "True" for n in nodes.values())
 
 
-def test_scheduler_places_gpu_pods_by_capacity(cluster: Cluster, namespace: str) -> None:
+def test_scheduler_places_gpu_pods_by_capacity(cluster: cluster_client.Cluster, namespace: str) -> None:
     api = cluster.api_client()
     core = client.CoreV1Api(api)
     for name, gpus in (("eight", 8), ("sixteen", 16)):
         pod = _shell_pod(name, "sleep 600",
                          container={"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}})
         utils.create_from_dict(api, pod, namespace=namespace)
-    running = wait_for(lambda: (p := core.read_namespaced_pod("eight", namespace)).status.phase == "Running"
-                       and p, what="the 8-GPU pod to run")
+    running = cluster_client.wait_for(
+        lambda: (p := core.read_namespaced_pod("eight", namespace)).status.phase == "Running"
+        and p, what="the 8-GPU pod to run")
     assert running.spec.node_name == "gpu-8x80g"
 
     def unschedulable() -> Any:
@@ -57,7 +58,7 @@ def test_scheduler_places_gpu_pods_by_capacity(cluster: Cluster, namespace: str)
         scheduled = _condition(pod.status.conditions, "PodScheduled")
         return scheduled if scheduled and scheduled.reason == "Unschedulable" else None
 
-    scheduled = wait_for(unschedulable, what="the 16-GPU pod to be unschedulable")
+    scheduled = cluster_client.wait_for(unschedulable, what="the 16-GPU pod to be unschedulable")
     assert pod_phase(core, namespace, "sixteen") == "Pending"
     assert "Insufficient nvidia.com/gpu" in scheduled.message
 
@@ -66,30 +67,31 @@ def pod_phase(core: client.CoreV1Api, namespace: str, name: str) -> str:
     return str(core.read_namespaced_pod(name, namespace).status.phase)
 
 
-def test_job_that_exits_zero_completes_with_its_message(cluster: Cluster, namespace: str) -> None:
+def test_job_that_exits_zero_completes_with_its_message(cluster: cluster_client.Cluster, namespace: str) -> None:
     api = cluster.api_client()
     utils.create_from_dict(api, _job("ok", "echo all good > /dev/termination-log"), namespace=namespace)
     batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
-    wait_for(lambda: _condition(batch.read_namespaced_job("ok", namespace).status.conditions, "Complete"),
-             what="Job ok to complete")
+    cluster_client.wait_for(
+        lambda: _condition(batch.read_namespaced_job("ok", namespace).status.conditions, "Complete"),
+        what="Job ok to complete")
     pod = core.list_namespaced_pod(namespace, label_selector="job-name=ok").items[0]
     terminated = pod.status.container_statuses[0].state.terminated
     assert (terminated.exit_code, terminated.message.strip()) == (0, "all good")
 
 
-def test_job_that_exits_one_fails_after_backoff_limit(cluster: Cluster, namespace: str) -> None:
+def test_job_that_exits_one_fails_after_backoff_limit(cluster: cluster_client.Cluster, namespace: str) -> None:
     api = cluster.api_client()
     utils.create_from_dict(api, _job("bad", "echo broken; exit 1", backoff_limit=1), namespace=namespace)
     batch, core = client.BatchV1Api(api), client.CoreV1Api(api)
-    failed = wait_for(lambda: _condition(batch.read_namespaced_job("bad", namespace).status.conditions,
-                                         "Failed"), timeout=90, what="Job bad to fail")
+    failed = cluster_client.wait_for(lambda: _condition(batch.read_namespaced_job("bad", namespace).status.conditions,
+                                                        "Failed"), timeout=90, what="Job bad to fail")
     assert failed.reason == "BackoffLimitExceeded"
     pods = core.list_namespaced_pod(namespace, label_selector="job-name=bad").items
     assert len(pods) == 2  # the first try plus one retry
     assert {p.status.container_statuses[0].state.terminated.exit_code for p in pods} == {1}
 
 
-def test_deleting_an_owner_collects_its_children(cluster: Cluster, namespace: str) -> None:
+def test_deleting_an_owner_collects_its_children(cluster: cluster_client.Cluster, namespace: str) -> None:
     core = client.CoreV1Api(cluster.api_client())
     owner = core.create_namespaced_config_map(namespace, {"metadata": {"name": "owner"}})
     ref = {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner.metadata.uid}
@@ -100,10 +102,10 @@ def test_deleting_an_owner_collects_its_children(cluster: Cluster, namespace: st
         return not [c for c in core.list_namespaced_config_map(namespace).items
                     if c.metadata.name == "child"]
 
-    wait_for(child_gone, what="the garbage collector to delete the child")
+    cluster_client.wait_for(child_gone, what="the garbage collector to delete the child")
 
 
-def test_structural_schema_refuses_a_bad_object(cluster: Cluster, namespace: str) -> None:
+def test_structural_schema_refuses_a_bad_object(cluster: cluster_client.Cluster, namespace: str) -> None:
     api = cluster.api_client()
     ext = client.ApiextensionsV1Api(api)
     crd = {
@@ -121,13 +123,13 @@ def test_structural_schema_refuses_a_bad_object(cluster: Cluster, namespace: str
     except client.ApiException as exc:
         if exc.status != 409:
             raise
-    wait_for(lambda: _condition(ext.read_custom_resource_definition("widgets.test.kquant.dev")
-                                .status.conditions, "Established"), what="the CRD to be Established")
+    cluster_client.wait_for(lambda: _condition(ext.read_custom_resource_definition("widgets.test.kquant.dev")
+                                               .status.conditions, "Established"), what="the CRD to be Established")
     custom = client.CustomObjectsApi(api)
     bad = {"apiVersion": "test.kquant.dev/v1", "kind": "Widget", "metadata": {"name": "w"},
            "spec": {"size": 0}}
     with pytest.raises(client.ApiException) as refused:
-        wait_for(lambda: _create_or_404(custom, namespace, bad), what="the CRD's API to be served")
+        cluster_client.wait_for(lambda: _create_or_404(custom, namespace, bad), what="the CRD's API to be served")
     assert refused.value.status == 422
     assert "spec.size: Invalid value: 0: spec.size in body should be greater than or equal to 1" \
         in refused.value.body
@@ -142,7 +144,8 @@ def _create_or_404(custom: client.CustomObjectsApi, namespace: str, body: dict[s
         raise
 
 
-def test_deployment_with_failing_readiness_never_becomes_available(cluster: Cluster, namespace: str) -> None:
+def test_deployment_with_failing_readiness_never_becomes_available(cluster: cluster_client.Cluster,
+                                                                   namespace: str) -> None:
     api = cluster.api_client()
     apps = client.AppsV1Api(api)
 
@@ -157,8 +160,9 @@ def test_deployment_with_failing_readiness_never_becomes_available(cluster: Clus
 
     utils.create_from_dict(api, deployment("healthy", "true"), namespace=namespace)
     utils.create_from_dict(api, deployment("sick", "false"), namespace=namespace)
-    wait_for(lambda: (apps.read_namespaced_deployment("healthy", namespace).status.available_replicas or 0) == 1,
-             what="the healthy Deployment to become Available")
+    cluster_client.wait_for(
+        lambda: (apps.read_namespaced_deployment("healthy", namespace).status.available_replicas or 0) == 1,
+        what="the healthy Deployment to become Available")
     sick = apps.read_namespaced_deployment("sick", namespace)
     assert not sick.status.available_replicas
     available = _condition(sick.status.conditions, "Available")
@@ -169,7 +173,7 @@ def test_deployment_with_failing_readiness_never_becomes_available(cluster: Clus
     assert not pod.status.container_statuses[0].ready
 
 
-def test_deleting_a_running_pod_stops_its_process_gracefully(cluster: Cluster, namespace: str,
+def test_deleting_a_running_pod_stops_its_process_gracefully(cluster: cluster_client.Cluster, namespace: str,
                                                              tmp_path: pathlib.Path) -> None:
     api = cluster.api_client()
     core = client.CoreV1Api(api)
@@ -178,7 +182,7 @@ def test_deleting_a_running_pod_stops_its_process_gracefully(cluster: Cluster, n
     pod = _shell_pod("graceful", script, container={"volumeMounts": [{"name": "out", "mountPath": "/out"}]},
                      volumes=[{"name": "out", "hostPath": {"path": str(tmp_path)}}])
     utils.create_from_dict(api, pod, namespace=namespace)
-    wait_for(lambda: pod_phase(core, namespace, "graceful") == "Running", what="the pod to run")
+    cluster_client.wait_for(lambda: pod_phase(core, namespace, "graceful") == "Running", what="the pod to run")
     core.delete_namespaced_pod("graceful", namespace)
 
     def gone() -> bool:
@@ -188,5 +192,5 @@ def test_deleting_a_running_pod_stops_its_process_gracefully(cluster: Cluster, n
             return exc.status == 404
         return False
 
-    wait_for(gone, timeout=30, what="the deleted pod to disappear")
+    cluster_client.wait_for(gone, timeout=30, what="the deleted pod to disappear")
     assert marker.read_text().strip() == "got TERM"

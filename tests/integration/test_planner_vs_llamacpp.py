@@ -27,7 +27,7 @@ from kquant.quantizer import constants, gguf_facts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fit_params
-import gguf_models
+from fixtures import gguf_models
 
 pytestmark = pytest.mark.integration
 

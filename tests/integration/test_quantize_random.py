@@ -6,13 +6,14 @@ Mixtral-style (``ffn_*_exps`` with 4 experts) so the per-expert imatrix layout i
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
-import quantize_models
+from fixtures import gguf_models
 from kquant.quantizer import constants, imatrix, quantize, quantize_job, recipes
 
 F = constants.FileType
@@ -20,7 +21,7 @@ T = constants.TensorType
 
 
 def synthetic_imatrix(path: Path) -> imatrix.ImatrixData:
-    values = quantize_models.synthetic_imatrix_values(path)
+    values = gguf_models.synthetic_imatrix_values(path)
     return imatrix.ImatrixData(
         means={name: v for name, (v, _) in values.items()},
         counts={name: np.full(n, 1024, dtype=np.int64) for name, (_, n) in values.items()},
@@ -32,13 +33,13 @@ def synthetic_imatrix(path: Path) -> imatrix.ImatrixData:
 
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return quantize_models.write_random_llama(tmp_path_factory.mktemp("dense") / "f16.gguf")
+    return gguf_models.write_model(tmp_path_factory.mktemp("dense") / "f16.gguf", gguf_models.QUANTIZABLE)
 
 
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    spec = quantize_models.RandomModel(n_expert=4, n_expert_used=2, n_layer=2)
-    return quantize_models.write_random_llama(tmp_path_factory.mktemp("moe") / "f16.gguf", spec)
+    spec = dataclasses.replace(gguf_models.QUANTIZABLE, n_expert=4, n_expert_used=2, n_layer=2)
+    return gguf_models.write_model(tmp_path_factory.mktemp("moe") / "f16.gguf", spec)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,7 @@ from pathlib import Path
 
 import gguf
 import pytest
-import quantize_models
-from fixtures import smollm2
+from fixtures import hf_models, smollm2
 from kquant.quantizer import constants, evaluate, imatrix, quantize, quantize_job, recipes
 
 F = constants.FileType
@@ -26,7 +25,7 @@ def hf() -> Path:
 
 @pytest.fixture(scope="module")
 def f16(hf: Path) -> Path:
-    return quantize_models.cached_f16_gguf(hf, "smollm2")
+    return hf_models.cached_f16_gguf(hf, "smollm2")
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import kube
 import pytest
-from fixtures import gguf_split, smollm2
+from fixtures import cluster_client, gguf_split, smollm2
 from hub_server import FakeHub
 from kquant.quantizer import fetch, settings
 from kubernetes import client
@@ -352,7 +351,7 @@ def test_corrupt_gguf_source(env: Env, tmp_path: Path, damage: str) -> None:
     assert_nothing_final(root)
 
 
-def test_report_lands_in_the_configmap(env: Env, cluster: kube.Cluster, namespace: str) -> None:
+def test_report_lands_in_the_configmap(env: Env, cluster: cluster_client.Cluster, namespace: str) -> None:
     """With resultConfigMap set, progress and the final report are patched into the real API."""
     api = client.CoreV1Api(cluster.api_client())
     api.create_namespaced_config_map(namespace, client.V1ConfigMap(metadata=client.V1ObjectMeta(name="build")))

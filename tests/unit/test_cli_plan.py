@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import pathlib
 
-import gguf_models
 import pytest
 import yaml
+from fixtures import gguf_models
 from kquant.operator import cli, serving
 from kquant.operator.api import v1alpha1 as api
 from kquant.operator.commands import shapes

@@ -11,7 +11,7 @@ import pytest
 from kquant.quantizer import gguf_facts
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import gguf_models
+from fixtures import gguf_models
 
 SMALL = gguf_models.Shape(n_layer=3, n_embd=256, n_head=4, n_head_kv=2, n_ff=512, n_vocab=1024)
 

@@ -7,7 +7,7 @@ import pathlib
 from typing import Any
 
 import yaml
-from gguf_models import Shape, shape_facts
+from fixtures.gguf_models import Shape, shape_facts
 from kquant.operator import artifacts, builds, findings, server_manifests, serving, status
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import report

@@ -14,7 +14,7 @@ from kquant.operator.planner import memory, plan
 from kquant.quantizer import constants
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import gguf_models
+from fixtures import gguf_models
 
 MiB = memory.MiB
 GiB = memory.GiB

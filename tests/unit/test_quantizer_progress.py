@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 from kquant.quantizer import progress, report
 
 
@@ -49,10 +52,20 @@ def test_configmap_sink_lets_a_new_step_through_inside_the_throttle_interval() -
     assert [d["progress"] for d in sent] == ["q8 1/2 downloading 50%", "q8 1/2 converting 0%"]
 
 
-def test_configmap_errors_do_not_stop_the_build() -> None:
+def test_configmap_errors_do_not_stop_the_build(caplog: pytest.LogCaptureFixture) -> None:
+    tried: list[dict[str, str]] = []
+
     def broken(data: dict[str, str]) -> None:
+        tried.append(data)
         raise ConnectionError("api server down")
 
     sink = progress.ConfigMapSink(broken)
-    sink.progress(progress.ProgressLine("fetching", 0.0))
-    sink.report(report.BuildReport(status=report.BuildStatus.SUCCEEDED, quantizer_version="0"))
+    with caplog.at_level(logging.WARNING):
+        sink.progress(progress.ProgressLine("fetching", 0.0))
+        sink.progress(progress.ProgressLine("converting", 0.0))
+        sink.report(report.BuildReport(status=report.BuildStatus.SUCCEEDED, quantizer_version="0"))
+    # No exception reached the build, a failed write did not stop the next ones, and each failure was logged.
+    assert [d["progress"] for d in tried] == ["fetching 0%", "converting 0%", "done"]
+    assert '"status": "Succeeded"' in tried[-1]["report"]
+    failures = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert failures == ["could not update the result ConfigMap: api server down"] * 3

@@ -6,13 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
-import quantize_models
+from fixtures import gguf_models
 from kquant.quantizer import fetch, pipeline, publish, report, settings
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return quantize_models.write_random_llama(tmp_path_factory.mktemp("m") / "tiny.gguf")
+    return gguf_models.write_model(tmp_path_factory.mktemp("m") / "tiny.gguf", gguf_models.QUANTIZABLE)
 
 
 def staged_copy(src: Path, root: Path, digest: str, name: str) -> Path:
