@@ -24,9 +24,9 @@ root="$cache/llama.cpp/$version"
 src="$root/src"
 bin="$root/bin"
 build="$root/build"
-targets=(llama-server llama-fit-params ggml-rpc-server llama-completion llama-cli llama-quantize llama-imatrix)
+targets=(llama-server llama-fit-params ggml-rpc-server llama-completion llama-cli llama-quantize llama-imatrix llama-perplexity llama-gguf-split)
 # ggml-rpc-server is also installed as rpc-server, the name older llama.cpp docs use.
-wanted=(llama-server llama-fit-params rpc-server ggml-rpc-server llama-completion llama-cli llama-quantize llama-imatrix)
+wanted=(llama-server llama-fit-params rpc-server ggml-rpc-server llama-completion llama-cli llama-quantize llama-imatrix llama-perplexity llama-gguf-split)
 
 all_built() {
   local t
