@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 
+from kquant.operator import manifests
 from kquant.operator.api import v1alpha1 as api
-from kquant.quantizer import settings
+from kquant.quantizer import settings, shards, units
 
 STORAGE_MOUNT = "/var/lib/kquant"
 """Where the storage volume is mounted in quantizer and server pods."""
@@ -45,7 +46,7 @@ def _source(spec: api.QuantizedModelSpec) -> settings.Source:
     if spec.source.gguf is not None and spec.source.gguf.file:
         shard = spec.source.gguf.file
         # A split model's siblings share the name up to the shard number.
-        stem = shard.split("-00001-of-")[0] if "-00001-of-" in shard else shard.removesuffix(".gguf")
+        stem = shards.stem_of(shard)
         patterns = [*(patterns or []), f"{stem}*.gguf"]
     return settings.Source(huggingface=settings.HuggingFaceSource(
         repo=hub.repo, revision=hub.revision, endpoint=hub.endpoint,
@@ -97,11 +98,28 @@ def _variant(variant: api.Variant) -> settings.VariantSpec:
     )
 
 
+def cpu_count(pod: api.PodSettings | None) -> int | None:
+    """Whole CPUs a pod may use: its CPU limit, else its request (at least one); None when unset."""
+    resources = pod.resources if pod else None
+    for values in (resources.limits if resources else None, resources.requests if resources else None):
+        cpu = (values or {}).get("cpu")
+        if cpu is not None:
+            return max(1, int(units.parse_quantity(cpu)))
+    return None
+
+
 def base_spec(qm: api.QuantizedModel, variant: api.Variant) -> settings.BuildSpec:
-    """The quantizer's spec for one variant, before the operator adds its digest and ConfigMap."""
+    """The quantizer's spec for one variant, before the operator adds its digest and ConfigMap.
+
+    ``threads`` follows the build pod's CPUs: llama.cpp otherwise starts one thread per core of the
+    node (224 on a large one for a 16-CPU request). ``maxShardBytes`` comes from
+    ``spec.storage.shardSize``; the claim's name only makes full-disk reasons name it."""
+    storage = qm.spec.storage
+    shard = units.quantity_bytes(storage.shard_size) or settings.DEFAULT_SHARD_BYTES
     return settings.BuildSpec(
         source=_source(qm.spec), calibration=_calibration(qm.spec), variants=(_variant(variant),),
-        evaluation=_evaluation(qm.spec), storage_root=STORAGE_MOUNT,
+        evaluation=_evaluation(qm.spec), storage_root=STORAGE_MOUNT, threads=cpu_count(qm.spec.quantizer) or 0,
+        max_shard_bytes=shard, storage_claim=manifests.storage_claim_name(qm),
     )
 
 

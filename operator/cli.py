@@ -88,17 +88,24 @@ def plan(
     gguf: Annotated[pathlib.Path | None, typer.Option(help="read the model's facts from this GGUF's header")] = None,
     facts: Annotated[pathlib.Path | None, typer.Option(help="a ModelFacts JSON or a quantizer report")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print both plans as JSON")] = False,
+    hub_files: Annotated[pathlib.Path | None, typer.Option(
+        help="the source repository's file list with sizes (the hub API's siblings JSON): print the build sizing")]
+    = None,
+    hub_config: Annotated[pathlib.Path | None, typer.Option(help="the source repository's config.json")] = None,
 ) -> None:  # fmt: skip
     """The offload plan for a manifest's variant on given GPUs, beside the seed formula's. No cluster needed.
 
     Without --gguf or --facts, the model's facts are estimated from a builtin table of well-known
-    models (DeepSeek-R1, SmolLM2-135M, Llama-3.1-8B) and the variant's type and recipe.
+    models (DeepSeek-R1, SmolLM2-135M, Llama-3.1-8B) and the variant's type and recipe. With
+    --hub-files (and --hub-config for a safetensors source) the build's sizing is printed first:
+    claim, memory and CPU requests, threads, deadline and estimated time.
     """
     import json
 
     from kquant.operator.commands import plan as plan_cmd
     from kquant.operator.commands import render
     from kquant.operator.planner import plan as planner
+    from kquant.quantizer import sizing
 
     def compute() -> plan_cmd.Comparison:
         qm = common.load_model(manifest)
@@ -106,14 +113,26 @@ def plan(
         found, source = plan_cmd.load_facts(qm, chosen, gguf, facts)
         return plan_cmd.compare(qm, chosen, found, source, common.parse_size(gpu), gpus)
 
+    def sized() -> sizing.Sizing | None:
+        if hub_files is None:
+            if hub_config is not None:
+                raise common.CommandError("--hub-config needs --hub-files (the listing gives the sizes)")
+            return None
+        return plan_cmd.build_sizing(common.load_model(manifest), hub_files, hub_config)
+
+    build = _run(sized)
     result = _run(compute)
     if as_json:
         console.print_json(json.dumps({"variant": result.variant, "facts": result.facts_source,
                                        "kquant": planner.plan_to_dict(result.auto),
                                        "seed": planner.plan_to_dict(result.seed),
                                        "fewestGPUs": planner.plan_to_dict(result.fewest) if result.fewest else None,
+                                       "build": sizing.to_dict(build) if build else None,
                                        }))  # fmt: skip
         return
+    if build is not None:
+        console.print("build (estimated from the hub listing):\n  " + "\n  ".join(build.lines()) + "\n",
+                      markup=False, soft_wrap=True)  # fmt: skip
     console.print(render.plan_view(result))
 
 

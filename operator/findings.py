@@ -34,6 +34,8 @@ class BuildState:
     progress: str = ""
     reason: str = ""
     report: quantizer_report.VariantReport | None = None
+    sizing: quantizer_report.SizingSummary | None = None
+    """What the build measured from the hub's listing (in its report, once it has one)."""
 
 
 @dataclasses.dataclass(frozen=True)

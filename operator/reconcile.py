@@ -52,11 +52,12 @@ def observe_build(qm: api.QuantizedModel, build: builds.Build, children: observe
     """Where one build stands, from its ConfigMap, its Job and its pods as the watches show them."""
     data = children.build_data(build.name) or {}
     parsed, report = artifacts.parse_report(data.get("report"), build.variant)
+    sizing = parsed.sizing if parsed is not None else None
     if parsed is not None and parsed.status is quantizer_report.BuildStatus.SUCCEEDED and report is not None:
-        return findings.BuildState(build, findings.BuildPhase.SUCCEEDED, report=report)
+        return findings.BuildState(build, findings.BuildPhase.SUCCEEDED, report=report, sizing=sizing)
     if parsed is not None and parsed.status is quantizer_report.BuildStatus.FAILED:
         reason = parsed.reason or "the quantizer reported a failure"
-        return findings.BuildState(build, findings.BuildPhase.FAILED, reason=reason)
+        return findings.BuildState(build, findings.BuildPhase.FAILED, reason=reason, sizing=sizing)
     job = children.jobs.get(build.name)
     if job is None:
         return findings.BuildState(build, findings.BuildPhase.QUEUED)
@@ -115,9 +116,13 @@ def start_next_build(client: kube.Kube, qm: api.QuantizedModel,
     others = [s for i, s in enumerate(states) if i != queued]
     if all(s.phase is findings.BuildPhase.SUCCEEDED for s in others):
         build = builds.discarding_intermediates(build, qm)
-    created = [client.create(manifest) for manifest in build_manifests.objects(qm, build, client.settings)]
+    # An earlier build of this model sized the builds from the hub's listing: later Jobs get its numbers.
+    sizing = next((s.sizing for s in states if s.sizing is not None), None)
+    created = [client.create(manifest) for manifest in build_manifests.objects(qm, build, client.settings, sizing)]
     if created[-1] is not None:  # the Job; None when a pass before this one made it
         log.info("QuantizedModel %s/%s: started build %s", qm.metadata.namespace, qm.metadata.name, build.name)
+        for problem in build_manifests.undersized(qm, sizing) if sizing is not None else ():
+            client.event(qm, "Warning", "BuildUnderSized", f"build {build.name}: {problem}")
     result[queued] = findings.BuildState(build, findings.BuildPhase.RUNNING, progress="starting")
     return result
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 from kquant.operator import artifacts, builds, config, manifests, serving
 from kquant.operator.api import v1alpha1 as api
 from kquant.operator.planner import plan
+from kquant.quantizer import units
 
 SERVER_PORT = 8080
 HASH_ANNOTATION = "kquant.dev/serving-hash"
@@ -34,6 +36,30 @@ def endpoint(qm: api.QuantizedModel) -> str:
     return f"http://{service_name(qm)}.{qm.metadata.namespace}.svc.cluster.local:{SERVER_PORT}/v1"
 
 
+MEMORY_HEADROOM = 0.10
+"""Above the plan's host bytes in the default memory request: llama.cpp's own allocations, the
+HTTP server's buffers, and the page cache a memory-mapped model keeps warm."""
+MEMORY_EXTRA_BYTES = 1 << 30
+
+
+def server_threads(spec: api.Serving) -> int | None:
+    """llama-server's ``--threads``: the CPU limit, else the CPU request, whole CPUs, at least one.
+    Without it llama.cpp starts one thread per core of the node (64 threads for a 1-CPU request on
+    a 64-core node), and the threads then fight over the CPUs the pod is given. None when the spec
+    sets neither (llama.cpp's default stands)."""
+    return builds.cpu_count(spec)
+
+
+def memory_request(offload: plan.OffloadPlan | None) -> str | None:
+    """The default memory request: what the plan puts in host memory (weights that stay on the CPU,
+    such as the experts of ``--n-cpu-moe`` blocks, their KV and compute buffers) plus headroom, in
+    whole GiB. None without a plan (served on CPU: the spec's own request, if any, stands)."""
+    if offload is None:
+        return None
+    wanted = offload.host.total * (1 + MEMORY_HEADROOM) + MEMORY_EXTRA_BYTES
+    return f"{math.ceil(wanted / units.GiB)}Gi"
+
+
 def server_args(qm: api.QuantizedModel, model_path: str, offload: plan.OffloadPlan | None) -> list[str]:
     """llama-server's arguments: where and how to listen, then the plan's own arguments (which pin
     llama.cpp to exactly what was planned: ``--fit off``, unified KV, ubatch, split, experts)."""
@@ -41,6 +67,9 @@ def server_args(qm: api.QuantizedModel, model_path: str, offload: plan.OffloadPl
     assert spec is not None
     args = ["--model", model_path, "--alias", f"{qm.metadata.name}-{spec.variant}",
             "--host", "0.0.0.0", "--port", str(SERVER_PORT), "--metrics", "--no-webui"]
+    threads = server_threads(spec)
+    if threads is not None and not {"-t", "--threads"} & {a.split("=", 1)[0] for a in spec.extra_args or ()}:
+        args += ["--threads", str(threads)]
     if offload is not None:
         args += list(offload.server_args())
     else:  # served on CPU: nothing to plan on a GPU
@@ -84,7 +113,7 @@ def deployment(qm: api.QuantizedModel, artifact: artifacts.Artifact, candidate: 
         "args": server_args(qm, artifact.path, candidate.offload if candidate else None),
         "ports": [{"name": "http", "containerPort": SERVER_PORT}],
         "volumeMounts": [{"name": "storage", "mountPath": builds.STORAGE_MOUNT, "readOnly": True}],
-        "resources": manifests.container_resources(spec),
+        "resources": _resources(spec, candidate.offload if candidate else None),
         "startupProbe": _probe("/health", 2, 600),  # loading a large GGUF takes minutes
         "readinessProbe": _probe("/health", 5, 3),
         "livenessProbe": _probe("/health", 10, 6),
@@ -105,6 +134,17 @@ def deployment(qm: api.QuantizedModel, artifact: artifacts.Artifact, candidate: 
     return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta, "spec": {
         "replicas": spec.replicas, "selector": {"matchLabels": labels}, "strategy": strategy,
         "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec}}}
+
+
+def _resources(spec: api.Serving, offload: plan.OffloadPlan | None) -> dict[str, Any]:
+    """The spec's resources, with the memory request defaulted from the plan when the spec has none."""
+    resources = manifests.container_resources(spec)
+    default = memory_request(offload)
+    requests = resources.get("requests") or {}
+    limits = resources.get("limits") or {}
+    if default is not None and "memory" not in requests and "memory" not in limits:
+        resources.setdefault("requests", {})["memory"] = default
+    return resources
 
 
 def service(qm: api.QuantizedModel) -> manifests.Manifest:

@@ -19,9 +19,12 @@ parts it needs from the sdist when neither exists.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import re
+import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -31,7 +34,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from kquant.quantizer import settings
+from kquant.quantizer import settings, shards, space
 
 log = logging.getLogger(__name__)
 
@@ -129,16 +132,32 @@ def convert(
     out: Path,
     outtype: settings.ConvertType,
     *,
+    split_max_bytes: int | None = None,
+    needed_bytes: int | None = None,
+    claim: str | None = None,
     python: str = sys.executable,
     src: Path | None = None,
     progress: Callable[[float], None] | None = None,
-) -> None:
-    """Write ``out`` from the Hugging Face folder ``hf_dir``; raise ``ConvertError`` on failure."""
+) -> list[Path]:
+    """Write the GGUF ``out`` from the Hugging Face folder ``hf_dir``; raise ``ConvertError`` on failure.
+
+    With ``split_max_bytes`` the converter writes shards of at most that many bytes, named as
+    llama.cpp names them (``model-f16-00001-of-00027.gguf``); a model that fits one shard stays one
+    file named ``out``. ``out``'s folder belongs to this step: the files are written into a sibling
+    ``.partial`` folder that replaces it only when the converter succeeded, so a crash, a full disk
+    or a different shard count never leaves stale shards beside new ones. Returns the files, the
+    first (the one llama.cpp loads) first.
+    """
     script_dir = ensure_converter(src)
-    tmp = out.with_name(f".{out.name}.partial")
-    tmp.unlink(missing_ok=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = out.parent
+    staging = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    tmp = staging / out.name
     cmd = [python, str(script_dir / SCRIPT), str(hf_dir), "--outtype", outtype.value, "--outfile", str(tmp)]
+    if split_max_bytes:
+        # A plain number is bytes to convert_hf_to_gguf.py (a suffix would be decimal M/G).
+        cmd += ["--split-max-size", str(int(split_max_bytes))]
     log.info("converting %s to %s (%s)", hf_dir, out.name, outtype.value)
     tail: deque[str] = deque(maxlen=15)
     with subprocess.Popen(
@@ -161,9 +180,32 @@ def convert(
                     tail.append(text)
                     log.debug("convert: %s", text)
         rc = proc.wait()
-    if rc != 0 or not tmp.is_file():
-        tmp.unlink(missing_ok=True)
+    written = sorted(staging.glob("*.gguf"))
+    if rc != 0 or not written:
+        shutil.rmtree(staging, ignore_errors=True)
         for line in tail:
             log.error("convert: %s", line)
+        if any("No space left on device" in line for line in tail):
+            raise space.NoSpaceError(space.full_message(folder, needed_bytes, f"the {outtype.value} GGUF", claim))
         raise ConvertError(f"convert_hf_to_gguf.py failed on {hf_dir} (exit {rc}): {last_error(tail, rc)}")
-    tmp.replace(out)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.replace(folder)
+    files = [folder / p.name for p in written]
+    first = shards.first(files)
+    return [first, *(f for f in files if f != first)]
+
+
+def safetensors_elements(hf_dir: Path) -> list[tuple[str, tuple[int, ...]]]:
+    """Every tensor's name and shape in ``hf_dir``'s safetensors files, read from their headers only
+    (8 bytes of length, then JSON): what the converter will write, known before it runs."""
+    found: list[tuple[str, tuple[int, ...]]] = []
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 1 << 30:
+                raise ConvertError(f"{path.name} is not a safetensors file (header of {length} bytes)")
+            header = json.loads(f.read(length))
+        for name, info in header.items():
+            if name != "__metadata__" and isinstance(info, dict):
+                found.append((name, tuple(int(d) for d in info.get("shape", ()))))
+    return found

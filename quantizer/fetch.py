@@ -26,7 +26,7 @@ import hashlib
 import json
 import logging
 import os
-import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,7 +35,8 @@ from typing import Any
 import huggingface_hub
 from huggingface_hub import errors, file_download
 from huggingface_hub import utils as hf_utils
-from kquant.quantizer import settings
+from kquant.quantizer import settings, space
+from kquant.quantizer import shards as shard_names
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,6 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 PARTIAL_DIR = ".kquant-partial"
 MANIFEST = ".kquant-fetch.json"
 """Written into the destination after a verified download: revision and file digests."""
-
-_SPLIT_RE = re.compile(r"^(?P<stem>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
 
 
 class FetchError(Exception):
@@ -99,24 +98,20 @@ def select_files(names: Sequence[str], patterns: Sequence[str] | None) -> list[s
 
 def find_gguf_models(files: Sequence[Path]) -> list[GGUFModel]:
     """Group GGUF files into models; raise when a split model misses a shard."""
-    singles: list[GGUFModel] = []
-    splits: dict[tuple[Path, str, int], dict[int, Path]] = {}
+    by_folder: dict[Path, list[str]] = {}
     for f in sorted(files):
-        if f.suffix != ".gguf":
-            continue
-        m = _SPLIT_RE.match(f.name)
-        if m is None:
-            singles.append(GGUFModel((f,)))
-            continue
-        key = (f.parent, m["stem"], int(m["count"]))
-        splits.setdefault(key, {})[int(m["index"])] = f
-    models = list(singles)
-    for (parent, stem, count), shards in sorted(splits.items()):
-        missing = [i for i in range(1, count + 1) if i not in shards]
+        by_folder.setdefault(f.parent, []).append(f.name)
+    models: list[GGUFModel] = []
+    found: list[tuple[Path, str, int, dict[int, str]]] = []
+    for parent, names in sorted(by_folder.items()):
+        singles, splits = shard_names.group(names)
+        models += [GGUFModel((parent / n,)) for n in singles]
+        found += [(parent, stem, count, by_index) for (stem, count), by_index in splits.items()]
+    for parent, stem, count, by_index in sorted(found):
+        missing = [shard_names.format_name(stem, i, count) for i in range(1, count + 1) if i not in by_index]
         if missing:
-            names = ", ".join(f"{stem}-{i:05d}-of-{count:05d}.gguf" for i in missing)
-            raise FetchError(f"split GGUF {parent / stem} is missing shard(s) {names}")
-        models.append(GGUFModel(tuple(shards[i] for i in range(1, count + 1))))
+            raise FetchError(f"split GGUF {parent / stem} is missing shard(s) {', '.join(missing)}")
+        models.append(GGUFModel(tuple(parent / by_index[i] for i in range(1, count + 1))))
     return models
 
 
@@ -145,7 +140,7 @@ def detect_format(path: Path) -> SourceFormat:
 def single_gguf_model(path: Path) -> GGUFModel:
     """The one GGUF model under ``path`` (a file, a first shard or a folder)."""
     files = [path] if path.is_file() else sorted(path.rglob("*.gguf"))
-    if path.is_file() and _SPLIT_RE.match(path.name):
+    if path.is_file() and shard_names.is_shard(path.name):
         files = sorted(path.parent.glob("*.gguf"))
     models = find_gguf_models(files)
     if path.is_file():
@@ -298,6 +293,41 @@ def _download_resumable(repo: str, revision: str, f: RemoteFile, dest: Path, end
     return True
 
 
+def remaining_bytes(dest: Path, files: Sequence[RemoteFile]) -> int:
+    """Bytes of ``files`` not yet in ``dest``: complete files count nothing, partial ones their rest."""
+    total = 0
+    for f in files:
+        size = f.size or 0
+        final = dest / f.name
+        if final.is_file() and final.stat().st_size == size:
+            continue
+        part = partial_path(dest, f.name)
+        total += max(size - (part.stat().st_size if part.is_file() else 0), 0)
+    return total
+
+
+ListingCheck = Callable[[list[RemoteFile], "dict[str, Any] | None"], None]
+"""Called with the chosen files and the parsed ``config.json`` (None for a repository without one)
+before any weights are downloaded; raises to stop the fetch (the pipeline sizes the build there)."""
+
+
+def _config(
+    source: settings.HuggingFaceSource, revision: str, chosen: Sequence[RemoteFile], dest: Path, endpoint: str,
+    env: dict[str, str] | None,
+) -> dict[str, Any] | None:  # fmt: skip
+    """``config.json`` of the pinned commit (a few kilobytes, fetched first), parsed; None without one."""
+    if not any(f.name == "config.json" for f in chosen):
+        return None
+    path = huggingface_hub.hf_hub_download(
+        source.repo, "config.json", revision=revision, local_dir=dest, endpoint=endpoint, token=_token(env)
+    )
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def fetch(
     source: settings.HuggingFaceSource,
     dest: Path,
@@ -306,8 +336,13 @@ def fetch(
     attempts: int = 3,
     retry_delay: float = 2.0,
     progress: Callable[[float], None] | None = None,
+    before_download: ListingCheck | None = None,
 ) -> FetchResult:
-    """Download ``source`` into ``dest``, resuming partial files; verify; write the manifest."""
+    """Download ``source`` into ``dest``, resuming partial files; verify; write the manifest.
+
+    ``before_download`` sees the listing (and ``config.json``) before any weights move: a build that
+    cannot fit is refused there. A full disk removes the partial files (they cannot complete) and
+    raises ``space.NoSpaceError`` saying how much the download needs."""
     endpoint = endpoint_for(source, env)
     revision, listing = remote_files(source, env=env)
     wanted = set(select_files([f.name for f in listing], source.allow_patterns))
@@ -325,6 +360,13 @@ def fetch(
         _where(source, endpoint),
         revision,
     )
+    if before_download is not None:
+        try:
+            config = _config(source, revision, chosen, dest, endpoint, env)
+        except Exception as exc:
+            raise _translate(exc, source, endpoint) from None
+        before_download(chosen, config)
+    needed = remaining_bytes(dest, chosen)
     large = [f for f in chosen if f.sha256 is not None]
     small = sorted(f.name for f in chosen if f.sha256 is None)
     verified: set[str] = set()
@@ -349,6 +391,11 @@ def fetch(
                 )
             break
         except Exception as exc:
+            if space.is_full(exc):
+                shutil.rmtree(dest / PARTIAL_DIR, ignore_errors=True)
+                raise space.NoSpaceError(
+                    space.full_message(dest, needed, f"the download of {_where(source, endpoint)}")
+                ) from None
             if _is_permanent(exc) or attempt == attempts:
                 raise _translate(exc, source, endpoint) from None
             log.warning("download attempt %d/%d failed (%s); resuming", attempt, attempts, type(exc).__name__)

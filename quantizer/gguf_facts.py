@@ -22,9 +22,7 @@ from typing import Any
 
 import gguf
 import pydantic
-
-SHARD_RE = re.compile(r"^(?P<stem>.*)-(?P<index>\d{5})-of-(?P<count>\d{5})\.gguf$")
-"""How llama.cpp's ``gguf-split`` names shards."""
+from kquant.quantizer import shards as shard_names
 
 BLOCK_RE = re.compile(r"^blk\.(?P<index>\d+)\.")
 """Tensors of a repeating layer (a *block*) start with ``blk.N.``."""
@@ -141,23 +139,9 @@ class _Tensor:
     shape: tuple[int, ...]
 
 
-def shard_paths(path: Path) -> list[Path]:
-    """All shards of a split model given any one shard, or ``[path]`` for a single file."""
-    match = SHARD_RE.match(path.name)
-    if not match:
-        return [path]
-    count = int(match["count"])
-    stem = match["stem"]
-    paths = [path.with_name(f"{stem}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
-    missing = [p.name for p in paths if not p.exists()]
-    if missing:
-        raise FileNotFoundError(f"GGUF {path}: shard(s) {', '.join(missing)} of {count} are missing")
-    return paths
-
-
 def read_facts(path: Path) -> ModelFacts:
     """Read ``ModelFacts`` from a GGUF file (or all shards of a split one) without loading weights."""
-    paths = shard_paths(Path(path))
+    paths = shard_names.siblings(Path(path))
     metadata: dict[str, Any] = {}
     tensors: list[_Tensor] = []
     for index, shard in enumerate(paths):

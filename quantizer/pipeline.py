@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -41,13 +40,16 @@ from kquant.quantizer import (
     recipes,
     report,
     settings,
+    shards,
+    sizing,
+    space,
     steps,
     units,
 )
 
 log = logging.getLogger(__name__)
 
-SPACE_MARGIN = 1.02
+SPACE_MARGIN = space.MARGIN
 """Free space asked for beyond the planned file size: GGUF alignment padding and metadata."""
 
 GATE_FIELDS = {"max_kl_divergence", "max_perplexity_increase", "min_top1_agreement"}
@@ -60,15 +62,14 @@ _UNQUANTIZED_CODES = {
     constants.FILE_TYPES[t].code for t in (constants.FileType.F32, constants.FileType.F16, constants.FileType.BF16)
 }
 """``general.file_type`` codes of a GGUF source that is quantized like a converted model."""
-_SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
 
 
 class BuildError(Exception):
     """A failure with a reason the user can act on (the report carries the message)."""
 
 
-class DiskFullError(BuildError):
-    pass
+DiskFullError = space.NoSpaceError
+"""The claim cannot hold a write; the message says how much is needed (``space``)."""
 
 
 class CannotPlanError(BuildError):
@@ -109,7 +110,9 @@ class Layout:
         return self.work / "source"
 
     def base_gguf(self, outtype: settings.ConvertType) -> Path:
-        return self.work / f"model-{outtype.value}.gguf"
+        """The converted GGUF's name: the file itself, or the stem of its shards, in a folder of its
+        own (``base-f16/model-f16-00001-of-00027.gguf``) that the convert step replaces as a whole."""
+        return self.work / f"base-{outtype.value}" / f"model-{outtype.value}.gguf"
 
     @property
     def imatrix(self) -> Path:
@@ -128,16 +131,10 @@ def _file_type_code(path: Path) -> int | None:
     return gguf_facts.read_facts(path).file_type
 
 
-def check_space(folder: Path, needed: int, what: str) -> None:
+def check_space(folder: Path, needed: int, what: str, claim: str | None = None) -> None:
     """Refuse to start a write that cannot fit: a clear reason now beats ENOSPC half-way."""
     folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
-    want = int(needed * SPACE_MARGIN)
-    if free < want:
-        raise DiskFullError(
-            f"storage at {folder} has {free / units.MiB:.1f} MiB free, but {what} needs about "
-            f"{want / units.MiB:.1f} MiB; grow storage.pvc.size or remove old variants"
-        )
+    space.check(folder, needed, what, claim)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +148,8 @@ class Prepared:
     imatrix: Path | None
     quantizable: bool
     """True for a 16-bit (or f32) base; an already quantized GGUF is published as it is."""
+    converted: bool = False
+    """The base was converted here (and split at ``maxShardBytes``): every variant keeps its split."""
 
 
 def prepare(spec: settings.BuildSpec, sink: progress.Sink) -> Prepared:
@@ -225,10 +224,9 @@ class BuildRunner:
             self._fail(str(exc))
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                self._fail(
-                    f"storage is full while {self._current or 'starting'}: {exc.strerror} "
-                    f"({exc.filename or self.layout.root}); grow storage.pvc.size"
-                )
+                folder = Path(exc.filename).parent if exc.filename else self.layout.root
+                what = f"step {self._current or 'start'}"
+                self._fail(space.full_message(folder, None, what, self.spec.storage_claim))
             else:
                 self._fail(f"{type(exc).__name__} while {self._current or 'starting'}: {exc}")
         except Exception as exc:  # a bug: keep the traceback in the log, still hand in a report
@@ -254,7 +252,7 @@ class BuildRunner:
         for index, variant in enumerate(self.spec.variants, start=1):
             self._variant = (variant.name, index)
             if src.quantizable:
-                vr = self._quantized_variant(variant, src.base, src.base_digest, src.imatrix, ref_dir)
+                vr = self._quantized_variant(variant, src, ref_dir)
             else:
                 vr = self._as_is_variant(variant, src.shards, src.base_digest)
             self.report.variants.append(vr)
@@ -284,9 +282,9 @@ class BuildRunner:
         fmt = fetch.detect_format(source_dir)
         self.report.source_format = fmt.value
         if fmt is fetch.SourceFormat.SAFETENSORS:
-            base, base_digest = self._convert(source_dir, fetch_digest)
+            base_files, base_digest = self._convert(source_dir, fetch_digest)
             imatrix_path = self._calibrate(source_dir, fetch_digest)
-            return Prepared(base, (base,), base_digest, imatrix_path, True)
+            return Prepared(base_files[0], base_files, base_digest, imatrix_path, True, converted=True)
         model = self._check_gguf(fetch.single_gguf_model(source_dir))
         base_digest = steps.inputs_digest(
             {"fetch": fetch_digest, "files": [steps.file_identity(s) for s in model.shards]}
@@ -316,29 +314,72 @@ class BuildRunner:
             steps.StepKind.FETCH,
             inputs,
             (dest / fetch.MANIFEST,),
-            lambda p: _discard(fetch.fetch(hf, dest, env=self.env, progress=p)),
+            lambda p: _discard(fetch.fetch(hf, dest, env=self.env, progress=p, before_download=self._check_listing)),
         )
         done = fetch.read_manifest(dest)
         assert done is not None
         self.report.source_revision = done.revision
         return dest, steps.inputs_digest({"fetch": step.digest, "revision": done.revision})
 
-    def _convert(self, source_dir: Path, fetch_digest: str) -> tuple[Path, str]:
+    def _check_listing(self, files: list[fetch.RemoteFile], config: dict[str, Any] | None) -> None:
+        """Before a byte of weights is fetched: does this build fit the claim? The hub's listing gives
+        the download's size, ``config.json`` the rest (``sizing``); the need is what is not on disk yet."""
+        dest = self.layout.download
+        remaining = fetch.remaining_bytes(dest, files)
+        hf = self.spec.source.huggingface
+        what = f"the download of {len(files)} file(s) of {hf.repo if hf else 'the source'}"
+        if config is None:  # a GGUF source: the download is what is known
+            check_space(dest, remaining, what, self.spec.storage_claim)
+            return
+        spec = self.spec
+        plan = sizing.size_build(
+            [sizing.HubFile(f.name, f.size or 0) for f in files], config, spec.variants,
+            calibration=spec.calibration, evaluation=spec.evaluation, convert_type=spec.convert_type,
+            shard_bytes=spec.max_shard_bytes, cpus=spec.threads or None,
+        )  # fmt: skip
+        self.report.sizing = report.SizingSummary.from_sizing(plan)
+        base_dir = self.layout.base_gguf(spec.convert_type).parent
+        work = remaining + (0 if base_dir.is_dir() else plan.base_bytes) + plan.reference_bytes + plan.imatrix_bytes
+        root = self.layout.root
+        published = {v.name for v in spec.variants if publish.is_published(root, settings.variant_digest(spec, v))}
+        store = sum(n for name, n in plan.variant_bytes.items() if name not in published)
+        parts = (
+            f"download {space.gib(remaining)}, 16-bit GGUF {space.gib(plan.base_bytes)}, reference "
+            f"{space.gib(plan.reference_bytes)}, variants {space.gib(store)}, margin {space.gib(plan.margin_bytes)}"
+        )
+        if space.same_volume(dest, self.layout.root):
+            check_space(dest, work + store + plan.margin_bytes, f"this build ({parts})", spec.storage_claim)
+        else:
+            check_space(dest, work + plan.margin_bytes, f"this build's work folder ({parts})", spec.storage_claim)
+            check_space(self.layout.root, store, f"this build's variants ({parts})", spec.storage_claim)
+
+    def _convert(self, source_dir: Path, fetch_digest: str) -> tuple[tuple[Path, ...], str]:
         outtype = self.spec.convert_type
         out = self.layout.base_gguf(outtype)
         inputs = {
             "source": fetch_digest,
             "outtype": outtype.value,
             "converter": convert.LLAMA_CPP_PYTHON_VERSION,
+            "maxShardBytes": self.spec.max_shard_bytes,
         }
-        step = self._step(
-            "convert",
-            steps.StepKind.CONVERT,
-            inputs,
-            (out,),
-            lambda p: convert.convert(source_dir, out, outtype, progress=p),
-        )
-        return out, step.digest
+        needed = 0
+
+        def run(p: steps.Progress) -> None:
+            nonlocal needed
+            # The converter's output size, from the safetensors headers: known before it writes.
+            needed = sizing.gguf_bytes_from_shapes(convert.safetensors_elements(source_dir), outtype)
+            old = sum(f.stat().st_size for f in out.parent.glob("*.gguf")) if out.parent.is_dir() else 0
+            check_space(out.parent.parent, max(needed - old, 0), f"the {outtype.value} GGUF (convert)",
+                        self.spec.storage_claim)  # fmt: skip
+            convert.convert(
+                source_dir, out, outtype, split_max_bytes=self.spec.max_shard_bytes, needed_bytes=needed,
+                claim=self.spec.storage_claim, progress=p,
+            )  # fmt: skip
+
+        step = self._step("convert", steps.StepKind.CONVERT, inputs, (out.parent,), run)
+        written = sorted(out.parent.glob("*.gguf"))
+        first = shards.first(written)
+        return (first, *(f for f in written if f != first)), step.digest
 
     def _calibrate(self, source_dir: Path, fetch_digest: str) -> Path | None:
         cal = self.spec.calibration
@@ -403,13 +444,11 @@ class BuildRunner:
         return out
 
     def _quantized_variant(
-        self,
-        variant: settings.VariantSpec,
-        base: Path,
-        base_digest: str,
-        imatrix_path: Path | None,
-        ref_dir: Path | None,
+        self, variant: settings.VariantSpec, src: Prepared, ref_dir: Path | None
     ) -> report.VariantReport:
+        base, base_digest, imatrix_path = src.base, src.base_digest, src.imatrix
+        # llama.cpp writes one output shard per input shard: a converted (split) base gives split variants.
+        keep_split = (variant.keep_split or src.converted) and shards.is_shard(base.name)
         digest = settings.variant_digest(self.spec, variant)
         published = self._already_published(variant, digest, base_digest, ref_dir)
         if published is not None:
@@ -424,10 +463,10 @@ class BuildRunner:
         except (recipes.RecipeError, ValueError) as exc:
             raise BuildError(f"variants[{self._variant_index()}] ({variant.name}): {exc}") from None
         log.info("plan for %s:\n%s", variant.name, plan.render())
-        job = dataclasses.replace(plan.job, nthread=self.spec.threads)
+        job = dataclasses.replace(plan.job, nthread=self.spec.threads, keep_split=keep_split)
         stage = publish.staging_dir(self.layout.root, digest)
-        staged = stage / _staged_name(variant, base)
-        check_space(stage, plan.total_bytes, f"variant {variant.name}")
+        staged = stage / _staged_name(variant, base, keep_split)
+        check_space(stage, plan.total_bytes, f"variant {variant.name}", self.spec.storage_claim)
         q_inputs = {
             "base": base_digest,
             "job": dataclasses.asdict(job),
@@ -610,21 +649,17 @@ def to_recipe(variant: settings.VariantSpec) -> recipes.VariantRecipe:
     return recipes.VariantRecipe.model_validate(variant.model_dump(mode="json", by_alias=True, exclude={"digest"}))
 
 
-def _staged_name(variant: settings.VariantSpec, base: Path) -> str:
-    """``<variant>.gguf``; with keepSplit and a split source, the first shard's name."""
-    m = _SPLIT_RE.search(base.name)
-    if variant.keep_split and m is not None:
-        return f"{variant.name}-00001-of-{m[2]}.gguf"
+def _staged_name(variant: settings.VariantSpec, base: Path, keep_split: bool) -> str:
+    """``<variant>.gguf``; when the split is kept and the source is split, the first shard's name."""
+    shard = shards.parse(base.name)
+    if keep_split and shard is not None:
+        return shards.format_name(variant.name, 1, shard.count)
     return f"{variant.name}.gguf"
 
 
 def _shards_of(first: Path) -> list[Path]:
     """The quantize step's output: one file, or with keepSplit every shard next to the first."""
-    m = _SPLIT_RE.search(first.name)
-    if m is None:
-        return [first]
-    stem = first.name[: m.start()]
-    return sorted(first.parent.glob(f"{stem}-*-of-{m[2]}.gguf"))
+    return shards.siblings(first)
 
 
 def _truncation(shards: tuple[Path, ...]) -> str | None:
@@ -656,4 +691,5 @@ def _expected_errors() -> tuple[type[Exception], ...]:
         quantize.QuantizeError,
         imatrix.ImatrixError,
         recipes.RecipeError,
+        space.NoSpaceError,
     )

@@ -13,6 +13,7 @@ nothing under a final name. ``report.json`` moves last, so a reader that sees it
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import shutil
@@ -54,6 +55,17 @@ def read_facts(path: Path) -> dict[str, Any]:
     return data
 
 
+def hash_files(paths: Sequence[Path], threads: int | None = None) -> list[str]:
+    """sha256 of every file, in order, several at a time: hashlib releases the GIL on large
+    buffers, so threads hash shards in parallel up to the disk's bandwidth (a 27-shard 16-bit R1
+    is 1.3 TB: about 20 minutes on one thread, a few on eight)."""
+    if len(paths) <= 1:
+        return [fetch.sha256_file(p) for p in paths]
+    workers = threads or min(len(paths), os.cpu_count() or 1, 8)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sha256") as pool:
+        return list(pool.map(fetch.sha256_file, paths))
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -81,7 +93,10 @@ def publish(
     if not staged:
         raise PublishError(f"variant {base.name}: the quantize step produced no file")
     facts = read_facts(staged[0])  # all shards: gguf_facts finds them by name
-    entries = [report.FileEntry(name=f.name, size_bytes=f.stat().st_size, sha256=fetch.sha256_file(f)) for f in staged]
+    entries = [
+        report.FileEntry(name=f.name, size_bytes=f.stat().st_size, sha256=digest)
+        for f, digest in zip(staged, hash_files(staged), strict=True)
+    ]
     first_final = final / staged[0].name
     done = base.model_copy(
         update={

@@ -30,13 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 import llama_cpp
 import numpy as np
-from kquant.quantizer import constants, quantize_job, recipes
+from kquant.quantizer import constants, quantize_job, recipes, shards
 
 if TYPE_CHECKING:
     from kquant.quantizer import imatrix as imatrix_mod
-
-SPLIT_NAME = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
-"""llama.cpp's shard names (``llama_split_path``): ``name-00001-of-00003.gguf``."""
 
 _TENSOR_LINE = re.compile(
     r"\[\s*\d+/\s*\d+\]\s+(?P<name>\S+)\s+-\s+\[[^\]]*\],\s+type\s*=\s*(?P<old>\w+),\s+"
@@ -66,12 +63,12 @@ def quantize(
     (``x-00001-of-00003.gguf``) and the others land next to it. ``progress`` gets the fraction of
     tensors done, read from llama.cpp's ``[ i/ n]`` log lines as they appear.
     """
-    keep_split = job.keep_split and SPLIT_NAME.search(src.name) is not None
+    keep_split = job.keep_split and shards.is_shard(src.name)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
     try:
         # with keep_split llama.cpp appends "-0000i-of-0000n.gguf" to the name it is given
-        target = tmp / (SPLIT_NAME.sub("", dst.name).removesuffix(".gguf") if keep_split else dst.name)
+        target = tmp / (shards.stem_of(dst.name) if keep_split else dst.name)
         _run(src, target, job, imatrix, dry=False, keep_split=keep_split, progress=progress)
         for produced in sorted(tmp.iterdir()):
             os.replace(produced, dst.parent / produced.name)

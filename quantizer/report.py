@@ -104,6 +104,25 @@ class StepTiming(_Model):
     seconds: float
 
 
+class SizingSummary(_Model):
+    """What the build needs, estimated from the hub's listing before the download (``sizing``)."""
+
+    claim_bytes: int
+    memory_bytes: int
+    cpus: int
+    deadline_seconds: int
+    base_bytes: int
+    variant_bytes: dict[str, int] = {}
+
+    @classmethod
+    def from_sizing(cls, s: Any) -> SizingSummary:
+        """From a ``sizing.Sizing`` (typed loosely: the report module stays free of imports)."""
+        return cls(
+            claim_bytes=s.claim_bytes, memory_bytes=s.memory_bytes, cpus=s.cpus,
+            deadline_seconds=s.deadline_seconds, base_bytes=s.base_bytes, variant_bytes=dict(s.variant_bytes),
+        )  # fmt: skip
+
+
 class BuildReport(_Model):
     status: BuildStatus
     reason: str | None = None
@@ -114,3 +133,5 @@ class BuildReport(_Model):
     source_format: str | None = None
     steps: list[StepTiming] = []
     variants: list[VariantReport] = []
+    sizing: SizingSummary | None = None
+    """Set when the fetch step sized the build from the hub's listing."""

@@ -27,6 +27,10 @@ from kquant.quantizer import constants, validation
 QUANTIZER_VERSION = "0.1.0"
 """Part of every variant digest: a quantizer change that alters output must bump it."""
 
+DEFAULT_SHARD_BYTES = 50 * 10**9
+"""Largest GGUF shard kquant writes: the hub's 50 GB file limit, so a built variant can be uploaded
+as it is, and small enough that hashing, copying and resuming work file by file."""
+
 SPEC_ENV = "KQUANT_SPEC"
 """Environment variable that may carry the whole spec as JSON or YAML."""
 
@@ -245,6 +249,12 @@ class BuildSpec(_Model):
     result_config_map: ResultConfigMap | None = None
     threads: Annotated[int, pydantic.Field(ge=0)] = 0
     """CPU threads for quantization and evaluation; 0 lets llama.cpp choose."""
+    max_shard_bytes: Annotated[int, pydantic.Field(ge=1 << 20)] = DEFAULT_SHARD_BYTES
+    """Largest GGUF file written: the 16-bit GGUF is converted into shards of at most this many bytes
+    (``<name>-0000N-of-0000M.gguf``) and every variant keeps that split. Part of the variant digest
+    when it is not the default, as it changes the files on disk (see ``variant_digest``)."""
+    storage_claim: str | None = None
+    """The PersistentVolumeClaim behind ``storageRoot``, named in a full-disk reason; not in a digest."""
     remove_intermediates: bool = False
     """Delete the intermediates in the work folder once this build succeeded. The operator sets it on
     a model's last build when ``spec.storage.keepIntermediates`` is false. Not part of any digest."""
@@ -316,11 +326,17 @@ def variant_digest(spec: BuildSpec, variant: VariantSpec) -> str:
     if variant.digest:
         return variant.digest
     recipe = variant.model_dump(mode="json", by_alias=True, exclude={"digest"})
-    payload = {
+    payload: dict[str, Any] = {
         "source": spec.source.model_dump(mode="json", by_alias=True, exclude={"huggingface": {"endpoint"}}),
         "convertType": spec.convert_type.value,
         "calibration": spec.calibration.model_dump(mode="json", by_alias=True),
         "recipe": recipe,
         "quantizer": QUANTIZER_VERSION,
     }
+    if spec.max_shard_bytes != DEFAULT_SHARD_BYTES:
+        # A different split is different files (names, count, split headers, sha256s) and a published
+        # folder never changes, so it gets its own digest. Left out at the default so that the
+        # digests of builds from before shards existed, and of every model below 50 GB (one file
+        # either way), do not move.
+        payload["maxShardBytes"] = spec.max_shard_bytes
     return hashlib.sha256(_canonical(payload)).hexdigest()[:16]

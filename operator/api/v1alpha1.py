@@ -776,6 +776,30 @@ class Storage(_Model):
             "them when several models share one claim and one source."
         ),
     )
+    shard_size: str | None = pydantic.Field(
+        default=None,
+        max_length=32,
+        pattern=POSITIVE_SIZE,
+        description="Largest GGUF file kquant writes, as a quantity (`50G`, `20Gi`). The 16-bit GGUF is "
+        "converted into shards of at most this size, named as llama.cpp names them "
+        "(`model-bf16-00001-of-00027.gguf`), and every variant keeps that split; servers load the first "
+        "shard and llama.cpp finds the others. A model smaller than this stays one file. Defaults to 50G, "
+        "the largest file the Hugging Face hub accepts, so a variant can be uploaded as it is. Changing it "
+        "builds variants anew (the files differ), under new digests.",
+        json_schema_extra=_cel_list(
+            _cel(
+                "isQuantity(self) && quantity(self).compareTo(quantity('1Mi')) >= 0",
+                "must be a quantity of at least 1Mi such as 50G",
+            )
+        ),
+    )
+
+    @pydantic.field_validator("shard_size")
+    @classmethod
+    def _shard_at_least_a_mebibyte(cls, value: str | None) -> str | None:
+        if value is not None and units.parse_quantity(value) < units.MiB:
+            raise ValueError(f"{value!r} must be a quantity of at least 1Mi such as 50G")
+        return value
 
 
 class PodSettings(_Model):

@@ -6,6 +6,10 @@ The plan comes from the operator's own planner, with the serving settings the ma
 seed formula ``floor(VRAM / file size * (layers - 4))`` would have picked, so the difference is
 visible before anything is scheduled.
 
+With ``--hub-files FILES.json --hub-config config.json`` (the repository's listing as the hub API
+gives it, and its config.json: no network needed) it also prints what the builds need, from the
+quantizer's own ``sizing`` rules: the claim, the build pod's memory and CPUs, threads, the deadline.
+
 The model's facts come from, in order: ``--gguf`` (the header of a GGUF file, read by memory map),
 ``--facts`` (a ``ModelFacts`` JSON or a quantizer report holding one), or the builtin shapes of a few
 well-known models (``shapes``), estimated from their published ``config.json``. The output says
@@ -20,11 +24,11 @@ import pathlib
 from typing import Any
 
 import pydantic
-from kquant.operator import serving
+from kquant.operator import builds, serving
 from kquant.operator.api import v1alpha1 as api
 from kquant.operator.commands import common, shapes
 from kquant.operator.planner import plan
-from kquant.quantizer import gguf_facts, recipes
+from kquant.quantizer import gguf_facts, recipes, settings, sizing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,3 +124,26 @@ def pick_variant(qm: api.QuantizedModel, name: str | None) -> api.Variant:
     except KeyError:
         names = ", ".join(v.name for v in qm.spec.variants)
         raise common.CommandError(f"--variant is {wanted!r}, but spec.variants has only {names}") from None
+
+
+def build_sizing(qm: api.QuantizedModel, files: pathlib.Path, config: pathlib.Path | None) -> sizing.Sizing:
+    """What the builds of every variant of ``qm`` need, from a saved hub listing and config.json."""
+    try:
+        listing = sizing.listing_from_json(json.loads(files.read_text(encoding="utf-8")))
+        parsed = json.loads(config.read_text(encoding="utf-8")) if config is not None else None
+    except (OSError, ValueError) as exc:
+        raise common.CommandError(f"cannot read the hub listing: {exc}") from None
+    if parsed is not None and not isinstance(parsed, dict):
+        raise common.CommandError(f"{config} is not a config.json object")
+    built = [v for v in qm.spec.variants if v.recipe is not api.Recipe.PASSTHROUGH]
+    specs = [builds.base_spec(qm, v) for v in built]
+    first = specs[0] if specs else None
+    chosen = sizing.select(listing, qm.spec.source.hub.allow_patterns)
+    quantizer = qm.spec.quantizer or api.Quantizer()
+    return sizing.size_build(
+        chosen, parsed, [s.variants[0] for s in specs],
+        calibration=first.calibration if first else settings.Calibration(),
+        evaluation=first.evaluation if first else settings.Evaluation(),
+        shard_bytes=first.max_shard_bytes if first else settings.DEFAULT_SHARD_BYTES,
+        cpus=builds.cpu_count(quantizer), gpus=quantizer.gpus,
+    )  # fmt: skip

@@ -9,21 +9,27 @@ module; failures reuse its cached intermediates through ``workDir``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import fit_params
 import pytest
 from fixtures import cluster_client, gguf_split, smollm2
 from hub_server import FakeHub
-from kquant.quantizer import fetch, settings
+from kquant.quantizer import fetch, settings, shards, space
 from kubernetes import client
 
 REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -259,39 +265,108 @@ def test_budget_no_mix_can_meet(env: Env, first: tuple[Run, Path]) -> None:
     assert_nothing_final(root)
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "small"
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real small file system: a tmpfs of ``size`` mounted at ``mount`` (needs root)."""
     mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(mount)], capture_output=True, check=False
-    )
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)], capture_output=True,
+                          check=False)  # fmt: skip
     if done.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.decode().strip()}")
     try:
         yield mount
     finally:
-        subprocess.run(["umount", str(mount)], check=False)
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "small", "40m") as mount:
+        yield mount
+
+
+def fill_when(trigger: Callable[[], bool], disk: Path) -> threading.Thread:
+    """Fill ``disk`` to the last byte once ``trigger()`` holds: another writer taking the space
+    after a step's free-space check passed, so the step meets ENOSPC half-way through its write."""
+
+    def run() -> None:
+        deadline = time.monotonic() + 300
+        while not trigger() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with contextlib.suppress(OSError), (disk / "ballast").open("wb") as f:
+            while True:
+                f.write(b"\0" * (1 << 20))
+                f.flush()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
 
 
 def test_full_disk(env: Env, first: tuple[Run, Path], small_disk: Path) -> None:
-    spec = env.spec(small_disk, variants=[{"name": "q8", "type": "Q8_0"}])
+    spec = env.spec(small_disk, variants=[{"name": "q8", "type": "Q8_0"}], storageClaim="m-storage")
     run = env.run(spec)
     assert run.rc == 1 and "Traceback" not in run.out, run.out[-2000:]
     assert run.report["failedStep"] == "plan-q8" or run.report["failedStep"].startswith("quantize")
-    assert "MiB free" in run.report["reason"] and "storage.pvc.size" in run.report["reason"]
+    reason = run.report["reason"]
+    assert "storage claim m-storage" in reason and "GiB free, but variant q8 needs about 0.1" in reason, reason
+    assert "grow spec.storage.pvc.size by at least" in reason
     assert_nothing_final(small_disk)
 
 
-def test_full_disk_during_conversion(env: Env, small_disk: Path) -> None:
-    """The pre-check cannot see the converter's output size; ENOSPC still ends in a clear reason."""
+def test_claim_too_small_is_refused_before_the_download(env: Env, small_disk: Path) -> None:
+    """The hub's listing and config.json size the whole build: a 40 MB claim is refused with the number
+    it needs before a byte of the weights is fetched."""
     spec = env.spec(small_disk)
     del spec["workDir"]  # intermediates on the 40 MB disk too
+    mark = len(env.hub.requests)
     run = env.run(spec)
     assert run.rc == 1 and "Traceback" not in run.out, run.out[-2000:]
-    assert run.report["failedStep"] in ("fetch", "convert")
-    assert "No space left on device" in run.report["reason"] or "MiB free" in run.report["reason"]
-    assert_nothing_final(small_disk)
+    assert run.report["failedStep"] == "fetch"
+    reason = run.report["reason"]
+    assert "but this build (download 0.25 GiB, 16-bit GGUF 0.25 GiB" in reason, reason
+    assert re.search(r"needs about 0\.\d\d GiB: grow spec\.storage\.pvc\.size by at least 0\.\d\d GiB", reason), reason
+    weights = [r for r in env.hub.requests[mark:] if r.method == "GET" and r.path.endswith(".safetensors")]
+    assert not weights
+    assert run.report["sizing"]["claimBytes"] > 500_000_000
+    assert not list(small_disk.rglob("*.safetensors*")) and not list(small_disk.rglob("*.part"))
+
+
+def test_full_disk_during_the_download_removes_the_partial_file(env: Env, tmp_path: Path) -> None:
+    """The space check passes, then another writer fills the disk: the partial file is removed (it
+    cannot complete) and the reason says how much the download needs."""
+    src = settings.HuggingFaceSource(repo=REPO, endpoint=env.hub.url, allow_patterns=("model.safetensors",))
+    with tmpfs(tmp_path / "disk", "300m") as disk:
+        dest = disk / "dl"
+        part = fetch.partial_path(dest, "model.safetensors")
+        fill_when(lambda: part.is_file() and part.stat().st_size > 20_000_000, disk)
+        with pytest.raises(space.NoSpaceError) as err:
+            fetch.fetch(src, dest, env={"HF_TOKEN": TOKEN}, attempts=1)
+        assert "is full while writing the download of" in str(err.value) and "it needs about 0.25 GiB" in str(err.value)
+        assert not part.exists() and not (dest / "model.safetensors").exists()
+
+
+def test_full_disk_during_conversion(env: Env, tmp_path: Path) -> None:
+    """The converter meets ENOSPC after the check passed: its partial shards are removed and the
+    reason says how much the 16-bit GGUF needs."""
+    with tmpfs(tmp_path / "disk", "300m") as disk:
+        spec = env.spec(tmp_path / "store", source={"local": {"path": str(smollm2.hf_dir())}}, workDir=str(disk))
+        fill_when(lambda: any(disk.rglob(".base-f16.partial/*.gguf")), disk)
+        run = env.run(spec)
+        assert run.rc == 1 and "Traceback" not in run.out, run.out[-2000:]
+        assert run.report["failedStep"] == "convert"
+        reason = run.report["reason"]
+        assert "is full while writing the f16 GGUF" in reason and "it needs about 0.25 GiB" in reason, reason
+        assert not list(disk.rglob("*.gguf"))
+
+
+def test_conversion_that_cannot_fit_is_refused(env: Env, small_disk: Path, tmp_path: Path) -> None:
+    spec = env.spec(tmp_path / "store", source={"local": {"path": str(smollm2.hf_dir())}}, workDir=str(small_disk))
+    run = env.run(spec)
+    assert run.rc == 1 and "Traceback" not in run.out, run.out[-2000:]
+    assert run.report["failedStep"] == "convert"
+    assert "but the f16 GGUF (convert) needs about 0.25 GiB" in run.report["reason"], run.report["reason"]
+    assert not list(small_disk.rglob("*.gguf"))
 
 
 def test_gguf_source_is_published_as_it_is(env: Env, tmp_path: Path) -> None:
@@ -334,6 +409,72 @@ def test_split_gguf_from_the_hub(env: Env, tmp_path: Path) -> None:
     source["huggingface"]["repo"] = "test/split-broken"
     broken = env.run(env.spec(tmp_path / "store2", source=source, variants=[{"name": "orig", "type": "Q4_1"}]))
     assert broken.rc == 1 and "missing shard(s) SmolLM2-Q4_1-00002-of-00002.gguf" in broken.report["reason"]
+
+
+def _ask_llama_server(model: Path, question: str) -> str:
+    """Start llama-server on ``model`` (a first shard: it finds the others by name), ask one question."""
+    binary = Path(os.environ.get("KQUANT_LLAMA_BIN", fit_params.DEFAULT_BIN)) / "llama-server"
+    if not binary.is_file():
+        pytest.skip(f"{binary} is missing (hack/build-llama.sh builds it)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "-c", "512", "-t", "2",
+           "--no-webui"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        body = json.dumps({"messages": [{"role": "user", "content": question}], "max_tokens": 16,
+                           "temperature": 0}).encode()  # fmt: skip
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(request, timeout=120) as response:
+            answer: str = json.loads(response.read())["choices"][0]["message"]["content"]
+        return answer
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+def test_sharded_build(env: Env, tmp_path: Path) -> None:
+    """With a 100 MB shard size the 16-bit GGUF (270 MB) is converted into shards, the variant keeps
+    that split, every shard is published with its own sha256, the facts count all shards, and
+    llama.cpp loads the first shard: the evaluation's smoke test and llama-server both answer."""
+    root, work = tmp_path / "store", tmp_path / "work"
+    spec = env.spec(
+        root,
+        source={"local": {"path": str(smollm2.hf_dir())}},
+        variants=[{"name": "q4km", "type": "Q4_K_M"}],
+        workDir=str(work),
+        maxShardBytes=100_000_000,
+    )
+    run = env.run(spec)
+    assert run.rc == 0, run.out[-3000:]
+    base = sorted(work.rglob("model-f16-*-of-*.gguf"))
+    count = len(base)
+    assert count >= 3 and all(f.stat().st_size <= 100_000_000 for f in base), base
+    assert [f.name for f in base] == shards.names_like("model-f16", count)
+    v = run.report["variants"][0]
+    names = [f["name"] for f in v["files"]]
+    assert names == shards.names_like("q4km", count)
+    folder = root / v["digest"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*names, "report.json"])
+    for entry in v["files"]:
+        path = folder / entry["name"]
+        assert fetch.sha256_file(path) == entry["sha256"] and path.stat().st_size == entry["sizeBytes"]
+    assert v["sizeBytes"] == sum(f["sizeBytes"] for f in v["files"]) and v["sha256"] == v["files"][0]["sha256"]
+    assert Path(v["path"]) == folder / names[0]
+    assert v["facts"]["shards"] == count and v["facts"]["block_count"] == 30
+    assert sum(v["tensorTypes"].values()) == 272
+    assert v["metrics"]["smoke"]["passed"] and v["metrics"]["klDivergence"] < 1.0
+    assert _ask_llama_server(Path(v["path"]), "Name a colour.").strip()
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])

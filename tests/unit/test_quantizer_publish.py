@@ -50,19 +50,34 @@ def test_unreadable_file_is_not_published(tmp_path: Path) -> None:
 
 def test_check_space_names_the_numbers(tmp_path: Path) -> None:
     pipeline.check_space(tmp_path, 1, "variant x")
-    with pytest.raises(pipeline.DiskFullError, match=r"MiB free, but variant x needs about .* storage\.pvc\.size"):
-        pipeline.check_space(tmp_path, 2**60, "variant x")
+    with pytest.raises(
+        pipeline.DiskFullError,
+        # 2^50 bytes and the 2% margin: 1048576 GiB * 1.02
+        match=r"storage claim m-storage \(.*\) has .* GiB free, but variant x needs about 1069547\.52 GiB: "
+        r"grow spec\.storage\.pvc\.size by at least",
+    ):
+        pipeline.check_space(tmp_path, 2**50, "variant x", "m-storage")
 
 
 def test_staged_names_and_shards(tmp_path: Path) -> None:
-    v = settings.VariantSpec.model_validate({"name": "q4", "type": "Q4_0", "keepSplit": True})
-    assert pipeline._staged_name(v, tmp_path / "m-00001-of-00003.gguf") == "q4-00001-of-00003.gguf"
-    assert pipeline._staged_name(v, tmp_path / "m.gguf") == "q4.gguf"
+    v = settings.VariantSpec.model_validate({"name": "q4", "type": "Q4_0"})
+    assert pipeline._staged_name(v, tmp_path / "m-00001-of-00003.gguf", True) == "q4-00001-of-00003.gguf"
+    assert pipeline._staged_name(v, tmp_path / "m-00001-of-00003.gguf", False) == "q4.gguf"
+    assert pipeline._staged_name(v, tmp_path / "m.gguf", True) == "q4.gguf"
     for i in (1, 2, 3):
         (tmp_path / f"q4-0000{i}-of-00003.gguf").write_bytes(b"")
     assert [p.name for p in pipeline._shards_of(tmp_path / "q4-00001-of-00003.gguf")] == [
         f"q4-0000{i}-of-00003.gguf" for i in (1, 2, 3)
     ]
+
+
+def test_shards_are_hashed_in_parallel_and_in_order(tmp_path: Path) -> None:
+    files = []
+    for i in range(5):
+        f = tmp_path / f"s-{i + 1:05d}-of-00005.gguf"
+        f.write_bytes(bytes([i]) * (1 << 20) * (i + 1))
+        files.append(f)
+    assert publish.hash_files(files, threads=4) == [fetch.sha256_file(f) for f in files]
 
 
 def test_source_key_ignores_the_endpoint() -> None:
