@@ -84,11 +84,13 @@ class Throughput:
     """Sequential write to a network block volume, and the converter's single-threaded throughput."""
     hash_bytes_per_second: float = 1.0e9
     """sha256 of one thread with SHA extensions (the fetch's verification, the publish step per shard)."""
-    quantize_weights_per_core_second: float = 40e6
-    """K-quants and legacy types in llama.cpp's quantizer, per thread: an assumption checked against
-    ``bench/quantizer_steps.py`` on SmolLM2 (see docs/sizing.md for the measured figure)."""
-    iq_quantize_weights_per_core_second: float = 4e6
-    """IQ1/IQ2/IQ3 types search a lattice per block: about ten times slower."""
+    quantize_weights_per_core_second: float = 5e6
+    """K-quants and legacy types in llama.cpp's quantizer, per thread, from a 16-bit source: a 70B
+    Q4_K_M takes 10-15 minutes on 16 threads as commonly reported (70e9 / 900 s / 16 = 4.9M/s), and
+    the source's pages must come off the volume too. bench/quantize_overhead.py measures this
+    machine (docs/sizing.md)."""
+    iq_quantize_weights_per_core_second: float = 1e6
+    """IQ1/IQ2/IQ3 types search a lattice per block with an importance matrix: several times slower."""
     cpu_flops_per_core: float = 2e10
     """Effective float32 matrix FLOP/s per core for llama.cpp or torch inference on a server CPU."""
     gpu_flops: float = 1e14
