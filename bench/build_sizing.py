@@ -20,13 +20,15 @@ from kquant.quantizer import settings, sizing, units
 ROOT = Path(__file__).resolve().parents[1] / "examples" / "sizing"
 API_CALIBRATION = settings.Calibration(chunks=128, context_size=512)
 API_EVALUATION = settings.Evaluation(chunks=16, context_size=512)
+UD_IQ1_S = settings.VariantSpec.model_validate(
+    {"name": "ud-iq1s", "type": "IQ1_S", "recipe": "dynamic", "targetSizeGiB": 131}
+)  # examples/02-deepseek-r1-dynamic
+Q4_K_M = settings.VariantSpec.model_validate({"name": "q4km", "type": "Q4_K_M"})
 MODELS = (
-    ("DeepSeek-R1 (671B MoE, FP8)", "deepseek-r1",
-     settings.VariantSpec.model_validate({"name": "ud-iq1s", "type": "IQ1_S", "recipe": "dynamic",
-                                          "targetSizeGiB": 131})),
-    ("Llama-3.1-405B (bf16)", "llama-3.1-405b", settings.VariantSpec(name="q4km", type=settings.constants.FileType.Q4_K_M)),
-    ("Llama-3.1-70B (bf16)", "llama-3.1-70b", settings.VariantSpec(name="q4km", type=settings.constants.FileType.Q4_K_M)),
-)  # fmt: skip
+    ("DeepSeek-R1 (671B MoE, FP8)", "deepseek-r1", UD_IQ1_S),
+    ("Llama-3.1-405B (bf16)", "llama-3.1-405b", Q4_K_M),
+    ("Llama-3.1-70B (bf16)", "llama-3.1-70b", Q4_K_M),
+)
 
 
 def size(folder: str, variant: settings.VariantSpec, gpus: int) -> sizing.Sizing:
