@@ -81,7 +81,8 @@ def _evaluation(spec: api.QuantizedModelSpec) -> settings.Evaluation:
     )
 
 
-def _variant(variant: api.Variant) -> settings.VariantSpec:
+def variant_spec(variant: api.Variant) -> settings.VariantSpec:
+    """The quantizer's model of an API variant (passthrough is quantized nowhere: uniform here)."""
     return settings.VariantSpec(
         name=variant.name,
         type=variant.type,
@@ -89,7 +90,7 @@ def _variant(variant: api.Variant) -> settings.VariantSpec:
         else settings.Recipe.UNIFORM,
         overrides=tuple(settings.TensorOverride(pattern=o.pattern, type=o.type)
                         for o in variant.overrides or []),
-        target_size_gi_b=variant.target_size_gib,
+        target_size_gib=variant.target_size_gib,
         target_bits_per_weight=variant.target_bits_per_weight,
         output_tensor_type=variant.output_tensor_type,
         token_embedding_type=variant.token_embedding_type,
@@ -117,7 +118,7 @@ def base_spec(qm: api.QuantizedModel, variant: api.Variant) -> settings.BuildSpe
     storage = qm.spec.storage
     shard = units.quantity_bytes(storage.shard_size) or settings.DEFAULT_SHARD_BYTES
     return settings.BuildSpec(
-        source=_source(qm.spec), calibration=_calibration(qm.spec), variants=(_variant(variant),),
+        source=_source(qm.spec), calibration=_calibration(qm.spec), variants=(variant_spec(variant),),
         evaluation=_evaluation(qm.spec), storage_root=STORAGE_MOUNT, threads=cpu_count(qm.spec.quantizer) or 0,
         max_shard_bytes=shard, storage_claim=manifests.storage_claim_name(qm),
     )

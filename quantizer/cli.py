@@ -97,7 +97,7 @@ def cmd_plan(spec: settings.BuildSpec, variant_name: str, gguf: Path | None) -> 
     if imatrix_path is not None:
         data = imatrix.read_gguf(imatrix_path)
     try:
-        plan = quantize.plan(gguf, pipeline.to_recipe(variant), data)
+        plan = quantize.plan(gguf, variant, data)
     except Exception as exc:  # recipe errors are the user's to fix: show the reason, not a trace
         print(f"kquant-quantize: variant {variant.name}: {exc}", file=sys.stderr)
         return EXIT_FAILED

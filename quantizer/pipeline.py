@@ -459,7 +459,7 @@ class BuildRunner:
         self._current = f"plan-{variant.name}"
         self._listener(steps.Step(self._current, steps.StepKind.PLAN, {}, (), lambda p: None, variant.name), 0.0)
         try:
-            plan = quantize.plan(base, to_recipe(variant), data)
+            plan = quantize.plan(base, variant, data)
         except (recipes.RecipeError, ValueError) as exc:
             raise BuildError(f"variants[{self._variant_index()}] ({variant.name}): {exc}") from None
         log.info("plan for %s:\n%s", variant.name, plan.render())
@@ -642,11 +642,6 @@ class BuildRunner:
 
     def _variant_index(self) -> int:
         return (self._variant[1] - 1) if self._variant else 0
-
-
-def to_recipe(variant: settings.VariantSpec) -> recipes.VariantRecipe:
-    """The recipe planner's own model of a variant (``recipes.VariantRecipe``)."""
-    return recipes.VariantRecipe.model_validate(variant.model_dump(mode="json", by_alias=True, exclude={"digest"}))
 
 
 def _staged_name(variant: settings.VariantSpec, base: Path, keep_split: bool) -> str:

@@ -48,13 +48,11 @@ import math
 import re
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING
 
 import gguf
 import numpy as np
-import pydantic
 from kquant.quantizer import constants, quantize_job, settings, units
-from pydantic import alias_generators
 
 if TYPE_CHECKING:
     from kquant.quantizer import imatrix as imatrix_mod
@@ -168,43 +166,9 @@ class RecipeError(ValueError):
 # ---------------------------------------------------------------------------------------------
 
 
-class _Model(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(
-        extra="forbid", frozen=True, alias_generator=alias_generators.to_camel, populate_by_name=True
-    )
-
-
-class VariantRecipe(_Model):
-    """One variant to build from the converted GGUF (``spec.variants[]``)."""
-
-    name: Annotated[str, pydantic.Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)]
-    type: constants.FileType
-    recipe: Literal["uniform", "dynamic"] = "uniform"
-    overrides: tuple[settings.TensorOverride, ...] = ()
-    """Regex -> type rules tried in order; the first match wins, before any recipe rule."""
-    target_size_gib: Annotated[float | None, pydantic.Field(gt=0, alias="targetSizeGiB")] = None
-    target_bits_per_weight: Annotated[float | None, pydantic.Field(gt=0, le=32)] = None
-    output_tensor_type: constants.TensorType | None = None
-    token_embedding_type: constants.TensorType | None = None
-    pure: bool = False
-    leave_output_tensor: bool = False
-    allow_requantize: bool = False
-    keep_split: bool = False
-
-    @pydantic.model_validator(mode="after")
-    def _consistent(self) -> VariantRecipe:
-        if self.target_size_gib is not None and self.target_bits_per_weight is not None:
-            raise ValueError(
-                f"variant {self.name}: set targetSizeGiB ({self.target_size_gib}) or "
-                f"targetBitsPerWeight ({self.target_bits_per_weight}), not both"
-            )
-        base = constants.FILE_TYPES[self.type].base
-        if self.recipe == "dynamic" and base in (T.F32, T.F16, T.BF16):
-            raise ValueError(
-                f"variant {self.name}: recipe is dynamic but type is {self.type}; a dynamic mix needs "
-                "a quantized base type (llama.cpp ignores per-tensor types for F32/F16/BF16 files)"
-            )
-        return self
+VariantRecipe = settings.VariantSpec
+"""A variant as the user writes it (``spec.variants[]``): the quantizer has one model of it,
+``settings.VariantSpec``; the planner's signatures keep this name for what they read from it."""
 
 
 # ---------------------------------------------------------------------------------------------

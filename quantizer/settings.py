@@ -133,7 +133,7 @@ class Recipe(enum.StrEnum):
 
 class TensorOverride(_Model):
     """A regex over GGUF tensor names (searched, as llama.cpp does) and the type matching tensors
-    get; first match wins. Recipes (``recipes.VariantRecipe``) use this model too."""
+    get; first match wins."""
 
     pattern: str
     type: constants.TensorType
@@ -149,21 +149,28 @@ class TensorOverride(_Model):
 
 
 class VariantSpec(_Model):
-    """One quantized file to build from the source."""
+    """One quantized file to build from the source: the quantizer's one model of a variant.
+
+    The recipe planner (``recipes``, where it is also called ``VariantRecipe``), the quantize step's
+    job (``recipes.base_job``) and ``kquant plan``'s estimates (``commands.shapes``, through
+    ``operator.builds.variant_spec``) all take this model, so a field is declared and checked once."""
 
     name: str
     """DNS-label style (``q4km``): it names files and appears in status."""
     type: constants.FileType
     recipe: Recipe = Recipe.UNIFORM
     overrides: tuple[TensorOverride, ...] = ()
-    target_size_gi_b: Annotated[float | None, pydantic.Field(gt=0, alias="targetSizeGiB")] = None
+    target_size_gib: Annotated[float | None, pydantic.Field(gt=0, alias="targetSizeGiB")] = None
+    """File size the dynamic mix must fit, in GiB (2^30 bytes)."""
     target_bits_per_weight: Annotated[float | None, pydantic.Field(gt=0, le=32)] = None
+    """Average bits per weight the dynamic mix must not exceed."""
     output_tensor_type: constants.TensorType | None = None
     token_embedding_type: constants.TensorType | None = None
     leave_output_tensor: bool = False
     pure: bool = False
     allow_requantize: bool = False
     keep_split: bool = False
+    """Keep a split source's split (a converted 16-bit source is always kept)."""
     digest: str | None = None
     """Set by the operator when it has computed the digest itself; else ``variant_digest``."""
 
@@ -176,18 +183,23 @@ class VariantSpec(_Model):
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> Self:
-        # The same rules as recipes.VariantRecipe, checked here so a bad spec fails before any work.
-        if self.target_size_gi_b is not None and self.target_bits_per_weight is not None:
-            raise ValueError("set targetSizeGiB or targetBitsPerWeight, not both")
+        if self.target_size_gib is not None and self.target_bits_per_weight is not None:
+            raise ValueError(
+                f"variant {self.name}: set targetSizeGiB ({self.target_size_gib}) or "
+                f"targetBitsPerWeight ({self.target_bits_per_weight}), not both"
+            )
         base = constants.FILE_TYPES[self.type].base
         sixteen = (constants.TensorType.F32, constants.TensorType.F16, constants.TensorType.BF16)
         if self.recipe is Recipe.DYNAMIC and base in sixteen:
-            raise ValueError(f"recipe is dynamic but type is {self.type}; a dynamic mix needs a quantized type")
+            raise ValueError(
+                f"variant {self.name}: recipe is dynamic but type is {self.type}; a dynamic mix needs a quantized "
+                "base type (llama.cpp ignores per-tensor types for F32/F16/BF16 files)"
+            )
         return self
 
     @property
     def target_size_bytes(self) -> int | None:
-        return None if self.target_size_gi_b is None else int(self.target_size_gi_b * 2**30)
+        return None if self.target_size_gib is None else int(self.target_size_gib * 2**30)
 
 
 def _parse_fraction(value: Any) -> Any:

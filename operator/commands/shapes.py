@@ -29,6 +29,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kquant.operator import builds
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import constants, gguf_facts, recipes, settings
 
@@ -236,13 +237,8 @@ def facts(s: Shape, types: Mapping[str, constants.TensorType], file_type: int | 
 
 
 def _recipe(variant: api.Variant, file_type: constants.FileType) -> recipes.VariantRecipe:
-    return recipes.VariantRecipe(
-        name=variant.name, type=file_type, recipe="dynamic" if variant.recipe is api.Recipe.DYNAMIC else "uniform",
-        overrides=tuple(settings.TensorOverride(pattern=o.pattern, type=o.type) for o in variant.overrides or ()),
-        target_size_gib=variant.target_size_gib, target_bits_per_weight=variant.target_bits_per_weight,
-        output_tensor_type=variant.output_tensor_type, token_embedding_type=variant.token_embedding_type,
-        pure=variant.pure, leave_output_tensor=variant.leave_output_tensor,
-    )  # fmt: skip
+    """The quantizer's model of ``variant`` (the operator's one mapping), of ``file_type``."""
+    return builds.variant_spec(variant).model_copy(update={"type": file_type})
 
 
 def uniform_types(

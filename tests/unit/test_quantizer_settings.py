@@ -61,7 +61,7 @@ def test_defaults_and_camel_case() -> None:
             {"variants": [{"name": "x", "type": "Q4_0", "overrides": [{"pattern": "(", "type": "Q8_0"}]}]},
             "not a valid regular expression",
         ),
-        ({"variants": [{"name": "x", "type": "F16", "recipe": "dynamic"}]}, "needs a quantized type"),
+        ({"variants": [{"name": "x", "type": "F16", "recipe": "dynamic"}]}, "needs a quantized base type"),
         (
             {"variants": [{"name": "x", "type": "Q4_0", "targetSizeGiB": 1, "targetBitsPerWeight": 4}]},
             "not both",
