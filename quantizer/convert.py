@@ -43,6 +43,8 @@ SRC_ENV = "KQUANT_LLAMA_CPP_SRC"
 SCRIPT = "convert_hf_to_gguf.py"
 _NEEDED = (SCRIPT, "conversion", "gguf-py")
 _PERCENT_RE = re.compile(rb"(\d{1,3})%\|")
+METADATA_ROOM = 256 << 20
+"""Bytes of a shard left for the GGUF header and metadata when the 16-bit GGUF is split."""
 
 
 class ConvertError(Exception):
@@ -156,8 +158,12 @@ def convert(
     tmp = staging / out.name
     cmd = [python, str(script_dir / SCRIPT), str(hf_dir), "--outtype", outtype.value, "--outfile", str(tmp)]
     if split_max_bytes:
-        # A plain number is bytes to convert_hf_to_gguf.py (a suffix would be decimal M/G).
-        cmd += ["--split-max-size", str(int(split_max_bytes))]
+        # The converter bounds each shard's tensor data; the first shard also carries the metadata
+        # (the vocabulary: a few MB, tens for large tokenizers), so the bound leaves room for it and
+        # no file exceeds split_max_bytes (the hub refuses files over 50 GB). A plain number is bytes
+        # to convert_hf_to_gguf.py (a suffix would be decimal M/G).
+        room = min(METADATA_ROOM, split_max_bytes // 10)
+        cmd += ["--split-max-size", str(int(split_max_bytes - room))]
     log.info("converting %s to %s (%s)", hf_dir, out.name, outtype.value)
     tail: deque[str] = deque(maxlen=15)
     with subprocess.Popen(

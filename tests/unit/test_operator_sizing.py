@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 from fixtures.gguf_models import Shape, shape_facts
-from kquant.operator import artifacts, build_manifests, builds, server_manifests, serving
+from kquant.operator import artifacts, build_manifests, builds, findings, observed, reconcile, server_manifests, serving
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import report, settings, units
 
@@ -127,3 +127,39 @@ def test_server_memory_request_is_the_plans_host_bytes() -> None:
     expected = -(-int(host * 1.1 + units.GiB) // units.GiB)
     assert server_manifests.memory_request(chosen.offload) == f"{expected}Gi"
     assert "--threads" not in server_manifests.server_args(qm, "/m.gguf", chosen.offload)
+
+
+class _RecordingClient:
+    settings = build_manifests.config.DEFAULTS
+
+    def __init__(self) -> None:
+        self.created: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str, str]] = []
+
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        self.created.append(manifest)
+        return manifest
+
+    def event(self, qm: object, kind: str, reason: str, message: str) -> None:
+        self.events.append((kind, reason, message))
+
+
+def test_the_next_build_is_sized_from_an_earlier_builds_report() -> None:
+    """The first build's report carries the sizing its fetch step computed (here: a failed build whose
+    claim was too small); the next Job gets its requests, and the spec's lower ones a Warning Event."""
+    qm = _qm(_body())
+    first, second = builds.plan_builds(qm, "ml")
+    failed = report.BuildReport(status=report.BuildStatus.FAILED, reason="claim too small", quantizer_version="0",
+                                sizing=SIZING)  # fmt: skip
+    children = observed.Children.collect(configmaps=[observed.build_configmap(
+        {"metadata": {"name": first.name}, "data": {"report": failed.to_json()}})])  # fmt: skip
+    states = [reconcile.observe_build(qm, b, children) for b in (first, second)]
+    assert states[0].phase is findings.BuildPhase.FAILED and states[0].sizing == SIZING
+    client = _RecordingClient()
+    reconcile.start_next_build(client, qm, states)  # type: ignore[arg-type]
+    job = client.created[-1]
+    assert job["kind"] == "Job" and job["metadata"]["name"] == second.name
+    assert job["spec"]["activeDeadlineSeconds"] == SIZING.deadline_seconds
+    reasons = [(kind, reason) for kind, reason, _ in client.events]
+    assert reasons == [("Warning", "BuildUnderSized")] * 3
+    assert "spec.quantizer.resources.requests.memory is 2Gi, but the build needs about 14Gi" in client.events[0][2]
