@@ -396,6 +396,11 @@ class BuildRunner:
         }
 
         def run(p: steps.Progress) -> None:
+            if self.spec.threads:
+                # torch otherwise starts one thread per core of the node, whatever the pod was given
+                import torch  # calibration is the one step that runs torch in-process
+
+                torch.set_num_threads(self.spec.threads)
             try:
                 data = imatrix.compute_imatrix(
                     source_dir, [text], chunks=cal.chunks, context_size=cal.context_size, progress=p
