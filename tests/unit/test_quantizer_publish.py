@@ -65,8 +65,11 @@ def test_staged_names_and_shards(tmp_path: Path) -> None:
     ]
 
 
-def test_source_key_ignores_the_endpoint() -> None:
-    def spec(endpoint: str) -> settings.BuildSpec:
+def test_source_key_names_the_origin() -> None:
+    """A mirror's copy of a repo@revision gets its own work folder: a download from a malicious
+    mirror is never reused by a build that names the public hub (or another mirror)."""
+
+    def spec(endpoint: str | None) -> settings.BuildSpec:
         return settings.parse_spec(
             {
                 "source": {"huggingface": {"repo": "a/b", "endpoint": endpoint}},
@@ -75,4 +78,7 @@ def test_source_key_ignores_the_endpoint() -> None:
             }
         )
 
-    assert pipeline.source_key(spec("http://a")) == pipeline.source_key(spec("http://b"))
+    keys = {pipeline.source_key(spec(e)) for e in ("http://a", "http://b", None)}
+    assert len(keys) == 3
+    assert pipeline.source_key(spec("https://huggingface.co/")) == pipeline.source_key(spec(None))
+    assert pipeline.source_key(spec("http://A/")) == pipeline.source_key(spec("http://a"))
