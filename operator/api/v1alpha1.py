@@ -59,7 +59,7 @@ CONDITION_REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 MANAGED_SERVER_FLAGS = (
     "-m", "--model", "--host", "--port", "-c", "--ctx-size", "-np", "--parallel",
     "-ngl", "--gpu-layers", "--n-gpu-layers", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
-    "-fa", "--flash-attn", "--temp", "--top-p", "--top-k", "--min-p", "-s", "--seed",
+    "-fa", "--flash-attn", "--temp", "--temperature", "--top-p", "--top-k", "--min-p", "-s", "--seed",
 )  # fmt: skip
 """llama-server flags that the operator derives from the spec; ``extraArgs`` may not repeat them,
 because llama-server takes the last occurrence and the status would then lie."""

@@ -11,7 +11,7 @@ import pytest
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import convert
 
-ARG_CPP = convert.default_src() / "common" / "arg.cpp"
+ARG_CPP = convert.converter_src() / "common" / "arg.cpp"
 
 
 def _options() -> list[tuple[str, ...]]:

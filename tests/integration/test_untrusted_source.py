@@ -114,7 +114,8 @@ def test_repository_code_never_runs(tiny_llama: Path, tmp_path: Path, allow_code
     folder = evil_folder(tiny_llama, tmp_path / "evil", marker)
     with FakeHub() as hub:
         hub.add_repo(EVIL_REPO, folder, token=TOKEN)
-        run = run_cli(tmp_path, spec_for(hub, EVIL_REPO, tmp_path, allowCodeFiles=allow_code))
+        switch = {"allowCodeFiles": True} if allow_code else {}
+        run = run_cli(tmp_path, spec_for(hub, EVIL_REPO, tmp_path, **switch), token=TOKEN)
         fetched = {r.path.rsplit("/", 1)[-1] for r in hub.requests if "/resolve/" in r.path}
     assert not marker.exists(), f"the repository's code ran: {marker.read_text()}"
     assert run.rc == 1, run.out[-3000:]
