@@ -228,3 +228,28 @@ def test_guard_refuses_remote_code_even_when_the_caller_trusts_it(tiny_llama: Pa
                           check=False, timeout=300)  # fmt: skip
     assert not marker.exists()
     assert "refused: the model at" in done.stdout, done.stdout + done.stderr
+
+
+TRUSTING_LOAD = """
+import sys
+from kquant.quantizer import untrusted
+untrusted.forbid_remote_code()
+import transformers
+tokenizer = transformers.AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+config = transformers.AutoConfig.from_pretrained(sys.argv[1], trust_remote_code=True)
+print("loaded", type(tokenizer).__name__, type(config).__name__)
+"""
+
+
+def test_auto_map_beside_a_known_class_is_ignored(tiny_llama: Path, tmp_path: Path) -> None:
+    """Real repositories (DeepSeek-R1, for one) name their own code in ``auto_map`` for classes that
+    transformers has: those load with transformers' class and no code is looked for."""
+    folder = tmp_path / "repo"
+    shutil.copytree(tiny_llama, folder)
+    for name, key in (("config.json", "AutoConfig"), ("tokenizer_config.json", "AutoTokenizer")):
+        data = json.loads((folder / name).read_text())
+        target: Any = "configuration_x.XConfig" if key == "AutoConfig" else ["tokenization_x.XTokenizer", None]
+        (folder / name).write_text(json.dumps({**data, "auto_map": {key: target}}))
+    done = subprocess.run([sys.executable, "-P", "-c", TRUSTING_LOAD, str(folder)], capture_output=True, text=True,
+                          check=False, timeout=300)  # fmt: skip
+    assert "loaded" in done.stdout and "LlamaConfig" in done.stdout, done.stdout + done.stderr[-3000:]
