@@ -121,9 +121,12 @@ def test_repository_code_never_runs_in_the_build_pod(
     hostile_hub: tuple[FakeHub, pathlib.Path],
 ) -> None:  # fmt: skip
     hub, marker = hostile_hub
+    # The model's own token, which the repository's code would have read from its environment.
+    client.CoreV1Api(cluster.api_client()).create_namespaced_secret(namespace, {
+        "metadata": {"name": "hf-token"}, "stringData": {"token": TOKEN}})
     author = client.CustomObjectsApi(_author_client(cluster, namespace))
-    author.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
-                                           _model("evil", hub, "attacker/stablelm-tiny"))  # fmt: skip
+    author.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _model(
+        "evil", hub, "attacker/stablelm-tiny", tokenSecretRef={"name": "hf-token"}))
     failed = _build_failed(cluster, namespace, "evil")
     assert not marker.exists(), f"the repository's code ran in the build pod: {marker.read_text()}"
     assert "never runs code from a model repository" in failed["message"], failed
@@ -143,9 +146,10 @@ def test_newline_token_never_reaches_what_users_read(
     author.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _model(
         "private", hub, "team/private", allowPatterns=["*.json"], tokenSecretRef={"name": "hf-token"}))
     failed = _build_failed(cluster, namespace, "private")
-    assert "HTTP 400" in failed["message"], failed  # the hub was reached with the token, and refused
-    assert any(r.authorization == f"Bearer {TOKEN}" for r in hub.requests)
+    assert "download of team/private@main" in failed["message"], failed
     places = _everything_a_user_reads(cluster, namespace)
     assert any(name.startswith("log ") for name in places), "no build pod log found on the node"
     leaked = [name for name, text in places.items() if TOKEN in text]
     assert not leaked, f"the token is readable in: {leaked}"
+    # the hub was reached with the stripped token, and its errors quoted it back
+    assert any(r.authorization == f"Bearer {TOKEN}" and "/resolve/" in r.path for r in hub.requests)
