@@ -51,6 +51,7 @@ def _source(spec: api.QuantizedModelSpec) -> settings.Source:
     return settings.Source(huggingface=settings.HuggingFaceSource(
         repo=hub.repo, revision=hub.revision, endpoint=hub.endpoint,
         allow_patterns=tuple(patterns) if patterns else None,
+        allow_code_files=hub.allow_code_files, allow_pickles=hub.allow_pickles,
     ))
 
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from kquant.quantizer import imatrix, pipeline, progress, quantize, report, settings
+from kquant.quantizer import fetch, imatrix, pipeline, progress, quantize, redact, report, settings
 
 log = logging.getLogger("kquant.quantizer")
 
@@ -54,11 +55,11 @@ def _sink(spec: settings.BuildSpec) -> progress.Sink:
     return progress.FanOut(*sinks)
 
 
-def cmd_run(spec: settings.BuildSpec, report_path: Path | None) -> int:
-    result = pipeline.BuildRunner(spec, _sink(spec)).run()
+def cmd_run(spec: settings.BuildSpec, report_path: Path | None, env: dict[str, str]) -> int:
+    result = pipeline.BuildRunner(spec, _sink(spec), env).run()
     if report_path is not None:
         report_path.parent.mkdir(parents=True, exist_ok=True)
-        report_path.write_text(result.to_json())
+        report_path.write_text(redact.redact(result.to_json()))
     for v in result.variants:
         log.info(
             "variant %s: %s, %d bytes, %.2f bpw, KL %s, gate %s",
@@ -71,14 +72,14 @@ def cmd_run(spec: settings.BuildSpec, report_path: Path | None) -> int:
         )
     if result.status is report.BuildStatus.FAILED:
         print(
-            f"kquant-quantize: build failed in {result.failed_step or 'setup'}: {result.reason}",
+            redact.redact(f"kquant-quantize: build failed in {result.failed_step or 'setup'}: {result.reason}"),
             file=sys.stderr,
         )
         return EXIT_FAILED
     return EXIT_OK
 
 
-def cmd_plan(spec: settings.BuildSpec, variant_name: str, gguf: Path | None) -> int:
+def cmd_plan(spec: settings.BuildSpec, variant_name: str, gguf: Path | None, env: dict[str, str]) -> int:
     try:
         variant = spec.variant(variant_name)
     except KeyError as exc:
@@ -86,9 +87,9 @@ def cmd_plan(spec: settings.BuildSpec, variant_name: str, gguf: Path | None) -> 
         return EXIT_USAGE
     if gguf is None:
         try:
-            prepared = pipeline.prepare(spec, _sink(spec))
+            prepared = pipeline.prepare(spec, _sink(spec), env)
         except pipeline.CannotPlanError as exc:
-            print(f"kquant-quantize: cannot plan: {exc}", file=sys.stderr)
+            print(redact.redact(f"kquant-quantize: cannot plan: {exc}"), file=sys.stderr)
             return EXIT_FAILED
         gguf, imatrix_path = prepared.base, prepared.imatrix
     else:
@@ -111,17 +112,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # Never let a library log request headers (the hub token) even at debug level.
+    # Never let a library log request headers (the hub token) even at debug level; and mask
+    # anything token-shaped in every line that is logged anyway (the log is also the pod's
+    # termination message).
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    redact.install()
+    # The token leaves the process environment before anything runs: only the fetch step gets
+    # it, and no later step or subprocess (the converter) can read it.
+    token = fetch.take_token(os.environ)
+    env = dict(os.environ)
+    if token:
+        env[fetch.TOKEN_ENV] = token
     try:
         spec = settings.load_spec(args.spec)
     except settings.SpecError as exc:
-        print(f"kquant-quantize: {exc}", file=sys.stderr)
+        print(redact.redact(f"kquant-quantize: {exc}"), file=sys.stderr)
         return EXIT_USAGE
     if args.command == "run":
-        return cmd_run(spec, args.report)
-    return cmd_plan(spec, args.variant, args.gguf)
+        return cmd_run(spec, args.report, env)
+    return cmd_plan(spec, args.variant, args.gguf, env)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,11 @@ The script runs as a subprocess of the venv's Python: it imports torch and pulls
 and a crash or an out-of-memory kill must not take the pipeline's report with it. Its output is
 written under a temporary name and renamed only when the script succeeded.
 
+The script never runs code from the model folder and never sees the hub token: it runs under
+``kquant.quantizer.untrusted`` (which stops transformers from importing a folder's ``auto_map``
+code, however the script calls it) in an environment without the token and with the hub client
+offline (``converter_env``).
+
 Where the script is: ``KQUANT_LLAMA_CPP_SRC``, else ``~/.cache/kquant/llama.cpp/<version>/src``
 (``hack/build-llama.sh`` and the Dockerfile put it there); ``ensure_converter`` extracts the three
 parts it needs from the sdist when neither exists.
@@ -31,10 +36,10 @@ import tarfile
 import tempfile
 import typing
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from kquant.quantizer import settings, shards, space
+from kquant.quantizer import settings, shards, space, untrusted
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +113,24 @@ def ensure_converter(src: Path | None = None) -> Path:
     return src
 
 
-def _converter_env() -> dict[str, str]:
-    env = dict(os.environ)
+def converter_env(base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The converter's environment: no hub token (the fetch step is over; the converter reads a
+    folder that may hold code and needs no network), and the hub client offline."""
+    env = dict(os.environ if base is None else base)
+    for name in untrusted.TOKEN_ENV_NAMES:
+        env.pop(name, None)
+    env.update(untrusted.OFFLINE_ENV)
     # The script imports its sibling package ``conversion`` through sys.path[0]; safe-path mode
     # would drop the script's folder from sys.path.
     env.pop("PYTHONSAFEPATH", None)
     env.pop("NO_LOCAL_GGUF", None)  # use the gguf-py that matches the script
     return env
+
+
+def converter_command(python: str, script: Path, args: Sequence[str]) -> list[str]:
+    """The script runs under ``kquant.quantizer.untrusted``: transformers inside it cannot import
+    a model folder's own code, whatever ``trust_remote_code`` the script passes."""
+    return [python, "-m", "kquant.quantizer.untrusted", str(script), *args]
 
 
 _ERROR_LINE = re.compile(r"^\s*(?:\w+\.)*\w*(?:Error|Exception)\b.*|.*No space left on device.*")
@@ -156,18 +172,19 @@ def convert(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     tmp = staging / out.name
-    cmd = [python, str(script_dir / SCRIPT), str(hf_dir), "--outtype", outtype.value, "--outfile", str(tmp)]
+    args = [str(hf_dir), "--outtype", outtype.value, "--outfile", str(tmp)]
     if split_max_bytes:
         # The converter bounds each shard's tensor data; the first shard also carries the metadata
         # (the vocabulary: a few MB, tens for large tokenizers), so the bound leaves room for it and
         # no file exceeds split_max_bytes (the hub refuses files over 50 GB). A plain number is bytes
         # to convert_hf_to_gguf.py (a suffix would be decimal M/G).
         room = min(METADATA_ROOM, split_max_bytes // 10)
-        cmd += ["--split-max-size", str(int(split_max_bytes - room))]
+        args += ["--split-max-size", str(int(split_max_bytes - room))]
+    cmd = converter_command(python, script_dir / SCRIPT, args)
     log.info("converting %s to %s (%s)", hf_dir, out.name, outtype.value)
     tail: deque[str] = deque(maxlen=15)
     with subprocess.Popen(
-        cmd, cwd=script_dir, env=_converter_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        cmd, cwd=script_dir, env=converter_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     ) as proc:
         stdout = typing.cast(io.BufferedReader, proc.stdout)
         buf = b""

@@ -9,8 +9,18 @@ checked against the sha256 the hub publishes before it gets its final name. The
 revision is resolved to a commit first and the download pinned to it: a branch that moves during
 a long download cannot mix two commits.
 
-The token is read from ``HF_TOKEN`` only (the Job maps it from a Secret) and passed straight to
-the client; it never enters a log line, an error message or the report.
+The token is read from ``HF_TOKEN`` only (the Job maps it from a Secret), stripped of the line
+break that ``echo $T > f; kubectl create secret --from-file`` leaves in it, and passed straight to
+the client. The CLI takes it out of the process environment before anything runs
+(``take_token``), so no later step and no subprocess sees it, and ``redact`` masks it in every
+message that leaves the pod.
+
+A repository is untrusted data. Files that are code (``*.py``) or pickles (``*.bin``, ``*.pt``,
+``*.ckpt``, ...), which run code when loaded, are not fetched unless the spec's
+``allowCodeFiles`` / ``allowPickles`` asks for them (``refused_kind``); file names from the hub
+are checked before anything is written (``check_name``): an absolute name, one with ``..``, glob
+characters or control characters, one that would overwrite kquant's own bookkeeping, or one that
+would land outside the destination through a symlink fails the fetch.
 
 A source may also be GGUF: a single file, or shards named ``name-00001-of-0000N.gguf``;
 ``find_gguf_models`` groups shards and checks that none is missing.
@@ -26,22 +36,25 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import huggingface_hub
 from huggingface_hub import errors, file_download
 from huggingface_hub import utils as hf_utils
-from kquant.quantizer import settings, space
+from kquant.quantizer import redact, settings, space
 from kquant.quantizer import shards as shard_names
 
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "HF_TOKEN"
-DEFAULT_ENDPOINT = "https://huggingface.co"
+TOKEN_ENV_NAMES = (TOKEN_ENV, "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
+"""Every name huggingface_hub has read a token from; ``take_token`` removes them all."""
+DEFAULT_ENDPOINT = settings.DEFAULT_ENDPOINT
 PARTIAL_DIR = ".kquant-partial"
 MANIFEST = ".kquant-fetch.json"
 """Written into the destination after a verified download: revision and file digests."""
@@ -49,6 +62,18 @@ MANIFEST = ".kquant-fetch.json"
 
 class FetchError(Exception):
     """The source could not be fetched; the message says why in the spec's terms."""
+
+
+CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyd", ".so", ".dylib", ".dll", ".exe", ".sh", ".bat", ".ipynb")
+"""Files that are programs: transformers imports ``*.py`` named by ``auto_map``; the rest run as
+they are. Fetched only with ``allowCodeFiles``, and even then never run (``untrusted``)."""
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".dill")
+"""Python pickles: loading one can run code. Fetched only with ``allowPickles``."""
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt")
+"""Pickle suffixes that hold weights (``pytorch_model.bin``): a repo with only these needs the switch."""
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f*?\[\]\\]")
+"""Control characters (a name is also a path and a log line), glob characters (small files are
+fetched by name through ``allow_patterns``, which would expand them) and backslashes."""
 
 
 class SourceFormat(enum.StrEnum):
@@ -89,11 +114,64 @@ def endpoint_for(source: settings.HuggingFaceSource, env: dict[str, str] | None 
     return (source.endpoint or environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
+def refused_kind(name: str, source: settings.HuggingFaceSource) -> str | None:
+    """``"code"`` or ``"pickle"`` when ``name`` is a kind of file the source does not allow, else None."""
+    lower = name.lower()
+    if lower.endswith(CODE_SUFFIXES) and not source.allow_code_files:
+        return "code"
+    if lower.endswith(PICKLE_SUFFIXES) and not source.allow_pickles:
+        return "pickle"
+    return None
+
+
 def select_files(names: Sequence[str], patterns: Sequence[str] | None) -> list[str]:
     """The repository files the allow-patterns pick (all when there are none), like the hub client."""
     if not patterns:
         return sorted(names)
     return sorted(n for n in names if any(fnmatch.fnmatch(n, p) for p in patterns))
+
+
+def check_name(name: str, dest: Path | None = None) -> None:
+    """Refuse a file name from the hub that could write anywhere but a plain file below ``dest``.
+
+    With ``dest``, also refuse a name that resolves outside it: a symlink left in a shared work
+    folder (``dest/sub -> /``) must not carry a download elsewhere.
+    """
+    parts = name.split("/")
+    why = None
+    if not name or name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        why = "is absolute"
+    elif ".." in parts or "." in parts or "" in parts:
+        why = "has '..', '.' or an empty part"
+    elif _UNSAFE_NAME.search(name):
+        why = "has a control, glob or backslash character"
+    elif parts[0].startswith(".kquant") or parts[0] == ".cache":
+        why = "would overwrite kquant's or huggingface_hub's own files"
+    elif dest is not None:
+        root = dest.resolve()
+        target = (dest / name).resolve()
+        if target != root and root not in target.parents:
+            why = f"resolves to {target}, outside {root} (through a symlink)"
+    if why:
+        raise FetchError(f"the hub lists a file named {name[:200]!r}, which {why}; refusing to fetch this repository")
+
+
+def take_token(environ: MutableMapping[str, str]) -> str | None:
+    """Remove every hub token variable from ``environ`` and return the token, stripped.
+
+    The quantizer calls this first thing: only the fetch step is handed the token, and nothing
+    it starts later (the converter, a library reading the environment) can find it. The raw
+    value is remembered by ``redact`` so that no message can carry it out of the pod.
+    """
+    raw = None
+    for name in TOKEN_ENV_NAMES:
+        value = environ.pop(name, None)
+        if value and raw is None:
+            raw = value
+    if raw is None:
+        return None
+    redact.remember(raw)
+    return raw.strip() or None
 
 
 def find_gguf_models(files: Sequence[Path]) -> list[GGUFModel]:
@@ -133,6 +211,12 @@ def detect_format(path: Path) -> SourceFormat:
             f"{path} holds PyTorch .bin weights only; kquant converts safetensors (add '*.safetensors' "
             "to allowPatterns or pick a repository that ships them)"
         )
+    if has_config and not any(path.rglob("*.safetensors")):
+        raise FetchError(
+            f"{path} has config.json but no *.safetensors weights; if the repository ships its weights "
+            "only as pickles (pytorch_model.bin), they are not fetched unless "
+            "source.huggingface.allowPickles is true (a pickle can run code when it is loaded)"
+        )
     found = ", ".join(sorted(p.name for p in path.iterdir() if not p.name.startswith("."))[:10])
     raise FetchError(f"{path} has neither config.json with *.safetensors nor *.gguf files (found: {found})")
 
@@ -165,8 +249,19 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
 
 def _token(env: dict[str, str] | None) -> str | bool:
     environ = os.environ if env is None else env
-    # False (not None) stops huggingface_hub from falling back to a token stored on disk.
-    return environ.get(TOKEN_ENV) or False
+    raw = environ.get(TOKEN_ENV)
+    if raw:
+        redact.remember(raw)
+    # False (not None) stops huggingface_hub from falling back to a token stored on disk. A line
+    # break at the end (a Secret made from ``echo $T > file``) would make the HTTP library refuse
+    # the header, and echo it, token and all, in its error.
+    token = (raw or "").strip()
+    if any(c.isspace() or ord(c) < 32 for c in token):
+        raise FetchError(
+            f"the hub token in {TOKEN_ENV} (from spec.source.huggingface.tokenSecretRef) has a space or "
+            "line break inside it; store only the token in the Secret"
+        )
+    return token or False
 
 
 def _where(source: settings.HuggingFaceSource, endpoint: str) -> str:
@@ -194,7 +289,7 @@ def _translate(exc: Exception, source: settings.HuggingFaceSource, endpoint: str
     if isinstance(exc, errors.HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else "no response"
         return FetchError(f"the hub answered HTTP {status} for {where}")
-    return FetchError(f"download of {where} failed: {type(exc).__name__}: {str(exc)[:300]}")
+    return FetchError(f"download of {where} failed: {type(exc).__name__}: {redact.redact(str(exc))[:300]}")
 
 
 def _is_permanent(exc: Exception) -> bool:
@@ -236,6 +331,7 @@ def verify(dest: Path, files: Sequence[RemoteFile], progress: Callable[[float], 
     total = sum(f.size or 0 for f in files) or 1
     done = 0
     for f in files:
+        check_name(f.name, dest)
         path = dest / f.name
         if not path.is_file():
             raise FetchError(f"{f.name} is missing after the download")
@@ -328,6 +424,37 @@ def _config(
     return data if isinstance(data, dict) else None
 
 
+def _check_selection(
+    source: settings.HuggingFaceSource,
+    endpoint: str,
+    listing: Sequence[RemoteFile],
+    matched: Sequence[str],
+    refused: dict[str, str],
+) -> None:
+    """Fail early, naming the switch, when what is left to fetch cannot be a model."""
+    where = _where(source, endpoint)
+    if not matched:
+        raise FetchError(
+            f"source.huggingface.allowPatterns {list(source.allow_patterns or [])} match none of the "
+            f"{len(listing)} files in {where}"
+        )
+    kept = [n for n in matched if n not in refused]
+    has_weights = any(n.endswith((".safetensors", ".gguf")) for n in kept)
+    pickled = sorted(n for n, kind in refused.items() if kind == "pickle" and n.lower().endswith(PICKLED_WEIGHTS))
+    if not has_weights and pickled:
+        raise FetchError(
+            f"{where} ships its weights only as pickles ({', '.join(pickled[:3])}), which can run code "
+            "when loaded; kquant does not fetch them unless source.huggingface.allowPickles is true "
+            "(or pick a repository with *.safetensors)"
+        )
+    if not kept:
+        raise FetchError(
+            f"every file that allowPatterns selects in {where} is code or a pickle "
+            f"({', '.join(sorted(refused)[:5])}); set source.huggingface.allowCodeFiles / allowPickles "
+            "to fetch them"
+        )
+
+
 def fetch(
     source: settings.HuggingFaceSource,
     dest: Path,
@@ -345,14 +472,20 @@ def fetch(
     raises ``space.NoSpaceError`` saying how much the download needs."""
     endpoint = endpoint_for(source, env)
     revision, listing = remote_files(source, env=env)
-    wanted = set(select_files([f.name for f in listing], source.allow_patterns))
-    if not wanted:
-        raise FetchError(
-            f"source.huggingface.allowPatterns {list(source.allow_patterns or [])} match none of the "
-            f"{len(listing)} files in {_where(source, endpoint)}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in listing:
+        check_name(f.name, dest)
+    matched = select_files([f.name for f in listing], source.allow_patterns)
+    refused = {n: kind for n in matched if (kind := refused_kind(n, source))}
+    wanted = set(matched) - set(refused)
+    _check_selection(source, endpoint, listing, matched, refused)
+    if refused:
+        log.info(
+            "not fetching %d file(s) that are code or pickles (allowCodeFiles/allowPickles are off): %s",
+            len(refused),
+            ", ".join(sorted(refused)[:20]),
         )
     chosen = [f for f in listing if f.name in wanted]
-    dest.mkdir(parents=True, exist_ok=True)
     log.info(
         "fetching %d file(s), %d bytes, from %s (commit %s)",
         len(chosen),

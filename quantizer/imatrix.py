@@ -36,6 +36,7 @@ from typing import Any
 import gguf
 import numpy as np
 import numpy.typing as npt
+from kquant.quantizer import untrusted
 
 FloatArray = npt.NDArray[np.float32]
 CountArray = npt.NDArray[np.int64]
@@ -241,8 +242,10 @@ def compute_imatrix(
 
     target = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if target.startswith("cuda") else torch.float32
-    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    model: Any = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
+    # The folder comes from an untrusted repository: its auto_map code is never imported.
+    untrusted.forbid_remote_code()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=False)
+    model: Any = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype, trust_remote_code=False)
     model.to(target).eval()
     windows = _windows(tokenizer, texts, chunks, context_size)
     namer = _GgufNamer(model.config)

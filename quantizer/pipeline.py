@@ -77,10 +77,9 @@ class CannotPlanError(BuildError):
 
 
 def source_key(spec: settings.BuildSpec) -> str:
-    """Names the work folder: the same source and conversion settings share intermediates."""
-    data = spec.source.model_dump(mode="json", by_alias=True)
-    if spec.source.huggingface is not None:
-        data["huggingface"].pop("endpoint", None)
+    """Names the work folder: the same source (from the same origin: a mirror's copy of a repo is
+    another source) and conversion settings share intermediates."""
+    data = settings.source_identity(spec.source)
     blob = json.dumps({"source": data, "convert": spec.convert_type.value}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -152,13 +151,13 @@ class Prepared:
     """The base was converted here (and split at ``maxShardBytes``): every variant keeps its split."""
 
 
-def prepare(spec: settings.BuildSpec, sink: progress.Sink) -> Prepared:
+def prepare(spec: settings.BuildSpec, sink: progress.Sink, env: dict[str, str] | None = None) -> Prepared:
     """Run the steps a plan needs (fetch, convert, calibrate; cached) and return what they made.
 
     Raises :class:`CannotPlanError`, carrying the reason, when a step fails or when the source is
     already quantized and there is nothing to plan.
     """
-    runner = BuildRunner(spec, sink)
+    runner = BuildRunner(spec, sink, env)
     handled: tuple[type[Exception], ...] = (*_expected_errors(), OSError)
     try:
         src = runner.prepare()
@@ -309,6 +308,10 @@ class BuildRunner:
         assert hf is not None
         dest = self.layout.download
         inputs = {"repo": hf.repo, "revision": hf.revision, "allowPatterns": hf.allow_patterns}
+        # Where the files came from, and which kinds were let in: a download from a mirror, or
+        # one without pickles, is not the same input (only set when not the default, so the
+        # stamps of earlier builds stay valid).
+        inputs.update({k: v for k, v in settings.source_identity(src)["huggingface"].items() if k not in inputs})
         step = self._step(
             "fetch",
             steps.StepKind.FETCH,

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import kubernetes
+from kquant.quantizer import redact
 from kquant.quantizer import report as report_mod
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class LogSink:
             log.info("progress: %s", line.render())
 
     def report(self, build: report_mod.BuildReport) -> None:
-        log.info("build %s%s", build.status.value, f": {build.reason}" if build.reason else "")
+        log.info("build %s%s", build.status.value, f": {redact.redact(build.reason)}" if build.reason else "")
 
 
 Patcher = Callable[[dict[str, str]], None]
@@ -113,6 +114,8 @@ class ConfigMapSink:
         self._last_phase: tuple[str | None, str] | None = None
 
     def _send(self, data: dict[str, str]) -> None:
+        # The sink where reasons leave the pod for status, conditions and Events: no secret passes.
+        data = {key: redact.redact(value) for key, value in data.items()}
         try:
             self._patch(data)
         except Exception as exc:  # any API or network failure: keep building
@@ -140,7 +143,7 @@ def _short(exc: Exception) -> str:
     status: Any = getattr(exc, "status", None)
     if status is not None:
         return f"{status} {reason}"
-    return str(exc)[:200]
+    return redact.redact(str(exc))[:200]
 
 
 class FanOut:

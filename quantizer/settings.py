@@ -16,13 +16,17 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Self
 
 import pydantic
 import pydantic.alias_generators
 import yaml
-from kquant.quantizer import constants, validation
+from kquant.quantizer import constants, regex_dialect, validation
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+"""The public hub: the origin a source has when it names no endpoint."""
 
 QUANTIZER_VERSION = "0.1.0"
 """Part of every variant digest: a quantizer change that alters output must bump it."""
@@ -60,7 +64,12 @@ class HuggingFaceSource(_Model):
     """Glob patterns of the files to download (``*.safetensors``, ``*UD-IQ1_S*``); all files if unset."""
     endpoint: str | None = None
     """Hub base URL; defaults to ``HF_ENDPOINT`` or https://huggingface.co. The token comes only
-    from the ``HF_TOKEN`` environment variable, never from the spec."""
+    from the ``HF_TOKEN`` environment variable, never from the spec. Part of every digest and
+    key (``origin``): the same repo@revision from a mirror is another source."""
+    allow_code_files: bool = False
+    """Fetch ``*.py`` and other programs too (they are still never run)."""
+    allow_pickles: bool = False
+    """Fetch pickles (``pytorch_model.bin``, ``*.pt``, ``*.ckpt``): loading one can run code."""
 
     @pydantic.field_validator("repo")
     @classmethod
@@ -141,10 +150,13 @@ class TensorOverride(_Model):
     @pydantic.field_validator("pattern")
     @classmethod
     def _compiles(cls, value: str) -> str:
-        try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"pattern {value!r} is not a valid regular expression: {exc}") from exc
+        # llama.cpp runs the pattern with std::regex and the planner with Python's re: only what
+        # both read alike is accepted (see regex_dialect).
+        error = regex_dialect.ecmascript_error(value)
+        if error:
+            raise ValueError(
+                f"pattern {value!r} is not a valid regular expression for llama.cpp's std::regex (ECMAScript): {error}"
+            )
         return value
 
 
@@ -322,7 +334,45 @@ def load_spec(path: Path | None, env: dict[str, str] | None = None) -> BuildSpec
         raise SpecError(f"{origin} is neither JSON nor YAML: {exc}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{origin} must hold a mapping, got {type(data).__name__}")
-    return parse_spec(data)
+    return with_environment_endpoint(parse_spec(data), environ)
+
+
+def origin(endpoint: str | None) -> str | None:
+    """The hub a source comes from, normalised (scheme and host lower case, no trailing slash),
+    or None for the public hub, so that every key made before mirrors counted stays the same."""
+    if not endpoint:
+        return None
+    m = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)$", endpoint.strip())
+    text = f"{m[1].lower()}://{m[2].lower()}{m[3]}" if m else endpoint.strip()
+    text = text.rstrip("/")
+    return None if text == DEFAULT_ENDPOINT else text
+
+
+def source_identity(source: Source) -> dict[str, Any]:
+    """What names a source in digests and work-folder keys: repo, revision, patterns, and its
+    origin and opt-in switches only when they differ from the defaults (older keys stay valid)."""
+    data: dict[str, Any] = source.model_dump(mode="json", by_alias=True)
+    hub = data.get("huggingface")
+    if source.huggingface is not None and hub is not None:
+        hub.pop("endpoint", None)
+        where = origin(source.huggingface.endpoint)
+        if where is not None:
+            hub["origin"] = where
+        for switch in ("allowCodeFiles", "allowPickles"):
+            if not hub.get(switch):
+                hub.pop(switch, None)
+    return data
+
+
+def with_environment_endpoint(spec: BuildSpec, env: Mapping[str, str]) -> BuildSpec:
+    """``spec`` with ``HF_ENDPOINT`` written into a hub source that names no endpoint, so the
+    mirror the process would download from is also the one its digests and keys name."""
+    hub = spec.source.huggingface
+    mirror = env.get("HF_ENDPOINT")
+    if hub is None or hub.endpoint or not mirror:
+        return spec
+    source = spec.source.model_copy(update={"huggingface": hub.model_copy(update={"endpoint": mirror})})
+    return spec.model_copy(update={"source": source})
 
 
 def _canonical(data: Any) -> bytes:
@@ -330,7 +380,7 @@ def _canonical(data: Any) -> bytes:
 
 
 def variant_digest(spec: BuildSpec, variant: VariantSpec) -> str:
-    """hash(source revision, recipe, imatrix settings, quantizer version), 16 hex digits.
+    """hash(source and its origin, recipe, imatrix settings, quantizer version), 16 hex digits.
 
     The evaluation settings and storage root are left out: they do not change the file. An
     explicit ``variant.digest`` (from the operator) wins so both sides name the same folder.
@@ -339,7 +389,7 @@ def variant_digest(spec: BuildSpec, variant: VariantSpec) -> str:
         return variant.digest
     recipe = variant.model_dump(mode="json", by_alias=True, exclude={"digest"})
     payload: dict[str, Any] = {
-        "source": spec.source.model_dump(mode="json", by_alias=True, exclude={"huggingface": {"endpoint"}}),
+        "source": source_identity(spec.source),
         "convertType": spec.convert_type.value,
         "calibration": spec.calibration.model_dump(mode="json", by_alias=True),
         "recipe": recipe,

@@ -54,6 +54,12 @@ class HubRepo:
     branches: tuple[str, ...] = ("main",)
     token: str | None = None
     """When set, requests must carry ``Authorization: Bearer <token>`` (a private repo)."""
+    echo_authorization: bool = False
+    """Answer every file download with 400 and an error that quotes the request's
+    ``Authorization`` header, as some proxies and mirrors do: a token must not reach a user from it."""
+    extra_names: tuple[str, ...] = ()
+    """File names listed in the model info with no content behind them: names a hostile hub may
+    send (``../../etc/x``, ``/abs``), which a client must refuse before it writes anything."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +114,14 @@ class FakeHub:
     # ------------------------------------------------------------ setup
 
     def add_repo(
-        self, repo_id: str, folder: Path, *, token: str | None = None, branches: tuple[str, ...] = ("main",)
+        self,
+        repo_id: str,
+        folder: Path,
+        *,
+        token: str | None = None,
+        branches: tuple[str, ...] = ("main",),
+        echo_authorization: bool = False,
+        extra_names: tuple[str, ...] = (),
     ) -> HubRepo:
         """Serve every file under ``folder`` (recursively) as ``repo_id``."""
         files = {
@@ -117,7 +130,7 @@ class FakeHub:
             if p.is_file() and not p.relative_to(folder).as_posix().startswith(".")
         }
         commit = hashlib.sha1(json.dumps({k: v.sha256 for k, v in files.items()}).encode()).hexdigest()
-        repo = HubRepo(files, commit, branches, token)
+        repo = HubRepo(files, commit, branches, token, echo_authorization, extra_names)
         self.repos[repo_id] = repo
         return repo
 
@@ -232,7 +245,9 @@ class FakeHub:
                 repo = self._repo(repo_id, revision)
                 if repo is None:
                     return
-                siblings = []
+                siblings: list[dict[str, Any]] = [
+                    {"rfilename": n, "size": 1, "blobId": "0" * 40} for n in repo.extra_names
+                ]
                 for name, f in repo.files.items():
                     entry: dict[str, Any] = {"rfilename": name, "size": f.size, "blobId": f.git_oid}
                     if f.lfs:
@@ -263,13 +278,20 @@ class FakeHub:
                     entries.append(entry)
                 self._send_json(entries)
 
+            def _no_file(self, repo: HubRepo, repo_id: str, name: str) -> None:
+                if repo.echo_authorization:
+                    seen = self.headers.get("Authorization", "")
+                    self._error(400, None, f"bad request: cannot use credentials 'Authorization: {seen}'")
+                else:
+                    self._error(404, "EntryNotFound", f"{name} does not exist in {repo_id}")
+
             def _resolve(self, repo_id: str, revision: str, name: str, *, body: bool) -> None:
                 repo = self._repo(repo_id, revision)
                 if repo is None:
                     return
                 f = repo.files.get(name)
-                if f is None:
-                    self._error(404, "EntryNotFound", f"{name} does not exist in {repo_id}")
+                if f is None or repo.echo_authorization:
+                    self._no_file(repo, repo_id, name)
                     return
                 if body and not hub._failures.get(name) and hub._take_outage(name):
                     self._error(503, None, "Service Unavailable")

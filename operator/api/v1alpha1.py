@@ -27,7 +27,7 @@ from typing import Annotated, Any, ClassVar, Literal, Self, TypeAlias
 
 import pydantic
 import pydantic.alias_generators
-from kquant.quantizer import constants, units, validation
+from kquant.quantizer import constants, regex_dialect, units, validation
 
 GROUP = "kquant.dev"
 VERSION = "v1alpha1"
@@ -59,10 +59,55 @@ CONDITION_REASON = r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
 MANAGED_SERVER_FLAGS = (
     "-m", "--model", "--host", "--port", "-c", "--ctx-size", "-np", "--parallel",
     "-ngl", "--gpu-layers", "--n-gpu-layers", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
-    "-fa", "--flash-attn", "--temp", "--top-p", "--top-k", "--min-p", "-s", "--seed",
+    "-fa", "--flash-attn", "--temp", "--temperature", "--top-p", "--top-k", "--min-p", "-s", "--seed",
 )  # fmt: skip
 """llama-server flags that the operator derives from the spec; ``extraArgs`` may not repeat them,
 because llama-server takes the last occurrence and the status would then lie."""
+
+REFUSED_SERVER_FLAGS = (
+    # Which weights load: another model, a remote one, adapters, vectors, projectors, drafts.
+    "-mu", "--model-url", "-hf", "-hfr", "--hf-repo", "-hff", "--hf-file",
+    "-hft", "--hf-token", "-dr", "--docker-repo", "--lora", "--lora-scaled", "--lora-init-without-apply",
+    "--control-vector", "--control-vector-scaled", "--control-vector-layer-range",
+    "-mm", "--mmproj", "-mmu", "--mmproj-url", "--mmproj-auto", "--override-kv",
+    "-md", "--model-draft", "--spec-draft-model", "-hfd", "-hfrd", "--hf-repo-draft", "--spec-draft-hf",
+    "--models-dir", "--models-preset", "--models-max", "--models-autoload", "--no-models-autoload",
+    # Memory: batch sizes, KV cache size and sharing, fitting, load mode, host buffers.
+    "-b", "--batch-size", "-ub", "--ubatch-size", "-kvu", "--kv-unified", "-no-kvu", "--no-kv-unified",
+    "--kv-unified-per-slot", "--swa-full", "-cram", "--cache-ram", "-ctxcp", "--ctx-checkpoints",
+    "--swa-checkpoints", "-fit", "--fit", "-fitt", "--fit-target", "-fitc", "--fit-ctx",
+    "-lm", "--load-mode", "--repack", "-nr", "--no-repack", "--no-host",
+    "-ctkd", "--cache-type-k-draft", "--spec-draft-type-k", "-ctvd", "--cache-type-v-draft",
+    "--spec-draft-type-v",
+    # Placement: what goes to which device, or to another machine.
+    "-ot", "--override-tensor", "-otd", "--override-tensor-draft", "--spec-draft-override-tensor",
+    "-cmoe", "--cpu-moe", "-ncmoe", "--n-cpu-moe", "-ncffn", "--n-cpu-ffn",
+    "-cmoed", "--cpu-moe-draft", "--spec-draft-cpu-moe", "-ncmoed", "--n-cpu-moe-draft",
+    "--spec-draft-n-cpu-moe", "--spec-draft-ncmoe",
+    "-sm", "--split-mode", "-ts", "--tensor-split", "-mg", "--main-gpu", "-dev", "--device",
+    "-devd", "--device-draft", "--spec-draft-device", "-ngld", "--gpu-layers-draft",
+    "--n-gpu-layers-draft", "--spec-draft-ngl", "--rpc", "--numa",
+    "-kvo", "--kv-offload", "-nkvo", "--no-kv-offload", "--op-offload", "--no-op-offload",
+    "--mmproj-offload", "--no-mmproj-offload",
+)  # fmt: skip
+"""llama-server flags (the spellings of llama.cpp's ``common/arg.cpp`` at the pinned version) that
+change which weights load, how much memory the server takes or where the weights go: the planner
+sized the pod for the spec, and a served model must be the variant that passed its gate, so
+``extraArgs`` may not carry them. llama.cpp reads ``--a_b`` as ``--a-b`` (``server_flag``)."""
+
+
+def server_flag(arg: str) -> str:
+    """The flag an ``extraArgs`` item names, as llama.cpp looks it up: the part before ``=``, and
+    in a ``--`` flag every ``_`` read as ``-``."""
+    flag = arg.split("=", 1)[0]
+    return flag.replace("_", "-") if flag.startswith("--") else flag
+
+
+_CEL_SERVER_FLAG = (
+    "(a.startsWith('--') ? (a.contains('=') ? a.substring(0, a.indexOf('=')) : a).replace('_', '-') "
+    ": (a.contains('=') ? a.substring(0, a.indexOf('=')) : a))"
+)
+"""``server_flag`` in CEL, for the item ``a``."""
 
 _UNQUANTIZED_CACHE = (constants.CacheType.F32, constants.CacheType.F16, constants.CacheType.BF16)
 
@@ -340,11 +385,25 @@ class _HubSource(_Model):
             description="Glob patterns (huggingface_hub `allow_patterns`) of the files to fetch; all files when unset.",
         )
     )
+    allow_code_files: bool = pydantic.Field(
+        default=False,
+        description="Also fetch files that are programs (`*.py`, `*.so`, `*.sh`, ...). Off by default: "
+        "repository content is data, and kquant never runs a repository's code even when it is "
+        "fetched (transformers' `auto_map` / `trust_remote_code` is refused).",
+    )
+    allow_pickles: bool = pydantic.Field(
+        default=False,
+        description="Also fetch Python pickles (`pytorch_model.bin`, `*.pt`, `*.pth`, `*.pkl`, "
+        "`*.ckpt`), which can run code when loaded. Off by default; a repository that ships its "
+        "weights only as `pytorch_model.bin` needs it (they are loaded with torch's restricted "
+        "`weights_only` unpickler).",
+    )
     endpoint: str | None = pydantic.Field(
         default=None,
         max_length=2048,
         description="Base URL of the hub API, for a mirror (a ModelScope-style or in-house hub). "
-        "Defaults to the quantizer's HF_ENDPOINT, normally https://huggingface.co.",
+        "Defaults to the quantizer's HF_ENDPOINT, normally https://huggingface.co. Part of the "
+        "build digest: a mirror's copy of a repository never shares a build with the hub's.",
         json_schema_extra=_cel_list(
             _cel(
                 "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHost() != ''",
@@ -459,16 +518,30 @@ class Calibration(_Model):
 
 
 def pattern_error(pattern: str) -> str | None:
-    """Why ``pattern`` is not a regular expression that llama.cpp and the API server both accept,
-    or None. Python's ``re`` catches syntax errors; backreferences and look-arounds are refused as
-    RE2 (the API server's CEL) has neither."""
-    try:
-        re.compile(pattern)
-    except re.error as error:
-        return str(error)
-    if re.search(r"\(\?[=!<]|\\[1-9]", pattern):
-        return "look-arounds and backreferences are not supported"
-    return None
+    """Why ``pattern`` is not a regular expression that llama.cpp (C++ std::regex, ECMAScript),
+    kquant's planner (Python ``re``) and the API server (RE2) all read alike, or None; see
+    ``kquant.quantizer.regex_dialect``."""
+    return regex_dialect.ecmascript_error(pattern)
+
+
+_ESCAPED = r"(^|[^\\])(\\\\)*\\"
+"""RE2 for an odd run of backslashes: the character after it is escaped (as a CEL raw string)."""
+_PATTERN_DIALECT_RULES = (
+    _cel(
+        "!self.matches(r'" + _ESCAPED + "[AzZQEpPCGKkuU0-9]')",
+        r"must not use \A, \z, \Q, \p{..}, \u or backreferences: llama.cpp reads tensor patterns with "
+        "C++ std::regex (ECMAScript), which has none of them",
+    ),
+    _cel(
+        "!self.matches(r'" + r"(^|[^\\])(\\\\)*\(\?($|[^:])" + "')",
+        "must not use inline flags such as (?i), named groups (?P<n>...), look-arounds or atomic "
+        "groups: llama.cpp reads tensor patterns with C++ std::regex (ECMAScript); only (?:...) is allowed",
+    ),
+)
+"""What CEL can check of the ECMAScript dialect. CEL's ``matches()`` is RE2, so the rule above
+it catches syntax errors and (RE2 having none) backreferences and look-arounds; these two refuse
+what RE2 accepts and std::regex does not. The finer points (a lone ``{``, a class starting with
+``]``, possessive quantifiers, which RE2 rejects anyway) are left to the operator's pydantic check."""
 
 
 class TensorOverride(_Model):
@@ -484,7 +557,8 @@ class TensorOverride(_Model):
             # A pattern that is not a literal is compiled when the rule runs: an invalid one makes
             # matches() fail, and a rule that fails refuses the object. (Not `... || true`: CEL's
             # `||` swallows an error when the other side is true.)
-            _cel("type(''.matches(self)) == bool", "must be a valid regular expression")
+            _cel("type(''.matches(self)) == bool", "must be a valid regular expression"),
+            *_PATTERN_DIALECT_RULES,
         ),
     )
     type: TensorType = pydantic.Field(description="llama.cpp tensor type for the matching tensors.")
@@ -494,7 +568,9 @@ class TensorOverride(_Model):
     def _compiles(cls, value: str) -> str:
         error = pattern_error(value)
         if error:
-            raise ValueError(f"{value!r} is not a valid regular expression: {error}")
+            raise ValueError(
+                f"{value!r} is not a valid regular expression for llama.cpp's std::regex (ECMAScript): {error}"
+            )
         return value
 
 
@@ -915,12 +991,22 @@ class Serving(PodSettings):
         description="More llama-server arguments. Flags kquant sets from this spec are refused.",
         json_schema_extra=_cel_list(
             _cel(
-                "self.all(a, !((a.contains('=') ? a.substring(0, a.indexOf('=')) : a) in "
+                "self.all(a, !(" + _CEL_SERVER_FLAG + " in "
                 + _quoted(MANAGED_SERVER_FLAGS)
                 + "))",
                 "must not repeat a flag that kquant derives from spec.serving (model, host, port, "
                 "context, parallel, gpu layers, cache types, flash attention, sampling)",
-            )
+            ),
+            _cel(
+                "self.all(a, !(" + _CEL_SERVER_FLAG + " in " + _quoted(REFUSED_SERVER_FLAGS) + "))",
+                "must not carry a flag that changes which weights load, the server's memory or where "
+                "the weights go (-m, -hf, --lora, -ub, -b, --fit, -ot, -ts, --n-cpu-moe, --rpc, ...): "
+                "kquant sizes and places the server from spec.serving",
+                message_expression="'extraArgs must not carry ' + self.filter(a, " + _CEL_SERVER_FLAG + " in "
+                + _quoted(REFUSED_SERVER_FLAGS)
+                + ")[0] + ': it changes which weights load, the memory of the server or where the weights go, "
+                "and kquant sizes and places the server from spec.serving'",
+            ),
         ),
     )
 
@@ -928,8 +1014,15 @@ class Serving(PodSettings):
     @classmethod
     def _not_managed(cls, value: list[str] | None) -> list[str] | None:
         for arg in value or ():
-            if arg.split("=", 1)[0] in MANAGED_SERVER_FLAGS:
+            flag = server_flag(arg)
+            if flag in MANAGED_SERVER_FLAGS:
                 raise ValueError(f"{arg!r} repeats a flag that kquant derives from spec.serving")
+            if flag in REFUSED_SERVER_FLAGS:
+                raise ValueError(
+                    f"{arg!r} changes which weights load, the server's memory or where the weights go; "
+                    "kquant sizes and places the server from spec.serving (use its fields, or build "
+                    "another variant)"
+                )
         return value
 
     @pydantic.model_validator(mode="after")
@@ -1294,14 +1387,72 @@ def validate_body(body: Mapping[str, Any]) -> QuantizedModel:
 
 
 __all__ = [
-    "API_VERSION", "CATEGORIES", "CONDITION_REASON", "CONFIG_KEY", "DEFAULT_SERVER_IMAGE", "DNS_1035_LABEL",
-    "DNS_LABEL", "DNS_SUBDOMAIN", "GROUP", "HF_REPO", "KIND", "MANAGED_SERVER_FLAGS", "MAX_NAME_LENGTH",
-    "MAX_OVERRIDES", "MAX_PATTERN_LENGTH", "MAX_VARIANTS", "MAX_VARIANT_NAME_LENGTH", "PLURAL", "POSITIVE_SIZE",
-    "REVISION", "SHORT_NAMES", "SINGULAR", "VERSION", "AccessMode", "CacheType", "Calibration", "Condition",
-    "ConditionStatus", "ConditionType", "ConfigMapKeyRef", "Evaluation", "FileType", "FlashAttention", "GGUFSource",
-    "GpuLayers", "HuggingFaceSource", "LabelMap", "ObjectMeta", "PVCStorage", "Phase", "PodSettings", "Quantity",
-    "QuantizedModel", "QuantizedModelSpec", "QuantizedModelStatus", "Quantizer", "Recipe", "ResourceRequirements",
-    "Sampling", "SecretKeyRef", "Serving", "ServingStatus", "Source", "SpecRuleError", "Storage", "TaintEffect",
-    "TensorOverride", "TensorType", "Toleration", "TolerationOperator", "Variant", "VariantStatus", "describe_errors",
-    "pattern_error", "set_condition", "validate_body",
+    "API_VERSION",
+    "CATEGORIES",
+    "CONDITION_REASON",
+    "CONFIG_KEY",
+    "DEFAULT_SERVER_IMAGE",
+    "DNS_1035_LABEL",
+    "DNS_LABEL",
+    "DNS_SUBDOMAIN",
+    "GROUP",
+    "HF_REPO",
+    "KIND",
+    "MANAGED_SERVER_FLAGS",
+    "MAX_NAME_LENGTH",
+    "MAX_OVERRIDES",
+    "MAX_PATTERN_LENGTH",
+    "MAX_VARIANTS",
+    "MAX_VARIANT_NAME_LENGTH",
+    "PLURAL",
+    "POSITIVE_SIZE",
+    "REFUSED_SERVER_FLAGS",
+    "REVISION",
+    "SHORT_NAMES",
+    "SINGULAR",
+    "VERSION",
+    "AccessMode",
+    "CacheType",
+    "Calibration",
+    "Condition",
+    "ConditionStatus",
+    "ConditionType",
+    "ConfigMapKeyRef",
+    "Evaluation",
+    "FileType",
+    "FlashAttention",
+    "GGUFSource",
+    "GpuLayers",
+    "HuggingFaceSource",
+    "LabelMap",
+    "ObjectMeta",
+    "PVCStorage",
+    "Phase",
+    "PodSettings",
+    "Quantity",
+    "QuantizedModel",
+    "QuantizedModelSpec",
+    "QuantizedModelStatus",
+    "Quantizer",
+    "Recipe",
+    "ResourceRequirements",
+    "Sampling",
+    "SecretKeyRef",
+    "Serving",
+    "ServingStatus",
+    "Source",
+    "SpecRuleError",
+    "Storage",
+    "TaintEffect",
+    "TensorOverride",
+    "TensorType",
+    "Toleration",
+    "TolerationOperator",
+    "Variant",
+    "VariantStatus",
+    "describe_errors",
+    "pattern_error",
+    "server_flag",
+    "set_condition",
+    "validate_body",
 ]  # fmt: skip

@@ -44,6 +44,24 @@ def test_digest_ignores_serving_and_evaluation_but_not_the_recipe_or_revision() 
     assert changed["q8"] == base["q8"] and changed["q4km"] != base["q4km"]
 
 
+def test_a_mirror_or_an_opt_in_switch_is_another_build() -> None:
+    """The same repo@revision from a mirror never shares a build (Job, ConfigMap, published folder)
+    with the hub's; letting pickles in is another build too. Naming the public hub is the default."""
+    base = _digests(_body())
+    mirror = _body()
+    mirror["spec"]["source"]["huggingface"]["endpoint"] = "https://hf-mirror.example.com"
+    pickles = _body()
+    pickles["spec"]["source"]["huggingface"]["allowPickles"] = True
+    for changed in (mirror, pickles):
+        assert set(_digests(changed).values()).isdisjoint(base.values())
+    public = _body()
+    public["spec"]["source"]["huggingface"]["endpoint"] = "https://huggingface.co"
+    assert _digests(public) == base
+    qm = api.QuantizedModel.model_validate(pickles)
+    hub = builds.plan_builds(qm, "ml")[0].spec.source.huggingface
+    assert hub is not None and hub.allow_pickles and not hub.allow_code_files
+
+
 def test_each_variant_gets_its_own_named_build_with_the_digest_pinned() -> None:
     qm = api.QuantizedModel.model_validate(_body())
     planned = builds.plan_builds(qm, "ml")

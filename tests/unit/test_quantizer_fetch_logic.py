@@ -70,3 +70,61 @@ def test_endpoint_precedence() -> None:
     assert fetch.endpoint_for(src, {"HF_ENDPOINT": "http://mirror/"}) == "http://mirror"
     own = settings.HuggingFaceSource(repo="a/b", endpoint="http://own")
     assert fetch.endpoint_for(own, {"HF_ENDPOINT": "http://mirror"}) == "http://own"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "/etc/passwd",
+        "C:/x.json",
+        "../outside.json",
+        "sub/../../outside.json",
+        "./config.json",
+        "a//b.json",
+        "a\\b.json",
+        "*.json",
+        "x\nINFO fake log line",
+        ".kquant-fetch.json",
+        ".kquant-partial/model.safetensors.part",
+        ".cache/huggingface/download/x.metadata",
+    ],
+)
+def test_unsafe_hub_names_are_refused(name: str) -> None:
+    with pytest.raises(fetch.FetchError, match="refusing to fetch this repository"):
+        fetch.check_name(name)
+
+
+def test_names_through_a_symlink_out_of_the_folder_are_refused(tmp_path: Path) -> None:
+    dest = tmp_path / "source"
+    dest.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (dest / "sub").symlink_to(tmp_path / "elsewhere")
+    fetch.check_name("config.json", dest)
+    fetch.check_name("onnx/model.json", dest)
+    with pytest.raises(fetch.FetchError, match="outside"):
+        fetch.check_name("sub/model.safetensors", dest)
+
+
+def _hub(**switches: bool) -> settings.HuggingFaceSource:
+    return settings.HuggingFaceSource(repo="a/b", **switches)
+
+
+def test_code_and_pickles_need_their_switch() -> None:
+    for name in ("tokenization_evil.py", "lib/x.SO", "run.sh"):
+        assert fetch.refused_kind(name, _hub()) == "code"
+        assert fetch.refused_kind(name, _hub(allow_code_files=True)) is None
+    for name in ("pytorch_model.bin", "training_args.bin", "model.pt", "m.pth", "x.pkl", "last.ckpt"):
+        assert fetch.refused_kind(name, _hub()) == "pickle"
+        assert fetch.refused_kind(name, _hub(allow_pickles=True)) is None
+    for name in ("config.json", "model.safetensors", "tokenizer.model", "m.gguf", "chat_template.jinja"):
+        assert fetch.refused_kind(name, _hub()) is None
+
+
+def test_a_repo_with_only_pickled_weights_names_the_switch() -> None:
+    listing = [fetch.RemoteFile(n, 1, None) for n in ("config.json", "pytorch_model.bin", "modeling_x.py")]
+    names = [f.name for f in listing]
+    refused = {n: k for n in names if (k := fetch.refused_kind(n, _hub()))}
+    with pytest.raises(fetch.FetchError, match=r"only as pickles \(pytorch_model.bin\).*allowPickles is true"):
+        fetch._check_selection(_hub(), "https://huggingface.co", listing, names, refused)
+    with pytest.raises(fetch.FetchError, match="allowCodeFiles"):
+        fetch._check_selection(_hub(), "e", listing, ["modeling_x.py"], {"modeling_x.py": "code"})

@@ -80,8 +80,11 @@ def test_shards_are_hashed_in_parallel_and_in_order(tmp_path: Path) -> None:
     assert publish.hash_files(files, threads=4) == [fetch.sha256_file(f) for f in files]
 
 
-def test_source_key_ignores_the_endpoint() -> None:
-    def spec(endpoint: str) -> settings.BuildSpec:
+def test_source_key_names_the_origin() -> None:
+    """A mirror's copy of a repo@revision gets its own work folder: a download from a malicious
+    mirror is never reused by a build that names the public hub (or another mirror)."""
+
+    def spec(endpoint: str | None) -> settings.BuildSpec:
         return settings.parse_spec(
             {
                 "source": {"huggingface": {"repo": "a/b", "endpoint": endpoint}},
@@ -90,4 +93,7 @@ def test_source_key_ignores_the_endpoint() -> None:
             }
         )
 
-    assert pipeline.source_key(spec("http://a")) == pipeline.source_key(spec("http://b"))
+    keys = {pipeline.source_key(spec(e)) for e in ("http://a", "http://b", None)}
+    assert len(keys) == 3
+    assert pipeline.source_key(spec("https://huggingface.co/")) == pipeline.source_key(spec(None))
+    assert pipeline.source_key(spec("http://A/")) == pipeline.source_key(spec("http://a"))

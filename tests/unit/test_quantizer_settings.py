@@ -111,18 +111,43 @@ def test_digest_tracks_what_changes_the_file() -> None:
     base = spec()
     d = settings.variant_digest(base, base.variants[0])
     assert len(d) == 16
-    # evaluation, storage and the endpoint do not change the file
+    # evaluation and storage do not change the file; naming the public hub is the default
     same = spec(
         evaluation={"maxKLDivergence": 0.5},
         storageRoot="/elsewhere",
-        source={"huggingface": {"repo": REPO, "revision": "main", "endpoint": "http://mirror"}},
+        source={"huggingface": {"repo": REPO, "revision": "main", "endpoint": "https://HuggingFace.co/"}},
     )
     assert settings.variant_digest(same, same.variants[0]) == d
     for changed in (
         spec(calibration={"chunks": 64}),
         spec(variants=[{"name": "q4km", "type": "Q4_K_S"}]),
         spec(source={"huggingface": {"repo": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "v2"}}),
+        # the same repo@revision from a mirror is another source: never the hub's build
+        spec(source={"huggingface": {"repo": REPO, "revision": "main", "endpoint": "http://mirror"}}),
+        spec(source={"huggingface": {"repo": REPO, "revision": "main", "allowPickles": True}}),
     ):
         assert settings.variant_digest(changed, changed.variants[0]) != d
     pinned = spec(variants=[{"name": "q4km", "type": "Q4_K_M", "digest": "abc123"}])
     assert settings.variant_digest(pinned, pinned.variants[0]) == "abc123"
+
+
+def test_origin_is_normalised() -> None:
+    assert settings.origin(None) is None
+    assert settings.origin("https://huggingface.co") is None
+    assert settings.origin("HTTPS://HuggingFace.co/") is None
+    assert settings.origin("https://Mirror.Example/hub/") == "https://mirror.example/hub"
+
+
+def test_hf_endpoint_from_the_environment_joins_the_spec(tmp_path: Path) -> None:
+    """A process that downloads from ``HF_ENDPOINT`` names that mirror in its digests too."""
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(MINIMAL))
+    plain = settings.load_spec(path, env={})
+    mirrored = settings.load_spec(path, env={"HF_ENDPOINT": "http://mirror.example"})
+    assert mirrored.source.huggingface is not None
+    assert mirrored.source.huggingface.endpoint == "http://mirror.example"
+    assert settings.variant_digest(plain, plain.variants[0]) != settings.variant_digest(
+        mirrored, mirrored.variants[0]
+    )
+    explicit = settings.load_spec(path, env={"HF_ENDPOINT": "http://other"})
+    assert explicit.source.huggingface is not None and explicit.source.huggingface.endpoint == "http://other"
