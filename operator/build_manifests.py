@@ -81,7 +81,10 @@ def job(qm: api.QuantizedModel, build: builds.Build, meta: dict[str, Any],
         "tolerations": manifests.tolerations(quantizer),
     }
     job_spec: dict[str, Any] = {"backoffLimit": quantizer.backoff_limit, "template": {
-        "metadata": {"labels": dict(meta["labels"])}, "spec": pod_spec}}
+        "metadata": {"labels": dict(meta["labels"])}, "spec": pod_spec},
+        # An evicted or preempted pod, or one on a node that went away, is not the build's fault:
+        # it does not count against backoffLimit, and the Job starts another pod.
+        "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]}}
     if quantizer.active_deadline_seconds:
         job_spec["activeDeadlineSeconds"] = quantizer.active_deadline_seconds
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": job_spec}
