@@ -186,18 +186,16 @@ class Kube:
             meta = manifest["metadata"]
             raise NotOwnedError(manifest["kind"], meta["namespace"], meta["name"], _owner_text(existing))
         meta = manifest["metadata"]
-        path = {"Deployment": f"/apis/apps/v1/namespaces/{meta['namespace']}/deployments/{meta['name']}",
-                "Service": f"/api/v1/namespaces/{meta['namespace']}/services/{meta['name']}"}.get(manifest["kind"])
-        if path is None:
+        patchers = {"Deployment": self.apps.patch_namespaced_deployment,
+                    "Service": self.core.patch_namespaced_service}
+        if manifest["kind"] not in patchers:
             raise ValueError(f"apply does not handle {manifest['kind']}")
         # force: fields another manager set (an earlier operator's merge patches, a kubectl edit)
         # become kquant's, since the model's spec is what decides them.
         try:
-            response = self.api_client.call_api(
-                path, "PATCH", query_params=[("fieldManager", FIELD_MANAGER), ("force", "true")],
-                header_params={"Content-Type": "application/apply-patch+yaml", "Accept": "application/json"},
-                body=json.dumps(manifest), auth_settings=["BearerToken"], _preload_content=False,
-                _return_http_data_only=True)
+            response = patchers[manifest["kind"]](
+                meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER, force=True,
+                _content_type="application/apply-patch+yaml", _preload_content=False)
         except client.ApiException as exc:
             raise refused(exc, manifest) from exc
         return _json(response)
