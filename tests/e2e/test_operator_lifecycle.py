@@ -102,7 +102,8 @@ def test_no_finalizer_no_forbidden_and_deletable_while_the_operator_is_down(
     # spec.serving removed: the server and status.serving go, and the build stays.
     started = time.monotonic()
     custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "life",
-                                          [{"op": "remove", "path": "/spec/serving"}])
+                                          [{"op": "remove", "path": "/spec/serving"}],
+                                          _content_type="application/json-patch+json")
     cluster_client.wait_for(lambda: not apps.list_namespaced_deployment(
         namespace, label_selector="kquant.dev/model=life").items, timeout=30, what="the Deployment to go")
     assert time.monotonic() - started < 15, "a spec change is acted on at once, not after a forbidden retry"
