@@ -133,7 +133,8 @@ class Kube:
         try:
             self.core.create_namespaced_event(qm.metadata.namespace, body, _preload_content=False)
         except client.ApiException as exc:
-            log.warning("could not post event %s on %s: %s", reason, qm.metadata.name, exc.reason)
+            if not namespace_terminating(exc):
+                log.warning("could not post event %s on %s: %s", reason, qm.metadata.name, exc.reason)
 
     def peers(self, name: str, namespace: str | None) -> dict[str, Any] | None:
         """The ``status`` of kopf's peering object (ClusterKopfPeering when ``namespace`` is
@@ -255,6 +256,13 @@ class Kube:
                 return None
             raise
         return sorted({*(body.get("data") or {}), *(body.get("binaryData") or {})})
+
+
+def namespace_terminating(exc: Exception) -> bool:
+    """The API server refused a create because the namespace is being deleted: the model goes
+    with it, so there is nothing to retry and nothing to report."""
+    return (isinstance(exc, client.ApiException) and exc.status == 403
+            and "because it is being terminated" in str(exc.body or ""))
 
 
 def describe_error(exc: Exception) -> str:

@@ -465,15 +465,16 @@ def retry_failed(client: Writer, qm: api.QuantizedModel, states: list[findings.B
 
 
 MAX_KEPT_REPORTS = 3
-"""Superseded builds whose report is kept per variant: a spec edited back to one of them (a
-rollback) serves its artifact at once, without a build."""
+"""Superseded builds whose report is kept per variant (by name order: the records keep no
+creation time): a spec edited back to one of them (a rollback) serves its artifact at once,
+without a build."""
 
 
 def clean_up(client: Writer, qm: api.QuantizedModel, states: list[findings.BuildState],
              children: observed.Children) -> None:
     """Remove what no current build and no serving needs: a running Job whose digest left the
     spec is cancelled, a finished one goes with its account and Role; the ConfigMaps of superseded
-    builds go too, but for the newest few that hold a successful report (what a rollback needs);
+    builds go too, but for a few per variant that hold a successful report (what a rollback needs);
     without ``spec.serving`` the server Deployment and Service go. Each delete happens once: the
     watches stop showing what went."""
     current = {s.build.name for s in states}

@@ -151,6 +151,10 @@ class WorkerPool:
                 result = await loop.run_in_executor(self.executor, reconcile.reconcile,
                                                     self.client, body, children, view)
             except Exception as exc:  # an API error or a bug: log it, retry later, keep the others going
+                if kube.namespace_terminating(exc):
+                    log.info("QuantizedModel %s/%s: its namespace is being deleted; nothing to do", *key)
+                    self.queue.done(key)
+                    continue
                 self.metrics.passes.labels(result="error").inc()
                 delay = self.queue.failed(key)
                 log.warning("QuantizedModel %s/%s: pass failed (%s); retrying in %.1fs", key[0], key[1],

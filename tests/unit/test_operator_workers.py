@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import pathlib
 from typing import Any
 
+import pytest
 import yaml
 from kquant.operator import config, workers
+from kubernetes.client import ApiException
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 KEY = ("ml", "smollm2")
@@ -134,3 +137,33 @@ def test_resync_queues_every_known_model_unless_another_replica_is_active() -> N
     beaten = {**alone, "other": {"priority": 9, "lifetime": 60, "lastseen": now}}
     assert asyncio.run(scenario(beaten, workers.Peering("kquant", True, 5))) == 0
     assert asyncio.run(scenario(beaten, workers.Peering("kquant", False, 5))) == 0
+
+
+class TerminatingNamespaceClient(RecordingClient):
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("create", manifest["kind"]))
+        error = ApiException(status=403, reason="Forbidden")
+        error.body = ('{"message": "configmaps \\"x\\" is forbidden: unable to create new content in namespace ml '
+                      'because it is being terminated"}')
+        raise error
+
+
+def test_a_namespace_being_deleted_ends_the_model_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    client = TerminatingNamespaceClient()
+
+    async def scenario() -> workers.WorkerPool:
+        pool = workers.WorkerPool.start(client, _indexes(_body()))  # type: ignore[arg-type]
+        pool.queue.add(KEY)
+        for _ in range(200):
+            if client.calls and not len(pool.queue):
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        await pool.stop()
+        return pool
+
+    with caplog.at_level(logging.INFO, logger="kquant.operator"):
+        pool = asyncio.run(scenario())
+    assert client.calls, "the pass ran"
+    assert not pool.queue._timers and not pool.queue._failures, "no retry for a model whose namespace goes"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "nothing a person must read"
