@@ -107,11 +107,15 @@ def _round(cluster: cluster_client.Cluster, namespace: str, name: str, down: flo
     orphans = sum(1 for o in made if uid not in {r.uid for r in o.metadata.owner_references or []})
     custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
     time.sleep(60)
-    left = (len(batch.list_namespaced_job(namespace, label_selector=selector).items)
-            + len(core.list_namespaced_config_map(namespace, label_selector=selector).items)
-            + len(apps.list_namespaced_deployment(namespace, label_selector=selector).items))
+    remaining = [*batch.list_namespaced_job(namespace, label_selector=selector).items,
+                 *core.list_namespaced_config_map(namespace, label_selector=selector).items,
+                 *apps.list_namespaced_deployment(namespace, label_selector=selector).items]
+    for o in remaining:  # what the garbage collector has not taken, and why it might not have
+        owners = [(r.kind, r.name, r.uid == uid) for r in o.metadata.owner_references or []]
+        print(f"  left after deletion: {type(o).__name__} {o.metadata.name} owners={owners} "
+              f"deleting={o.metadata.deletion_timestamp} finalizers={o.metadata.finalizers}", flush=True)
     return {"seconds": seconds, "duplicates": len(names) - len(set(names)) + max(0, len(names) - 2),
-            "orphans": orphans, "left": left}
+            "orphans": orphans, "left": len(remaining)}
 
 
 def main() -> None:
