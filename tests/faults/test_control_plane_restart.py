@@ -1,4 +1,4 @@
-"""kube-apiserver killed (SIGKILL) and started again in the middle of a build, with the operator
+"""kube-apiserver, or etcd under it, killed (SIGKILL) and started again in the middle of a build, with the operator
 running under the chart's ServiceAccount. After it comes back the model converges to what its
 spec asks for: both variants built, one Job per build and no duplicate, the promoted variant
 rolled out, no object without its owner, no Event posted twice, no refused call in the
@@ -81,8 +81,9 @@ def _owned_by(objects: list[Any], uid: str) -> list[str]:
             if uid not in {r.uid for r in o.metadata.owner_references or []}]
 
 
-def test_the_api_server_dies_mid_build_and_every_model_converges(
-        cluster: cluster_client.Cluster, namespace: str, chart_operator: OperatorProcess) -> None:
+@pytest.mark.parametrize("component", ["kube-apiserver", "etcd"])
+def test_the_control_plane_dies_mid_build_and_every_model_converges(
+        cluster: cluster_client.Cluster, namespace: str, chart_operator: OperatorProcess, component: str) -> None:
     api = cluster.api_client()
     custom, core, batch, apps = (client.CustomObjectsApi(api), client.CoreV1Api(api), client.BatchV1Api(api),
                                  client.AppsV1Api(api))
@@ -90,9 +91,9 @@ def test_the_api_server_dies_mid_build_and_every_model_converges(
     uid = created["metadata"]["uid"]
     [first] = cluster_client.wait_for(lambda: _jobs(batch, namespace), timeout=60, what="the first build Job")
 
-    argv = control_plane.kill(cluster, "kube-apiserver")
+    argv = control_plane.kill(cluster, component)
     time.sleep(DOWN_SECONDS)
-    control_plane.start(cluster, "kube-apiserver", argv)
+    control_plane.start(cluster, component, argv)
     waited = control_plane.api_ready(cluster)
     recovered = time.monotonic()
     back_at = datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
@@ -114,7 +115,7 @@ def test_the_api_server_dies_mid_build_and_every_model_converges(
         return status if len(built) == 2 and (status.get("serving") or {}).get("variant") == "q8" else None
 
     status = cluster_client.wait_for(converged, timeout=120, interval=0.5, what="status to show both builds served")
-    print(f"\napiserver down {DOWN_SECONDS}s, back after {waited:.1f}s; "
+    print(f"\n{component} down {DOWN_SECONDS}s, API back after {waited:.1f}s; "
           f"model converged {time.monotonic() - recovered:.1f}s after recovery")
     assert status["observedGeneration"] == 1
 
