@@ -127,7 +127,10 @@ def job(qm: api.QuantizedModel, build: builds.Build, meta: dict[str, Any],
         "tolerations": manifests.tolerations(quantizer),
     }
     job_spec: dict[str, Any] = {"backoffLimit": quantizer.backoff_limit, "template": {
-        "metadata": {"labels": dict(meta["labels"])}, "spec": pod_spec}}
+        "metadata": {"labels": dict(meta["labels"])}, "spec": pod_spec},
+        # An evicted or preempted pod, or one on a node that went away, is not the build's fault:
+        # it does not count against backoffLimit, and the Job starts another pod.
+        "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]}}
     deadline = quantizer.active_deadline_seconds or (sizing.deadline_seconds if sizing else None)
     if deadline:
         job_spec["activeDeadlineSeconds"] = deadline

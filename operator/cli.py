@@ -1,6 +1,7 @@
 """``kquant``: the operator and the command-line tools around it.
 
     kquant operator [-n NS] [--liveness URL] [--peering NAME]   run the operator (the chart's Deployment)
+    kquant retry NAME [-n NS]                                    run a model's failed builds again
     kquant status NAME [-n NS]                                   variants, serving plan, conditions
     kquant plan MANIFEST --gpu 24GiB [--gpus N]                  offload plan beside the seed formula
     kquant promote FILE --variant X                              the Git edit that promotes a variant
@@ -77,6 +78,28 @@ def status(
 
     qm = _run(lambda: status_cmd.fetch(name, namespace or status_cmd.current_namespace()))
     console.print(render.status_view(qm))
+
+
+@app.command()
+def retry(
+    name: Annotated[str, typer.Argument(help="the QuantizedModel's name")],
+    namespace: Annotated[str | None, typer.Option("-n", "--namespace",
+                         help="its namespace; the kubeconfig context's when unset")] = None,
+) -> None:  # fmt: skip
+    """Run a QuantizedModel's failed builds again (sets its kquant.dev/retry annotation).
+
+    A failed build stays failed until its spec changes or someone asks; a transient failure (an
+    evicted pod, a lost node) is retried by itself. The same is done with
+    kubectl annotate qm NAME kquant.dev/retry=<any new value> --overwrite.
+    """
+    import datetime
+
+    from kquant.operator.commands import status as status_cmd
+
+    ns = namespace or status_cmd.current_namespace()
+    token = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    _run(lambda: status_cmd.retry(name, ns, token))
+    typer.echo(f"QuantizedModel {ns}/{name}: failed builds will run again (kquant.dev/retry={token})")
 
 
 @app.command()

@@ -25,6 +25,8 @@ class OperatorConfig:
     the chart's ``peering.priority`` if set, else a number derived from the pod's name."""
     metrics_port: int | None = None
     """Serve Prometheus metrics on this port (chart value ``metrics.port``); none when unset."""
+    resync_seconds: float = 300.0
+    """Every model gets a pass this often even without an event: the net for a lost watch event."""
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -34,6 +36,7 @@ class OperatorConfig:
             server_image=environ.get("KQUANT_SERVER_IMAGE") or api.DEFAULT_SERVER_IMAGE,
             peering_priority=_priority(environ),
             metrics_port=int(environ["KQUANT_METRICS_PORT"]) if environ.get("KQUANT_METRICS_PORT") else None,
+            resync_seconds=float(environ.get("KQUANT_RESYNC_SECONDS") or 300.0),
         )
 
 

@@ -5,7 +5,13 @@ claim, the server Deployment, all labelled with the model's name) only records w
 read (the ``@kopf.index`` functions) and puts the model's key in the work queue. A few workers
 take keys from the queue and run one pass each, in a thread (the Kubernetes client blocks). The
 queue coalesces: a model that gets twenty events while a pass is running gets one more pass, not
-twenty. A slow timer per model is the safety net for anything a lost watch event missed.
+twenty. A resync inside the worker pool (``workers.WorkerPool.resync``) puts every known model in
+the queue every few minutes: the safety net for anything a lost watch event missed.
+
+No kopf timer, daemon or change handler is registered on QuantizedModels: kopf would then add a
+finalizer (timers and daemons need one to stop on deletion) or annotations to the object, which
+the chart's RBAC rightly forbids (the spec and metadata are the user's), and a finalizer would
+keep a QuantizedModel from being deleted while the operator is down.
 
 The operator uses kopf for watching, indexing, peering and probes, but no create/update/resume
 handlers: the pass is level-triggered, so the diff kopf would store in an annotation (one more
@@ -27,12 +33,10 @@ OWNED = {manifests.MODEL_LABEL: kopf.PRESENT, **manifests.MANAGED_BY}
 BUILD = {**OWNED, manifests.ROLE_LABEL: "build"}
 SERVER = {**OWNED, manifests.ROLE_LABEL: "server"}
 STORAGE = {**OWNED, manifests.ROLE_LABEL: "storage"}
-RESYNC_SECONDS = 600
 
 
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: Any) -> None:
-    settings.persistence.finalizer = "kquant.dev/finalizer"
     settings.posting.enabled = False  # reconcile posts its own Events, with reasons a user can act on
     settings.watching.server_timeout = 300
     # Only what the operator labelled travels from the API server: other tenants' ConfigMaps,
@@ -41,7 +45,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **kwargs: An
         settings.watching.label_selectors[resource] = "app.kubernetes.io/managed-by=kquant"
     client = kube.Kube.from_environment()
     settings.peering.priority = client.settings.peering_priority
-    memo.workers = workers.WorkerPool.start(client, {name: kwargs[name] for name in INDEXES})
+    peering = None if settings.peering.standalone else workers.Peering(
+        name=settings.peering.name, clusterwide=settings.peering.clusterwide, priority=settings.peering.priority)
+    memo.workers = workers.WorkerPool.start(client, {name: kwargs[name] for name in INDEXES}, peering,
+                                            client.settings.resync_seconds)
 
 
 @kopf.on.cleanup()
@@ -124,11 +131,6 @@ async def on_model(event: dict[str, Any], namespace: str, name: str, uid: str, m
         pool.ledger.forget(uid)
         return
     pool.queue.add((namespace, name))
-
-
-@kopf.timer(*MODEL, interval=RESYNC_SECONDS, initial_delay=RESYNC_SECONDS, idle=None)
-async def resync(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
-    _enqueue(memo, namespace, name)
 
 
 def _on_child(event: dict[str, Any], namespace: str, labels: dict[str, str], memo: kopf.Memo) -> None:

@@ -3,8 +3,13 @@
 Everything above it works on plain dicts and pydantic models; this module writes them. The
 operator reads what it owns from its watches (``observed``), so a pass only writes; the CLI reads
 a model here. Creation is idempotent: an object that already exists is left as it is (Jobs are
-immutable and a second Job for one build must never appear) or patched to the wanted state
-(Deployments, Services).
+immutable and a second Job for one build must never appear) or applied to the wanted state
+(Deployments, Services, by server-side apply under kquant's field manager, so that a setting that
+leaves the wanted state leaves the live object too).
+
+An object that exists but that the model does not own (its ownerReferences lack the model's uid)
+is never used or changed: another tenant may have made it on purpose, to feed a build its own
+spec or to have the operator rewrite its Service. ``NotOwnedError`` says whose it is.
 
 Responses are read as JSON, not turned into the client's model classes: that conversion cost more
 CPU than anything else a pass did.
@@ -19,11 +24,49 @@ import uuid
 from typing import Any
 
 from kquant.operator import config as operator_config
-from kquant.operator import manifests
+from kquant.operator import findings, manifests
 from kquant.operator.api import v1alpha1 as api
 from kubernetes import client, config
 
 log = logging.getLogger("kquant.operator")
+FIELD_MANAGER = "kquant"
+"""The field manager of every server-side apply: kquant owns exactly the fields it last applied."""
+
+
+NotOwnedError = findings.NotOwnedError
+RefusedError = findings.RefusedError
+REFUSALS = (400, 422)
+"""What the API server answers to an object it will not take as written (not a transient failure)."""
+
+
+def refused(exc: Exception, manifest: manifests.Manifest) -> Exception:
+    """``RefusedError`` for an answer that no retry changes, naming the object; else ``exc`` itself."""
+    if isinstance(exc, client.ApiException) and exc.status in REFUSALS:
+        try:
+            message = json.loads(exc.body or "{}").get("message") or str(exc.reason)
+        except ValueError:
+            message = str(exc.reason)
+        return RefusedError(manifest["kind"], manifest["metadata"]["name"], message)
+    return exc
+
+
+def _owner_text(existing: manifests.Manifest) -> str:
+    refs = (existing.get("metadata") or {}).get("ownerReferences") or []
+    if refs:
+        return ", ".join(f"{r.get('kind')} {r.get('name')} (uid {r.get('uid')})" for r in refs)
+    return "no QuantizedModel (it has no owner reference)"
+
+
+def owned(wanted: manifests.Manifest, existing: manifests.Manifest) -> bool:
+    """The live object is the model's: it carries an ownerReference with the model's uid, or, for
+    an object made without one (a storage claim kept on delete), the model's labels."""
+    refs = wanted["metadata"].get("ownerReferences") or []
+    live = existing.get("metadata") or {}
+    if refs:
+        uids = {r.get("uid") for r in live.get("ownerReferences") or []}
+        return all(r["uid"] in uids for r in refs)
+    labels, want = live.get("labels") or {}, wanted["metadata"].get("labels") or {}
+    return all(labels.get(k) == v for k, v in want.items())
 
 
 class Kube:
@@ -63,6 +106,12 @@ class Kube:
             raise
         return body
 
+    def annotate_model(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        """Set annotations on a QuantizedModel (the CLI's ``kquant retry``: the user's own write,
+        with the user's rights; the operator never writes a model's metadata)."""
+        self.custom.patch_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"metadata": {"annotations": annotations}})
+
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> str:
         """Merge ``status`` into the model's status; returns the model's new resourceVersion."""
         response = self.custom.patch_namespaced_custom_object_status(
@@ -84,51 +133,136 @@ class Kube:
         try:
             self.core.create_namespaced_event(qm.metadata.namespace, body, _preload_content=False)
         except client.ApiException as exc:
-            log.warning("could not post event %s on %s: %s", reason, qm.metadata.name, exc.reason)
+            if not namespace_terminating(exc):
+                log.warning("could not post event %s on %s: %s", reason, qm.metadata.name, exc.reason)
+
+    def peers(self, name: str, namespace: str | None) -> dict[str, Any] | None:
+        """The ``status`` of kopf's peering object (ClusterKopfPeering when ``namespace`` is
+        None): who takes part, with what priority, last seen when; None when it does not exist."""
+        try:
+            if namespace is None:
+                body = self.custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", name)
+            else:
+                body = self.custom.get_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings", name)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        found: dict[str, Any] | None = body.get("status")
+        return found
 
     # -- generic objects -------------------------------------------------------------------
 
     def create(self, manifest: manifests.Manifest) -> manifests.Manifest | None:
-        """Create the object and return it as the API server stored it; None if it existed
-        already (it is then left untouched)."""
+        """Create the object and return it as the API server stored it; None if the model's own
+        object existed already (it is then left untouched). Raises ``NotOwnedError`` when the object
+        that exists is someone else's."""
         try:
-            return _json(self._creator(manifest)(manifest))
+            return _json(self._call("create", manifest)(manifest))
         except client.ApiException as exc:
-            if exc.status == 409:
+            if exc.status != 409:
+                raise refused(exc, manifest) from exc
+        existing = self.read(manifest)
+        if existing is not None and not owned(manifest, existing):
+            meta = manifest["metadata"]
+            raise NotOwnedError(manifest["kind"], meta["namespace"], meta["name"], _owner_text(existing))
+        return None
+
+    def read(self, manifest: manifests.Manifest) -> manifests.Manifest | None:
+        """The live object of ``manifest``'s kind, namespace and name; None if there is none."""
+        meta = manifest["metadata"]
+        try:
+            return _json(self._call("read", manifest)(meta["name"]))
+        except client.ApiException as exc:
+            if exc.status == 404:
                 return None
             raise
 
     def apply(self, manifest: manifests.Manifest) -> manifests.Manifest:
-        """Create, or merge-patch the spec of an existing object to the wanted state; returns the
-        object as stored."""
-        created = self.create(manifest)
-        if created is not None:
-            return created
-        name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
-        patch = {"metadata": {"labels": manifest["metadata"].get("labels"),
-                              "annotations": manifest["metadata"].get("annotations")},
-                 "spec": manifest["spec"]}
-        if manifest["kind"] == "Deployment":
-            return _json(self.apps.patch_namespaced_deployment(name, namespace, patch, _preload_content=False))
-        if manifest["kind"] == "Service":
-            return _json(self.core.patch_namespaced_service(name, namespace, patch, _preload_content=False))
-        raise ValueError(f"apply does not handle {manifest['kind']}")
+        """Server-side apply of the whole wanted object under kquant's field manager: what kquant
+        applied before and no longer wants (a GPU limit, a nodeSelector) leaves the live object.
+        Raises ``NotOwnedError`` when the object exists and is someone else's; returns it as stored."""
+        existing = self.read(manifest)
+        if existing is not None and not owned(manifest, existing):
+            meta = manifest["metadata"]
+            raise NotOwnedError(manifest["kind"], meta["namespace"], meta["name"], _owner_text(existing))
+        meta = manifest["metadata"]
+        patchers = {"Deployment": self.apps.patch_namespaced_deployment,
+                    "Service": self.core.patch_namespaced_service}
+        if manifest["kind"] not in patchers:
+            raise ValueError(f"apply does not handle {manifest['kind']}")
+        # force: fields another manager set (an earlier operator's merge patches, a kubectl edit)
+        # become kquant's, since the model's spec is what decides them.
+        try:
+            response = patchers[manifest["kind"]](
+                meta["name"], meta["namespace"], manifest, field_manager=FIELD_MANAGER, force=True,
+                _content_type="application/apply-patch+yaml", _preload_content=False)
+        except client.ApiException as exc:
+            raise refused(exc, manifest) from exc
+        return _json(response)
 
-    def _creator(self, manifest: manifests.Manifest) -> Any:
+    def delete(self, manifest: manifests.Manifest) -> bool:
+        """Delete the model's own object (its pods and other dependents go by garbage collection);
+        False if it was gone already, or if ``manifest`` names a uid and the live object is a newer
+        one of the same name (a pass that saw an older state must not delete what replaced it).
+        An object that is not the model's is left alone (``NotOwnedError``)."""
+        existing = self.read(manifest)
+        if existing is None:
+            return False
+        expected = manifest["metadata"].get("uid")
+        if expected and existing["metadata"].get("uid") != expected:
+            return False
+        if not owned(manifest, existing):
+            meta = manifest["metadata"]
+            raise NotOwnedError(manifest["kind"], meta["namespace"], meta["name"], _owner_text(existing))
+        uid = existing["metadata"]["uid"]
+        body = client.V1DeleteOptions(propagation_policy="Background", preconditions=client.V1Preconditions(uid=uid))
+        try:
+            self._call("delete", manifest)(manifest["metadata"]["name"], body=body)
+        except client.ApiException as exc:
+            if exc.status in (404, 409):  # gone meanwhile, or replaced by another object of that name
+                return False
+            raise
+        return True
+
+    def _call(self, verb: str, manifest: manifests.Manifest) -> Any:
         namespace = manifest["metadata"]["namespace"]
         kind = manifest["kind"]
-        creators = {
-            "ConfigMap": self.core.create_namespaced_config_map,
-            "ServiceAccount": self.core.create_namespaced_service_account,
-            "PersistentVolumeClaim": self.core.create_namespaced_persistent_volume_claim,
-            "Service": self.core.create_namespaced_service,
-            "Role": self.rbac.create_namespaced_role,
-            "RoleBinding": self.rbac.create_namespaced_role_binding,
-            "Job": self.batch.create_namespaced_job,
-            "Deployment": self.apps.create_namespaced_deployment,
+        apis = {
+            "ConfigMap": (self.core, "config_map"),
+            "ServiceAccount": (self.core, "service_account"),
+            "PersistentVolumeClaim": (self.core, "persistent_volume_claim"),
+            "Service": (self.core, "service"),
+            "Role": (self.rbac, "role"),
+            "RoleBinding": (self.rbac, "role_binding"),
+            "Job": (self.batch, "job"),
+            "Deployment": (self.apps, "deployment"),
         }
-        create = creators[kind]
-        return lambda body: create(namespace, body, _preload_content=False)
+        group, noun = apis[kind]
+        method = getattr(group, f"{verb}_namespaced_{noun}")
+        if verb == "create":
+            return lambda body: method(namespace, body, _preload_content=False)
+        if verb == "read":
+            return lambda name: method(name, namespace, _preload_content=False)
+        return lambda name, body: method(name, namespace, body=body, _preload_content=False)
+
+    def config_map_keys(self, namespace: str, name: str) -> list[str] | None:
+        """The keys of a ConfigMap the user made (calibration or evaluation data); None if it
+        does not exist. Asked once when a build is about to start, not on every pass."""
+        try:
+            body = _json(self.core.read_namespaced_config_map(name, namespace, _preload_content=False))
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return sorted({*(body.get("data") or {}), *(body.get("binaryData") or {})})
+
+
+def namespace_terminating(exc: Exception) -> bool:
+    """The API server refused a create because the namespace is being deleted: the model goes
+    with it, so there is nothing to retry and nothing to report."""
+    return (isinstance(exc, client.ApiException) and exc.status == 403
+            and "because it is being terminated" in str(exc.body or ""))
 
 
 def describe_error(exc: Exception) -> str:

@@ -6,6 +6,8 @@ instead of asking the API server: with hundreds of models, reads per pass, not w
 the API server and the operator spent their time on.
 
 A record is small and immutable: the whole object is never kept, only the fields a pass uses.
+Each keeps the uids of its owners: labels are anyone's to set, so a ConfigMap labelled with a
+model's name but not owned by it (a forged report) is dropped by ``Children.collect``.
 """
 
 from __future__ import annotations
@@ -20,12 +22,21 @@ IGNORED_WAITING = frozenset({"ContainerCreating", "PodInitializing"})
 """Waiting reasons every pod passes through on its way to running."""
 
 
+def _owners(body: Body) -> frozenset[str]:
+    return frozenset(str(r.get("uid")) for r in _meta(body).get("ownerReferences") or [])
+
+
 @dataclasses.dataclass(frozen=True)
 class BuildConfigMap:
     """A build's result ConfigMap: the quantizer writes ``progress`` and ``report`` into it."""
 
     name: str
     data: Mapping[str, str]
+    owners: frozenset[str] = frozenset()
+    retry: str = ""
+    """The ``kquant.dev/retry`` token of the model when this build was (re)started."""
+    variant: str = ""
+    uid: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +44,14 @@ class BuildJob:
     name: str
     failed: tuple[str, str] | None
     """(reason, message) of the Job's Failed condition, once it has one."""
+    completed: str | None = None
+    """When the Job completed (its pod exited 0), as the API server wrote it; None until then."""
+    owners: frozenset[str] = frozenset()
+    uid: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return self.failed is not None or self.completed is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +62,8 @@ class BuildPod:
     """(reason, message) from the kubelet when a container cannot start."""
     last_words: str
     """The termination message of a container that exited with an error: the quantizer's own words."""
+    owners: frozenset[str] = frozenset()
+    """The uid of its Job."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +77,7 @@ class ServerDeployment:
     updated_replicas: int
     available_replicas: int
     ready_replicas: int
+    owners: frozenset[str] = frozenset()
 
     def ready(self, wanted: int) -> bool:
         """Rolled out: the controller saw the newest spec and every wanted pod is new and available."""
@@ -68,15 +90,30 @@ def _meta(body: Body) -> Mapping[str, Any]:
     return meta
 
 
+RETRY_ANNOTATION = "kquant.dev/retry"
+"""On a QuantizedModel: a new value asks for its failed builds to run again (``kquant retry``);
+on a build's ConfigMap: the value it was started under."""
+
+
 def build_configmap(body: Body) -> BuildConfigMap:
-    return BuildConfigMap(name=_meta(body)["name"], data=dict(body.get("data") or {}))
+    meta = _meta(body)
+    return BuildConfigMap(name=meta["name"], data=dict(body.get("data") or {}), owners=_owners(body),
+                          retry=str((meta.get("annotations") or {}).get(RETRY_ANNOTATION) or ""),
+                          variant=str((meta.get("labels") or {}).get("kquant.dev/variant") or ""),
+                          uid=str(meta.get("uid") or ""))
 
 
 def build_job(body: Body) -> BuildJob:
-    conditions = (body.get("status") or {}).get("conditions") or []
+    status = body.get("status") or {}
+    conditions = status.get("conditions") or []
     failed = next((c for c in conditions if c.get("type") == "Failed" and c.get("status") == "True"), None)
+    complete = next((c for c in conditions if c.get("type") == "Complete" and c.get("status") == "True"), None)
+    completed = None
+    if complete is not None:
+        completed = str(status.get("completionTime") or complete.get("lastTransitionTime") or "")
     return BuildJob(name=_meta(body)["name"],
-                    failed=(str(failed.get("reason") or ""), str(failed.get("message") or "")) if failed else None)
+                    failed=(str(failed.get("reason") or ""), str(failed.get("message") or "")) if failed else None,
+                    completed=completed, owners=_owners(body), uid=str(_meta(body).get("uid") or ""))
 
 
 def build_pod(body: Body) -> BuildPod:
@@ -92,7 +129,8 @@ def build_pod(body: Body) -> BuildPod:
         if ended.get("exitCode") and not last_words:
             last_words = str(ended.get("message") or ended.get("reason") or "").strip()[-800:]
     return BuildPod(job=(meta.get("labels") or {}).get("job-name", ""),
-                    created=str(meta.get("creationTimestamp") or ""), waiting=waiting, last_words=last_words)
+                    created=str(meta.get("creationTimestamp") or ""), waiting=waiting, last_words=last_words,
+                    owners=_owners(body))
 
 
 def server_deployment(body: Body, variant_label: str, hash_annotation: str) -> ServerDeployment:
@@ -105,7 +143,7 @@ def server_deployment(body: Body, variant_label: str, hash_annotation: str) -> S
         observed_generation=int(status.get("observedGeneration") or 0),
         replicas=int(status.get("replicas") or 0), updated_replicas=int(status.get("updatedReplicas") or 0),
         available_replicas=int(status.get("availableReplicas") or 0),
-        ready_replicas=int(status.get("readyReplicas") or 0))
+        ready_replicas=int(status.get("readyReplicas") or 0), owners=_owners(body))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +160,15 @@ class Children:
     @classmethod
     def collect(cls, configmaps: Iterable[BuildConfigMap] = (), jobs: Iterable[BuildJob] = (),
                 pods: Iterable[BuildPod] = (), deployments: Iterable[ServerDeployment] = (),
-                claims: Iterable[str] = ()) -> Children:
+                claims: Iterable[str] = (), owner: str | None = None) -> Children:
+        """The records, keyed by name; with ``owner`` (the model's uid) only those the model owns
+        (pods: those of its Jobs), whatever their labels say."""
+        if owner is not None:
+            configmaps = [c for c in configmaps if owner in c.owners]
+            jobs = [j for j in jobs if owner in j.owners]
+            uids = {j.uid for j in jobs}
+            pods = [p for p in pods if p.owners & uids]
+            deployments = [d for d in deployments if owner in d.owners]
         return cls(configmaps={c.name: c for c in configmaps}, jobs={j.name: j for j in jobs},
                    pods=tuple(pods), deployments={d.name: d for d in deployments}, claims=frozenset(claims))
 

@@ -13,6 +13,7 @@ import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from kquant.operator import findings
 from kquant.operator.api import v1alpha1 as api
 from kquant.operator.planner import memory, nodes, plan
 from kquant.quantizer import gguf_facts, units
@@ -36,7 +37,7 @@ class Candidate:
 class NoFit:
     """Why no GPU pool can serve the variant: a condition reason and a message for a person."""
 
-    reason: str
+    reason: findings.Reason
     message: str
 
 
@@ -99,13 +100,13 @@ def no_fit(qm: api.QuantizedModel, found: list[Candidate], facts: gguf_facts.Mod
     assert serving is not None
     if not found:
         where = f" matching nodeSelector {dict(serving.node_selector)}" if serving.node_selector else ""
-        return NoFit("NoGPUNodes", f"no node{where} has {serving.gpus} GPU(s) with known memory")
+        return NoFit(findings.Reason.NO_GPU_NODES, f"no node{where} has {serving.gpus} GPU(s) with known memory")
     best = max(found, key=lambda c: c.pool.memory_bytes or 0)
     hint = ""
     if best.offload.smallest_fit is not None:
         small = best.offload.smallest_fit
         hint = f"; it needs {small.gpus} GPU(s) of at least {units.gib(small.memory_per_gpu, 1)}"
-    return NoFit("DoesNotFit", f"variant {serving.variant} at context {serving.context_size} fits no "
+    return NoFit(findings.Reason.DOES_NOT_FIT, f"variant {serving.variant} at context {serving.context_size} fits no "
                  f"GPU pool (largest: {best.node}, {units.gib(best.pool.memory_bytes or 0, 0)} x "
                  f"{best.gpus}){hint}: {best.offload.explanation}")
 

@@ -62,38 +62,40 @@ def serving_status(qm: api.QuantizedModel, artifact: artifacts.Artifact,
     )
 
 
-def _condition(kind: api.ConditionType, ok: bool, reason: str, message: str, generation: int | None,
+Reason = findings.Reason
+
+
+def _condition(kind: api.ConditionType, ok: bool, reason: Reason, message: str, generation: int | None,
                now: datetime.datetime) -> api.Condition:
     return api.Condition(type=kind.value, status=api.ConditionStatus.TRUE if ok else api.ConditionStatus.FALSE,
-                         reason=reason, message=message[:32768], last_transition_time=now,
+                         reason=reason.value, message=message[:32768], last_transition_time=now,
                          observed_generation=generation)
 
 
-def _quantized(states: Sequence[findings.BuildState]) -> tuple[bool, str, str]:
+def _quantized(states: Sequence[findings.BuildState]) -> tuple[bool, Reason, str]:
     failed = [s for s in states if s.phase in (findings.BuildPhase.FAILED, findings.BuildPhase.BLOCKED)]
     if failed:
-        blocked = [s for s in failed if s.phase is findings.BuildPhase.BLOCKED]
-        reason = "BuildFailed"
-        if blocked:
-            secret = any("CreateContainerConfigError" in s.reason for s in blocked)
-            reason = "SecretNotFound" if secret else "BuildBlocked"
+        # A blocked build's reason first: it is the one that unblocks by itself once fixed.
+        first = sorted(failed, key=lambda s: s.phase is not findings.BuildPhase.BLOCKED)[0]
+        reason = first.why or (Reason.BUILD_BLOCKED if first.phase is findings.BuildPhase.BLOCKED
+                               else Reason.BUILD_FAILED)
         return False, reason, "; ".join(f"{s.build.variant}: {s.reason}" for s in failed)
     pending = [s for s in states if s.phase is not findings.BuildPhase.SUCCEEDED]
     if pending:
         running = [s for s in pending if s.phase is findings.BuildPhase.RUNNING]
         detail = running[0].progress if running and running[0].progress else f"{len(pending)} variant(s) to build"
-        return False, "Building", detail
-    return True, "Built", f"{len(states)} variant(s) built"
+        return False, Reason.BUILDING, detail
+    return True, Reason.BUILT, f"{len(states)} variant(s) built"
 
 
-def _evaluated(states: Sequence[findings.BuildState]) -> tuple[bool, str, str]:
+def _evaluated(states: Sequence[findings.BuildState]) -> tuple[bool, Reason, str]:
     done = [s for s in states if s.report is not None]
     if len(done) < len(states):
-        return False, "Waiting", "not every variant is built yet"
+        return False, Reason.WAITING, "not every variant is built yet"
     failed = [s.build.variant for s in done if s.report is not None and not s.report.gate_passed]
     if failed:
-        return True, "GateFailed", f"variant(s) {', '.join(failed)} failed the quality gate"
-    return True, "GatePassed", "every variant passed its quality gate"
+        return True, Reason.GATE_FAILED, f"variant(s) {', '.join(failed)} failed the quality gate"
+    return True, Reason.GATE_PASSED, "every variant passed its quality gate"
 
 
 def progress_line(states: Sequence[findings.BuildState]) -> str:
@@ -109,16 +111,12 @@ def progress_line(states: Sequence[findings.BuildState]) -> str:
     return f"{built}/{total} variants built"
 
 
-STALLED_SERVING = frozenset({"BuildBlocked", "GateFailed", "DoesNotFit", "NoGPUNodes", "NoModelFacts", "BuildFailed"})
-"""Serving reasons that no amount of waiting fixes: a person must change the spec or the cluster."""
-
-
 def _phase(states: Sequence[findings.BuildState], serving_state: findings.ServingState | None,
            quantized: bool) -> api.Phase:
     failed = any(s.phase in (findings.BuildPhase.FAILED, findings.BuildPhase.BLOCKED) for s in states)
     if failed and not (serving_state and serving_state.ready):
         return api.Phase.FAILED
-    if serving_state is not None and serving_state.reason in STALLED_SERVING and serving_state.serving is None:
+    if serving_state is not None and serving_state.reason.stalled and serving_state.serving is None:
         return api.Phase.FAILED
     running = next((s for s in states if s.phase is findings.BuildPhase.RUNNING), None)
     if running is not None:
@@ -151,12 +149,11 @@ def compute(qm: api.QuantizedModel, states: Sequence[findings.BuildState],
     new.append(_condition(api.ConditionType.READY, ready, ready_reason, ready_message, generation, now))
     # kstatus (Flux, kubectl wait, Argo CD's generic check): Stalled=True ends the wait with a
     # failure, Reconciling=True says work is under way.
-    stalled = (not ready and (quantized[1] in ("BuildFailed", "SecretNotFound", "BuildBlocked")
-                              or ready_reason in STALLED_SERVING))
-    new.append(_condition(api.ConditionType.STALLED, stalled, ready_reason if stalled else "NotStalled",
+    stalled = not ready and (quantized[1].stalled or ready_reason.stalled)
+    new.append(_condition(api.ConditionType.STALLED, stalled, ready_reason if stalled else Reason.NOT_STALLED,
                           ready_message if stalled else "", generation, now))
     new.append(_condition(api.ConditionType.RECONCILING, not ready and not stalled,
-                          ready_reason if not ready and not stalled else "Reconciled",
+                          ready_reason if not ready and not stalled else Reason.RECONCILED,
                           ready_message if not ready and not stalled else "", generation, now))
     for condition in new:
         conditions = api.set_condition(conditions, condition)
@@ -164,7 +161,8 @@ def compute(qm: api.QuantizedModel, states: Sequence[findings.BuildState],
         observed_generation=generation, phase=_phase(states, serving_state, quantized[0]),
         progress=progress_line(states), conditions=conditions,
         variants=[variant_status(s) for s in states],
-        serving=serving_state.serving if serving_state is not None and serving_state.serving is not None
+        serving=None if qm.spec.serving is None  # nothing is served once spec.serving is gone
+        else serving_state.serving if serving_state is not None and serving_state.serving is not None
         else old.serving,
         kopf=old.kopf,
     )

@@ -4,7 +4,11 @@ The Job's ServiceAccount may patch exactly one ConfigMap (by ``resourceNames``),
 only ever touches ``data.progress`` and ``data.report`` of that object. Progress arrives many
 times a second during quantization; the API server does not need that, so updates are
 throttled (pure ``Throttle``) and the final report is always written, throttle or not. A failed
-patch is logged and never fails the build: losing a progress line is better than losing a model.
+progress patch is logged and never fails the build: losing a progress line is better than losing a
+model. The final report is different: it is the build's result, and the operator reads nothing
+else, so its write is retried with a growing wait (about 30 s in all, enough for an API server
+restart) before it is given up; the operator then reports the completed Job without a report as
+``ReportMissing``, never as a build that runs for ever.
 This is the only module of the quantizer that talks to the Kubernetes API.
 """
 
@@ -107,19 +111,34 @@ class ConfigMapSink:
     """Writes ``data.progress`` (throttled, except when a step starts or ends) and ``data.report``
     (always) into the result ConfigMap."""
 
-    def __init__(self, patcher: Patcher, interval: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+    REPORT_ATTEMPTS = 6
+    """Tries of the final report's write: waits of 1, 2, 4, 8 and 16 s between them."""
+
+    def __init__(self, patcher: Patcher, interval: float = 2.0, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self._patch = patcher
         self._throttle = Throttle(interval, clock)
+        self._sleep = sleep
         self._last: str | None = None
         self._last_phase: tuple[str | None, str] | None = None
 
-    def _send(self, data: dict[str, str]) -> None:
+    def _send(self, data: dict[str, str], attempts: int = 1) -> bool:
         # The sink where reasons leave the pod for status, conditions and Events: no secret passes.
         data = {key: redact.redact(value) for key, value in data.items()}
-        try:
-            self._patch(data)
-        except Exception as exc:  # any API or network failure: keep building
-            log.warning("could not update the result ConfigMap: %s", _short(exc))
+        for attempt in range(1, attempts + 1):
+            try:
+                self._patch(data)
+            except Exception as exc:  # any API or network failure: keep building
+                if attempt == attempts:
+                    log.warning("could not update the result ConfigMap: %s", _short(exc))
+                    return False
+                wait = 2.0 ** (attempt - 1)
+                log.warning("could not update the result ConfigMap (try %d of %d): %s; trying again in %.0fs",
+                            attempt, attempts, _short(exc), wait)
+                self._sleep(wait)
+            else:
+                return True
+        return False
 
     def progress(self, line: ProgressLine) -> None:
         text = line.render()
@@ -135,7 +154,9 @@ class ConfigMapSink:
 
     def report(self, build: report_mod.BuildReport) -> None:
         progress = "done" if build.status is report_mod.BuildStatus.SUCCEEDED else f"failed: {build.reason}"
-        self._send({"progress": progress, "report": build.to_json()})
+        if not self._send({"progress": progress, "report": build.to_json()}, self.REPORT_ATTEMPTS):
+            log.error("the build's report never reached its ConfigMap after %d tries: the operator will "
+                      "report this build as ReportMissing", self.REPORT_ATTEMPTS)
 
 
 def _short(exc: Exception) -> str:

@@ -325,6 +325,15 @@ class ConfigMapKeyRef(_Model):
 class Toleration(_Model):
     """A toleration, as in a Pod spec, so the pod may run on tainted (GPU) nodes."""
 
+    # The API server's own rule for pods, here so that `kubectl apply` refuses it, not the pass.
+    model_config = pydantic.ConfigDict(
+        json_schema_extra=_cel_list(
+            _cel("!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                 "a toleration with operator Exists matches any value: remove value, or use operator Equal",
+                 ".value"),
+        )
+    )
+
     key: str | None = pydantic.Field(
         default=None, max_length=317, description="Taint key; empty with operator Exists matches all."
     )
@@ -338,6 +347,14 @@ class Toleration(_Model):
     toleration_seconds: int | None = pydantic.Field(
         default=None, ge=0, le=86400 * 365, description="How long a NoExecute taint is tolerated."
     )
+
+    @pydantic.model_validator(mode="after")
+    def _exists_takes_no_value(self) -> Self:
+        if self.operator is TolerationOperator.EXISTS and self.value:
+            raise SpecRuleError(
+                "value", "a toleration with operator Exists matches any value: remove value, or use operator Equal"
+            )
+        return self
 
 
 class ResourceRequirements(_Model):
@@ -805,6 +822,7 @@ class PVCStorage(_Model):
     storage_class_name: str | None = pydantic.Field(
         default=None,
         max_length=253,
+        pattern=DNS_SUBDOMAIN,
         description="StorageClass of the new claim; the cluster default when unset.",
     )
     access_mode: AccessMode | None = pydantic.Field(

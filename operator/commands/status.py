@@ -40,3 +40,23 @@ def fetch(name: str, namespace: str) -> api.QuantizedModel:
         return api.validate_body(body)
     except ValueError as exc:
         raise common.CommandError(str(exc)) from None
+
+
+def retry(name: str, namespace: str, token: str) -> None:
+    """Ask the operator to run the failed builds of ``namespace/name`` again: set the model's
+    ``kquant.dev/retry`` annotation to a value it has not seen (``token``)."""
+    try:
+        k = kube.Kube.from_environment()
+    except (config.ConfigException, OSError) as exc:
+        raise common.CommandError(f"no cluster to write to: {exc}") from None
+    try:
+        k.annotate_model(namespace, name, {"kquant.dev/retry": token})
+    except client.ApiException as exc:
+        if exc.status == 404:
+            raise common.CommandError(f"QuantizedModel {namespace}/{name} not found") from None
+        raise common.CommandError(f"cannot annotate QuantizedModel {namespace}/{name}: {exc.status} {exc.reason}"
+                                  ) from None
+    except OSError as exc:
+        raise common.CommandError(f"cannot reach the API server: {exc}") from None
+    finally:
+        k.close()

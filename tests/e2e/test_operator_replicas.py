@@ -54,7 +54,7 @@ def _report(digest: str) -> str:
 
 
 def test_one_replica_acts_and_the_other_takes_over(cluster: cluster_client.Cluster, crd: None, namespace: str,
-                                                  tmp_path: pathlib.Path) -> None:
+                                                  operator_kubeconfig: pathlib.Path, tmp_path: pathlib.Path) -> None:
     _install_peering_crds(cluster)
     api = cluster.api_client()
     custom, core, batch, apps = (client.CustomObjectsApi(api), client.CoreV1Api(api), client.BatchV1Api(api),
@@ -63,7 +63,7 @@ def test_one_replica_acts_and_the_other_takes_over(cluster: cluster_client.Clust
     custom.create_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings",
                                         {"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering",
                                          "metadata": {"name": peering}})
-    first, second = (OperatorProcess(cluster.kubeconfig, tmp_path / f"{name}.log", ("--peering", peering),
+    first, second = (OperatorProcess(operator_kubeconfig, tmp_path / f"{name}.log", ("--peering", peering),
                                      {"KQUANT_PEERING_PRIORITY": priority})
                      for name, priority in (("first", "200"), ("second", "100")))
     first.start()

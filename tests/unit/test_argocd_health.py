@@ -53,7 +53,7 @@ def test_building_is_progressing_with_the_progress_line() -> None:
 def test_ready_is_healthy_and_a_new_generation_is_progressing_again() -> None:
     qm = _qm()
     done = [_state("q8", findings.BuildPhase.SUCCEEDED), _state("q4km", findings.BuildPhase.SUCCEEDED)]
-    st = status.compute(qm, done, findings.ServingState(True, "Serving", "served at http://x"), NOW)
+    st = status.compute(qm, done, findings.ServingState(True, findings.Reason.SERVING, "served at http://x"), NOW)
     assert health(_object(qm, st))["status"] == "Healthy"
     assert health(_object(qm, st, generation=2))["status"] == "Progressing"
 
@@ -65,7 +65,8 @@ def test_failures_that_need_a_person_are_degraded() -> None:
     result = health(_object(qm, failed))
     assert result["status"] == "Degraded" and "BuildFailed" in result["message"] and "hub said 404" in result["message"]
     done = [_state("q8", findings.BuildPhase.SUCCEEDED), _state("q4km", findings.BuildPhase.SUCCEEDED, gate=False)]
-    gated = status.compute(qm, done, findings.ServingState(False, "GateFailed", "q4km failed its gate"), NOW)
+    failed_gate = findings.ServingState(False, findings.Reason.GATE_FAILED, "q4km failed its gate")
+    gated = status.compute(qm, done, failed_gate, NOW)
     assert health(_object(qm, gated))["status"] == "Degraded"
-    rolling = status.compute(qm, done, findings.ServingState(False, "RollingOut", "rolling out"), NOW)
+    rolling = status.compute(qm, done, findings.ServingState(False, findings.Reason.ROLLING_OUT, "rolling out"), NOW)
     assert health(_object(qm, rolling))["status"] == "Progressing"

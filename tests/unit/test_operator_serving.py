@@ -120,7 +120,7 @@ def test_status_while_building_and_when_ready() -> None:
     quantized = building.condition("Quantized")
     assert quantized is not None and quantized.reason == "Building"
     done = [_state("q8", findings.BuildPhase.SUCCEEDED), _state("q4km", findings.BuildPhase.SUCCEEDED)]
-    ready = status.compute(qm, done, findings.ServingState(True, "Serving", "ok"), NOW)
+    ready = status.compute(qm, done, findings.ServingState(True, findings.Reason.SERVING, "ok"), NOW)
     assert ready.phase is api.Phase.READY
     assert {c.type: c.status.value for c in ready.conditions or []} == {
         "Quantized": "True", "Evaluated": "True", "Serving": "True", "Ready": "True",
@@ -140,7 +140,8 @@ def test_a_failed_build_fails_the_model_with_its_reason() -> None:
 
 def test_a_promoted_variant_that_failed_its_gate_stalls_the_model() -> None:
     done = [_state("q8", findings.BuildPhase.SUCCEEDED), _state("q4km", findings.BuildPhase.SUCCEEDED, gate=False)]
-    result = status.compute(_qm(), done, findings.ServingState(False, "GateFailed", "q4km failed"), NOW)
+    gated = findings.ServingState(False, findings.Reason.GATE_FAILED, "q4km failed")
+    result = status.compute(_qm(), done, gated, NOW)
     assert result.phase is api.Phase.FAILED
     assert result.condition("Stalled").status.value == "True"  # type: ignore[union-attr]
     assert result.condition("Reconciling").status.value == "False"  # type: ignore[union-attr]

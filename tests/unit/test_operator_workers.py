@@ -4,11 +4,15 @@ recording fake of the client, and the status it wrote is remembered until the wa
 from __future__ import annotations
 
 import asyncio
+import datetime
+import logging
 import pathlib
 from typing import Any
 
+import pytest
 import yaml
 from kquant.operator import config, workers
+from kubernetes.client import ApiException
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 KEY = ("ml", "smollm2")
@@ -85,3 +89,81 @@ def test_snapshot_skips_a_model_being_deleted_and_capacity_wakes_only_the_waitin
         await pool.stop()
 
     asyncio.run(scenario())
+
+
+def test_outranked_follows_kopfs_pausing_rule() -> None:
+    now = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)
+
+    def peer(priority: int, seconds_ago: int, lifetime: int = 60) -> dict[str, Any]:
+        seen = now - datetime.timedelta(seconds=seconds_ago)
+        return {"priority": priority, "lifetime": lifetime, "lastseen": seen.isoformat()}
+
+    assert not workers.outranked(None, 100, now)
+    assert not workers.outranked({"me": peer(100, 5)}, 100, now)
+    assert not workers.outranked({"me": peer(100, 5), "low": peer(50, 5)}, 100, now)
+    assert workers.outranked({"me": peer(100, 5), "high": peer(200, 5)}, 100, now)
+    assert not workers.outranked({"me": peer(100, 5), "high": peer(200, 90)}, 100, now), "a dead peer counts not"
+    assert workers.outranked({"me": peer(100, 5), "twin": peer(100, 5)}, 100, now), "a tie pauses both"
+    naive = {"me": peer(100, 5), "high": {**peer(200, 5), "lastseen": "2026-01-01T11:59:58"}}
+    assert workers.outranked(naive, 100, now)
+
+
+class PeeringClient(RecordingClient):
+    def __init__(self, peers: dict[str, Any] | None) -> None:
+        super().__init__()
+        self._peers = peers
+
+    def peers(self, name: str, namespace: str | None) -> dict[str, Any] | None:
+        self.calls.append(("peers", f"{namespace}/{name}"))
+        return self._peers
+
+
+def test_resync_queues_every_known_model_unless_another_replica_is_active() -> None:
+    now = datetime.datetime.now(datetime.UTC).isoformat()
+    models: dict[Any, list[Any]] = {KEY: [_body()], ("dev", "other"): [_body()]}
+
+    async def scenario(peers: dict[str, Any] | None, peering: workers.Peering | None) -> int:
+        client = PeeringClient(peers)
+        pool = workers.WorkerPool.start(client, {**_indexes(_body()), "models": models},  # type: ignore[arg-type]
+                                        peering, resync_seconds=3600)
+        queued = await pool.resync()
+        assert len(pool.queue) == queued
+        await pool.stop()
+        return queued
+
+    assert asyncio.run(scenario(None, None)) == 2
+    alone = {"me": {"priority": 5, "lifetime": 60, "lastseen": now}}
+    assert asyncio.run(scenario(alone, workers.Peering("kquant", True, 5))) == 2
+    beaten = {**alone, "other": {"priority": 9, "lifetime": 60, "lastseen": now}}
+    assert asyncio.run(scenario(beaten, workers.Peering("kquant", True, 5))) == 0
+    assert asyncio.run(scenario(beaten, workers.Peering("kquant", False, 5))) == 0
+
+
+class TerminatingNamespaceClient(RecordingClient):
+    def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        self.calls.append(("create", manifest["kind"]))
+        error = ApiException(status=403, reason="Forbidden")
+        error.body = ('{"message": "configmaps \\"x\\" is forbidden: unable to create new content in namespace ml '
+                      'because it is being terminated"}')
+        raise error
+
+
+def test_a_namespace_being_deleted_ends_the_model_quietly(caplog: pytest.LogCaptureFixture) -> None:
+    client = TerminatingNamespaceClient()
+
+    async def scenario() -> workers.WorkerPool:
+        pool = workers.WorkerPool.start(client, _indexes(_body()))  # type: ignore[arg-type]
+        pool.queue.add(KEY)
+        for _ in range(200):
+            if client.calls and not len(pool.queue):
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        await pool.stop()
+        return pool
+
+    with caplog.at_level(logging.INFO, logger="kquant.operator"):
+        pool = asyncio.run(scenario())
+    assert client.calls, "the pass ran"
+    assert not pool.queue._timers and not pool.queue._failures, "no retry for a model whose namespace goes"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], "nothing a person must read"

@@ -59,13 +59,36 @@ def test_configmap_errors_do_not_stop_the_build(caplog: pytest.LogCaptureFixture
         tried.append(data)
         raise ConnectionError("api server down")
 
-    sink = progress.ConfigMapSink(broken)
+    slept: list[float] = []
+    sink = progress.ConfigMapSink(broken, sleep=slept.append)
     with caplog.at_level(logging.WARNING):
         sink.progress(progress.ProgressLine("fetching", 0.0))
         sink.progress(progress.ProgressLine("converting", 0.0))
         sink.report(report.BuildReport(status=report.BuildStatus.SUCCEEDED, quantizer_version="0"))
-    # No exception reached the build, a failed write did not stop the next ones, and each failure was logged.
-    assert [d["progress"] for d in tried] == ["fetching 0%", "converting 0%", "done"]
+    # No exception reached the build, a failed write did not stop the next ones, and each failure was logged;
+    # progress is tried once, the report (the build's result) with a bounded backoff.
+    attempts = progress.ConfigMapSink.REPORT_ATTEMPTS
+    assert [d["progress"] for d in tried] == ["fetching 0%", "converting 0%", *["done"] * attempts]
     assert '"status": "Succeeded"' in tried[-1]["report"]
+    assert slept == [1.0, 2.0, 4.0, 8.0, 16.0]
     failures = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert failures == ["could not update the result ConfigMap: api server down"] * 3
+    assert failures[:2] == ["could not update the result ConfigMap: api server down"] * 2
+    assert failures[-1] == "could not update the result ConfigMap: api server down"
+    assert any(r.levelno == logging.ERROR and "ReportMissing" in r.getMessage() for r in caplog.records)
+
+
+def test_the_report_survives_a_refused_write() -> None:
+    """One refused write (an API server restarting) must not lose the build's result."""
+    sent: list[dict[str, str]] = []
+    refusals = [ConnectionError("connection refused")]
+
+    def flaky(data: dict[str, str]) -> None:
+        if "report" in data and refusals:
+            raise refusals.pop()
+        sent.append(data)
+
+    slept: list[float] = []
+    sink = progress.ConfigMapSink(flaky, sleep=slept.append)
+    sink.report(report.BuildReport(status=report.BuildStatus.SUCCEEDED, quantizer_version="0"))
+    assert len(sent) == 1 and '"status": "Succeeded"' in sent[0]["report"]
+    assert slept == [1.0]

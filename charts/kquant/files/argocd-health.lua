@@ -4,8 +4,9 @@
 -- the Ready condition, and the reasons of conditions that need a person.
 local hs = {}
 local needs_a_person = {
-  BuildFailed = true, SecretNotFound = true, BuildBlocked = true, GateFailed = true, DoesNotFit = true,
-  NoGPUNodes = true, InvalidSpec = true, NoModelFacts = true,
+  BuildFailed = true, ReportMissing = true, SecretNotFound = true, ConfigNotFound = true, BuildBlocked = true,
+  GateFailed = true, DoesNotFit = true, NoGPUNodes = true, InvalidSpec = true, NoModelFacts = true,
+  Conflict = true, Refused = true,
 }
 
 if obj.status == nil then
