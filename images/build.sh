@@ -17,7 +17,11 @@
 # release and reused.
 #
 # Environment: BASE (skip making the local base), KQUANT_REGISTRY, PUSH (0: build only),
-# CUDA_ARCHITECTURES (default 90 here; a release passes "80;86;89;90"), JOBS (llama.cpp build jobs).
+# CUDA_ARCHITECTURES (default 90 here; a release passes "80;86;89;90"), JOBS (llama.cpp build jobs),
+# IMAGE_PREFIX (default ghcr.io/kquant-dev).
+# Release mode (.github/workflows/release.yml): PLATFORMS=linux/amd64,linux/arm64 builds with
+# `docker buildx build` for those platforms and pushes straight to IMAGE_PREFIX, with an SBOM and
+# provenance attestation, instead of loading into dockerd and pushing to the local registry.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$repo"
@@ -35,8 +39,8 @@ cache="${KQUANT_CACHE:-$HOME/.cache/kquant}"
 cpu_images=("kquant operator images/Dockerfile $version"
             "quantizer quantizer images/Dockerfile $version"
             "llama-server llama-server images/Dockerfile $version")
-cuda_images=("llama-server llama-server-cuda images/cuda.Dockerfile $version-cuda"
-             "quantizer quantizer-cuda images/cuda.Dockerfile $version-cuda")
+cuda_images=("llama-server llama-server-cuda images/Dockerfile $version-cuda"
+             "quantizer quantizer-cuda images/Dockerfile $version-cuda")
 
 log() { printf '[images %s] %s\n' "$(date +%T)" "$*" >&2; }
 
@@ -48,9 +52,13 @@ if [ "$what" = tags ]; then
   exit 0
 fi
 
-eval "$(bash hack/container-runtime.sh start)"
-docker() { /usr/bin/docker "$@"; }
-export DOCKER_BUILDKIT=1
+platforms="${PLATFORMS:-}"
+if [ -z "$platforms" ]; then
+  eval "$(bash hack/container-runtime.sh start)"
+  # Debian's docker CLI (20.10) drives BuildKit itself; a newer CLI on the PATH would want buildx.
+  docker() { /usr/bin/docker "$@"; }
+  export DOCKER_BUILDKIT=1
+fi
 
 # The base: Debian's minbase made with mmdebstrap from Debian's own packages, imported as an
 # image tagged with the release and the day it was made. Reused while it exists.
@@ -76,6 +84,9 @@ make_base() {
 }
 
 if [ "$what" = base ]; then make_base; exit 0; fi
+if [ -n "$platforms" ] && [ -z "${BASE:-}" ]; then
+  echo "images/build.sh: PLATFORMS (release mode) needs BASE, e.g. debian:bookworm-slim" >&2; exit 2
+fi
 base="${BASE:-$(make_base)}"
 # The CA bundle pip trusts on this machine (its TLS proxy's CA included), handed to RUN steps that
 # download as a BuildKit secret; a release machine without one builds with the image's own bundle.
@@ -86,7 +97,18 @@ build() {
   local name="$1" target="$2" file="$3" tag="$4" ref
   ref="$prefix/$name:$tag"
   log "building $ref (target $target of $file, base $base)"
+  mkdir -p "$cache/docker"
   local start=$SECONDS
+  if [ -n "$platforms" ]; then
+    local cuda_platforms="${CUDA_PLATFORMS:-linux/amd64}"
+    [[ "$target" == *-cuda ]] && platforms_for="$cuda_platforms" || platforms_for="$platforms"
+    docker buildx build --platform "$platforms_for" --push --sbom=true --provenance=mode=max \
+      -f "$file" --target "$target" --build-arg BASE="$base" --build-arg VERSION="$version" \
+      --build-arg REVISION="$revision" --build-arg CUDA_ARCHITECTURES="${CUDA_ARCHITECTURES:-80;86;89;90}" \
+      --build-arg JOBS="${JOBS:-4}" --metadata-file "${METADATA_DIR:-.}/metadata-$name-$tag.json" -t "$ref" .
+    log "built and pushed $ref ($platforms_for) in $((SECONDS - start))s"
+    return 0
+  fi
   # --network host: dockerd runs without a bridge; RUN steps reach the package registries
   # through the host's network. Labels carry the version and revision (REVISION is a build arg
   # used only in the last LABEL, so a new commit does not invalidate any compiled layer).
