@@ -10,10 +10,11 @@ VENV := .venv/bin
 
 setup: .venv/.installed
 
-# The control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, helm) and the
-# llama.cpp tools (llama-server, llama-fit-params, rpc-server), built from source once per version.
+# The control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, helm), the real
+# node's kubelet, kube-proxy and pause, and the llama.cpp tools (llama-server, llama-fit-params, rpc-server), built from source once per version.
 tools:
 	bash hack/build-k8s.sh
+	bash hack/build-node.sh
 	bash hack/build-llama.sh
 
 # kubelet, kube-proxy and the pause binary for the real node (hack/localcluster/realnode.py).

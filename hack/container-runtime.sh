@@ -16,7 +16,7 @@ cache="${KQUANT_CACHE:-$HOME/.cache/kquant}"
 root="$cache/docker"
 sock="$root/run/docker.sock"
 registry_addr="${KQUANT_REGISTRY:-127.0.0.1:5000}"
-packages=(docker.io containernetworking-plugins docker-registry mmdebstrap)
+packages=(docker.io containernetworking-plugins docker-registry mmdebstrap iptables)
 
 log() { printf '[container-runtime %s] %s\n' "$(date +%T)" "$*" >&2; }
 
