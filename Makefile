@@ -45,6 +45,7 @@ lint: setup
 	$(VENV)/python -P hack/gen_gitops.py --check
 	$(VENV)/python -P hack/gen_crds.py --check
 	$(VENV)/python -P hack/gen_chart_docs.py --check
+	bash hack/lint-workflows.sh
 
 test-unit: setup
 	$(VENV)/pytest tests/unit
