@@ -107,11 +107,11 @@ def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
 
 def ensure_network() -> None:
     """The node address on an interface of its own, forwarding for the bridge, and the fence around it."""
-    if _run("ip", "link", "show", INTERFACE, check=False).returncode != 0:
-        # A dummy interface where the kernel has the driver; else a bridge without ports, which
-        # holds a local address just the same (this VM's kernel has no dummy driver).
-        if _run("ip", "link", "add", INTERFACE, "type", "dummy", check=False).returncode != 0:
-            _run("ip", "link", "add", INTERFACE, "type", "bridge")
+    # A dummy interface where the kernel has the driver; else a bridge without ports, which holds
+    # a local address just the same (this VM's kernel has no dummy driver).
+    if (_run("ip", "link", "show", INTERFACE, check=False).returncode != 0
+            and _run("ip", "link", "add", INTERFACE, "type", "dummy", check=False).returncode != 0):
+        _run("ip", "link", "add", INTERFACE, "type", "bridge")
     _run("ip", "link", "set", INTERFACE, "up")
     if NODE_IP not in _run("ip", "-4", "addr", "show", "dev", INTERFACE).stdout:
         _run("ip", "addr", "add", f"{NODE_IP}/32", "dev", INTERFACE)
@@ -317,12 +317,36 @@ def start(paths: controlplane.ClusterPaths, node_bin: pathlib.Path) -> None:
     ])
 
 
+def _drain(paths: controlplane.ClusterPaths, timeout: float) -> None:
+    """Delete the node's pods through the API and wait while the kubelet removes them.
+
+    The kubelet's own teardown is what calls CNI DEL (veth, netns, address) for each sandbox; a
+    force delete (grace 0) would only remove the API objects and leave those behind.
+    """
+    from kubernetes import client, config  # the control plane's client; only needed here
+
+    if not paths.kubeconfig.exists():
+        return
+    try:
+        core = client.CoreV1Api(config.new_client_from_config(str(paths.kubeconfig)))
+        selector = f"spec.nodeName={NODE_NAME}"
+        for pod in core.list_pod_for_all_namespaces(field_selector=selector).items:
+            with contextlib.suppress(client.ApiException):
+                core.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace, grace_period_seconds=1)
+        deadline = time.monotonic() + timeout
+        while core.list_pod_for_all_namespaces(field_selector=selector).items and time.monotonic() < deadline:
+            time.sleep(0.5)
+    except (OSError, client.ApiException):
+        return  # the API server is gone already: the containers are killed below regardless
+
+
 def stop(paths: controlplane.ClusterPaths, timeout: float = 30.0) -> None:
     """Stop the node: its pods first (the kubelet tears down their network), then the daemons."""
     node = RealNodePaths(paths)
     if not (paths.pids / "containerd.pid").exists():
         return
     ctr = [CTR, "--address", str(node.containerd_socket), "--namespace", "k8s.io"]
+    _drain(paths, timeout)
     controlplane.stop_process(paths, "kube-proxy", timeout)
     controlplane.stop_process(paths, "kubelet", timeout)
     # What the kubelet left running: kill the tasks so no shim outlives the node.

@@ -69,8 +69,9 @@ def restricted_namespace(real_cluster: client.ApiClient) -> Iterator[str]:
     try:
         yield name
     finally:
-        # Pods go first, so the kubelet tears down their sandboxes (network included) while it runs.
-        core.delete_collection_namespaced_pod(name, grace_period_seconds=0)
+        # Pods go first, so the kubelet tears down their sandboxes (network included) while it runs;
+        # a grace period, because grace 0 deletes only the API objects.
+        core.delete_collection_namespaced_pod(name, grace_period_seconds=1)
         cluster_client.wait_for(lambda: not core.list_namespaced_pod(name).items, timeout=60,
                                 what=f"pods of {name} to be gone")
         core.delete_namespace(name)
@@ -84,7 +85,8 @@ def _restricted_pod(name: str, image: str, command: list[str], memory: str) -> c
             restart_policy="Never",
             automount_service_account_token=False,
             security_context=client.V1PodSecurityContext(
-                run_as_non_root=True, seccomp_profile=client.V1SeccompProfile(type="RuntimeDefault")),
+                run_as_non_root=True, run_as_user=65532, run_as_group=65532,
+                seccomp_profile=client.V1SeccompProfile(type="RuntimeDefault")),
             containers=[client.V1Container(
                 name="main", image=image, command=command,
                 security_context=client.V1SecurityContext(
