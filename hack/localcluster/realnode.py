@@ -307,6 +307,7 @@ def start(paths: controlplane.ClusterPaths, node_bin: pathlib.Path) -> None:
         "--root-dir", str(node.kubelet_root), "--cert-dir", str(node.root / "kubelet-pki"),
         "--node-labels", f"{REAL_NODE_LABEL}=true", "--v=1",
     ])
+    (node.root / "bin-dir").write_text(str(node_bin))
     controlplane.start_process(paths, "kube-proxy", [
         str(node_bin / "kube-proxy"), "--kubeconfig", str(kubeconfig), "--hostname-override", NODE_NAME,
         "--proxy-mode", "iptables", "--cluster-cidr", POD_SUBNET,
@@ -315,6 +316,20 @@ def start(paths: controlplane.ClusterPaths, node_bin: pathlib.Path) -> None:
         # Leave the host's conntrack sysctls alone: the VM does not let us change them.
         "--conntrack-max-per-core", "0", "--v=1",
     ])
+
+
+def _remove_kubelet_iptables() -> None:
+    """Remove the chains the kubelet adds to the host's iptables (KUBE-FIREWALL drops traffic to
+    127.0.0.0/8 from other sources; the canaries only detect flushes): this machine is shared, and
+    they must not outlive the node."""
+    for table, chain, parents in (("filter", "KUBE-FIREWALL", ("INPUT", "OUTPUT")),
+                                  ("filter", "KUBE-KUBELET-CANARY", ()), ("nat", "KUBE-KUBELET-CANARY", ()),
+                                  ("mangle", "KUBE-KUBELET-CANARY", ()), ("mangle", "KUBE-IPTABLES-HINT", ())):
+        for parent in parents:
+            while _run("iptables", "-t", table, "-D", parent, "-j", chain, check=False).returncode == 0:
+                pass
+        _run("iptables", "-t", table, "-F", chain, check=False)
+        _run("iptables", "-t", table, "-X", chain, check=False)
 
 
 def _drain(paths: controlplane.ClusterPaths, timeout: float) -> None:
@@ -348,7 +363,12 @@ def stop(paths: controlplane.ClusterPaths, timeout: float = 30.0) -> None:
     ctr = [CTR, "--address", str(node.containerd_socket), "--namespace", "k8s.io"]
     _drain(paths, timeout)
     controlplane.stop_process(paths, "kube-proxy", timeout)
+    # kube-proxy leaves its iptables chains behind when it stops; its own cleanup mode removes them.
+    bin_dir = node.root / "bin-dir"
+    if bin_dir.exists():
+        _run(str(pathlib.Path(bin_dir.read_text()) / "kube-proxy"), "--cleanup", check=False)
     controlplane.stop_process(paths, "kubelet", timeout)
+    _remove_kubelet_iptables()
     # What the kubelet left running: kill the tasks so no shim outlives the node.
     if node.containerd_socket.exists():
         for task in _run(*ctr, "tasks", "ls", "-q", check=False).stdout.split():
