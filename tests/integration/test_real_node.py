@@ -27,7 +27,8 @@ from kubernetes.stream import stream
 from localcluster import cluster as localcluster
 from localcluster import controlplane, realnode
 
-pytestmark = [pytest.mark.integration, pytest.mark.realnode]
+# The first test's setup builds the operator image when the cache is cold (about 5 minutes here).
+pytestmark = [pytest.mark.integration, pytest.mark.realnode, pytest.mark.timeout(1500)]
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 IMAGE_NAME = "kquant"
