@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from kquant.operator.api import v1alpha1 as api
 
 DEFAULT_QUANTIZER_IMAGE = "ghcr.io/kquant-dev/quantizer:0.1.0"
+"""The quantizer image `make images` tags (images/build.sh, the chart's appVersion)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,12 +14,12 @@ from localcluster import agent, cluster, controlplane
 DEFAULT_ROOT = cluster.CACHE / "cluster"
 
 
-def up(paths: controlplane.ClusterPaths) -> None:
+def up(paths: controlplane.ClusterPaths, real_node: bool = False) -> None:
     if controlplane.running(paths):
         print(f"already running: export KUBECONFIG={paths.kubeconfig}")
         return
     started = time.monotonic()
-    state = cluster.up(paths)
+    state = cluster.up(paths, real_node=real_node)
     print(f"cluster up in {time.monotonic() - started:.1f}s at {state.server}")
     print(f"export KUBECONFIG={paths.kubeconfig}")
 
@@ -39,13 +39,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="hack/cluster", description=__doc__)
     parser.add_argument("--root", type=pathlib.Path, default=DEFAULT_ROOT,
                         help="folder that holds the cluster's state (default: %(default)s)")
+    parser.add_argument("--real-node", action="store_true",
+                        help="up: also start a real node (containerd, runc, kubelet, kube-proxy) that pulls "
+                             "kquant's images from the local registry (make images)")
     parser.add_argument("command", choices=["up", "down", "env", "status", "agent", "bin-dir"])
     args = parser.parse_args()
     paths = controlplane.ClusterPaths(args.root.resolve())
     if args.command == "up":
-        up(paths)
+        up(paths, real_node=args.real_node)
     elif args.command == "down":
-        controlplane.stop_all(paths)
+        cluster.down(paths)
         print("cluster stopped")
     elif args.command == "env":
         print(f"export KUBECONFIG={paths.kubeconfig}")

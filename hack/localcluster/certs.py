@@ -30,6 +30,14 @@ class Pki:
         return self.folder / "apiserver.key"
 
     @property
+    def kubelet_client_cert(self) -> pathlib.Path:
+        return self.folder / "apiserver-kubelet-client.crt"
+
+    @property
+    def kubelet_client_key(self) -> pathlib.Path:
+        return self.folder / "apiserver-kubelet-client.key"
+
+    @property
     def sa_key(self) -> pathlib.Path:
         return self.folder / "sa.key"
 
@@ -64,6 +72,16 @@ def ensure_pki(folder: pathlib.Path) -> Pki:
         _openssl("x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
                  "-CAcreateserial", "-days", "3650", "-extfile", "apiserver.ext",
                  "-out", "apiserver.crt", cwd=folder)
+    if not pki.kubelet_client_cert.exists():
+        # The API server's identity towards kubelets (logs, exec): a client certificate in
+        # system:masters, which a real node's kubelet authorises through SubjectAccessReview.
+        (folder / "kubelet-client.ext").write_text("extendedKeyUsage=clientAuth\n")
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver-kubelet-client.key",
+                 "-out", "apiserver-kubelet-client.csr",
+                 "-subj", "/O=system:masters/CN=kube-apiserver-kubelet-client", cwd=folder)
+        _openssl("x509", "-req", "-in", "apiserver-kubelet-client.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-days", "3650", "-extfile", "kubelet-client.ext",
+                 "-out", "apiserver-kubelet-client.crt", cwd=folder)
     if not pki.sa_key.exists():
         _openssl("genrsa", "-out", "sa.key", "2048", cwd=folder)
         _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=folder)

@@ -10,7 +10,7 @@ import time
 
 from kubernetes import client, config
 
-from localcluster import controlplane, nodes
+from localcluster import controlplane, nodes, realnode
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CACHE = pathlib.Path(os.environ.get("KQUANT_CACHE", pathlib.Path.home() / ".cache/kquant"))
@@ -48,17 +48,25 @@ def agent_environment() -> dict[str, str]:
     return env
 
 
-def up(paths: controlplane.ClusterPaths, bin_dir: pathlib.Path | None = None) -> controlplane.ClusterState:
-    """Start the control plane and the node agent; return once every node is Ready."""
+def up(paths: controlplane.ClusterPaths, bin_dir: pathlib.Path | None = None,
+       real_node: bool = False) -> controlplane.ClusterState:
+    """Start the control plane and the node agent; return once every node is Ready.
+
+    ``real_node`` adds a node run by a real kubelet with containerd (realnode.py) beside the
+    simulated ones; it needs root and Debian's container packages (realnode.unavailable_reason).
+    """
     state = controlplane.start(paths, bin_dir or build_binaries())
     argv = [sys.executable, "-P", "-m", "localcluster", "--root", str(paths.root), "agent"]
     with (paths.logs / "agent.log").open("ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=agent_environment(), start_new_session=True)
     (paths.pids / "agent.pid").write_text(str(proc.pid))
-    wait_nodes_ready(paths, len(nodes.DEFAULT_NODES))
+    if real_node:
+        realnode.start(paths, realnode.build_node_binaries())
+    wait_nodes_ready(paths, len(nodes.DEFAULT_NODES) + (1 if real_node else 0), timeout=120 if real_node else 60)
     return state
 
 
 def down(paths: controlplane.ClusterPaths) -> None:
+    realnode.stop(paths)
     controlplane.stop_all(paths)

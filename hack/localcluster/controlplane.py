@@ -76,7 +76,8 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _start(paths: ClusterPaths, name: str, argv: list[str]) -> None:
+def start_process(paths: ClusterPaths, name: str, argv: list[str]) -> None:
+    """Start one detached process of the cluster, its log and pid file named after it."""
     paths.logs.mkdir(parents=True, exist_ok=True)
     paths.pids.mkdir(parents=True, exist_ok=True)
     log = (paths.logs / f"{name}.log").open("ab")
@@ -97,22 +98,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def stop_process(paths: ClusterPaths, name: str, timeout: float = 15.0) -> None:
+    """Stop one process started by start_process (its whole process group), if it runs."""
+    pidfile = paths.pids / f"{name}.pid"
+    if not pidfile.exists():
+        return
+    pid = int(pidfile.read_text())
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    pidfile.unlink(missing_ok=True)
+
+
 def stop_all(paths: ClusterPaths, timeout: float = 15.0) -> None:
-    """Stop every process of the cluster: the agent first, etcd last."""
-    order = ["agent", "kube-scheduler", "kube-controller-manager", "kube-apiserver", "etcd"]
+    """Stop every process of the cluster: the nodes first, etcd last.
+
+    A real node's own teardown (its pods, mounts) is realnode.stop, which cluster.down runs first;
+    the names here also catch its daemons when that was skipped.
+    """
+    order = ["agent", "kube-proxy", "kubelet", "containerd", "kube-scheduler", "kube-controller-manager",
+             "kube-apiserver", "etcd"]
     for name in order:
-        pidfile = paths.pids / f"{name}.pid"
-        if not pidfile.exists():
-            continue
-        pid = int(pidfile.read_text())
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-        pidfile.unlink(missing_ok=True)
+        stop_process(paths, name, timeout)
 
 
 def write_kubeconfig(path: pathlib.Path, server: str, ca_file: pathlib.Path, token: str,
@@ -156,14 +167,14 @@ def start(paths: ClusterPaths, bin_dir: pathlib.Path, timeout: float = 90.0) -> 
     state = ClusterState(api_port=free_port(), etcd_port=free_port(), token=token)
     paths.state.write_text(json.dumps(dataclasses.asdict(state)))
     etcd_url = f"http://127.0.0.1:{state.etcd_port}"
-    _start(paths, "etcd", [
+    start_process(paths, "etcd", [
         str(bin_dir / "etcd"), "--data-dir", str(paths.etcd_data), "--name", "local",
         "--listen-client-urls", etcd_url, "--advertise-client-urls", etcd_url,
         "--listen-peer-urls", f"http://127.0.0.1:{free_port()}",
         "--initial-advertise-peer-urls", "http://127.0.0.1:2380",
         "--unsafe-no-fsync", "--quota-backend-bytes", str(4 << 30), "--log-level", "warn",
     ])
-    _start(paths, "kube-apiserver", [
+    start_process(paths, "kube-apiserver", [
         str(bin_dir / "kube-apiserver"),
         "--etcd-servers", etcd_url, "--bind-address", "127.0.0.1",
         "--secure-port", str(state.api_port), "--advertise-address", "127.0.0.1",
@@ -174,13 +185,18 @@ def start(paths: ClusterPaths, bin_dir: pathlib.Path, timeout: float = 90.0) -> 
         "--service-account-key-file", str(pki.sa_pub),
         "--service-account-signing-key-file", str(pki.sa_key),
         "--service-cluster-ip-range", "10.0.0.0/24",
+        # A real node (realnode.py) is reached at its InternalIP for logs, exec and port-forward,
+        # with a client certificate its kubelet trusts; simulated nodes have no address at all.
+        "--kubelet-preferred-address-types", "InternalIP",
+        "--kubelet-client-certificate", str(pki.kubelet_client_cert),
+        "--kubelet-client-key", str(pki.kubelet_client_key),
         "--authorization-mode", "Node,RBAC", "--allow-privileged=true",
         "--cert-dir", str(paths.pki / "apiserver-generated"),
         "--profiling=false", "--v=1",
     ])
     _wait_ready(state, pki.ca_cert, paths, timeout)
     write_kubeconfig(paths.kubeconfig, state.server, pki.ca_cert, token)
-    _start(paths, "kube-controller-manager", [
+    start_process(paths, "kube-controller-manager", [
         str(bin_dir / "kube-controller-manager"),
         "--kubeconfig", str(paths.kubeconfig),
         "--service-account-private-key-file", str(pki.sa_key),
@@ -189,7 +205,7 @@ def start(paths: ClusterPaths, bin_dir: pathlib.Path, timeout: float = 90.0) -> 
         "--cluster-signing-cert-file", str(pki.ca_cert), "--cluster-signing-key-file", str(pki.ca_key),
         "--concurrent-gc-syncs=5", "--v=1",
     ])
-    _start(paths, "kube-scheduler", [
+    start_process(paths, "kube-scheduler", [
         str(bin_dir / "kube-scheduler"), "--kubeconfig", str(paths.kubeconfig),
         "--leader-elect=false", "--secure-port=0", "--v=1",
     ])

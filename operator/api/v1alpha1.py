@@ -945,9 +945,10 @@ class Sampling(_Model):
     )
 
 
-DEFAULT_SERVER_IMAGE = "ghcr.io/kquant-dev/llama-server:0.3.36-cuda"
-"""llama-server from the llama.cpp that llama-cpp-python 0.3.36 vendors (ggml-org/llama.cpp@0c1e57098):
-the build the quantizer links and the tests run (hack/images/llama-server.Dockerfile)."""
+DEFAULT_SERVER_IMAGE = "ghcr.io/kquant-dev/llama-server:0.1.0-cuda"
+"""llama-server (CUDA) from the llama.cpp that llama-cpp-python 0.3.36 vendors, the build the quantizer
+links and the tests run (images/cuda.Dockerfile). Its tag is the chart's appVersion, as `make images`
+tags it; tests/unit/test_image_tags.py keeps the two equal."""
 
 
 class Serving(PodSettings):
