@@ -180,3 +180,35 @@ def test_a_missing_calibration_configmap_is_named_and_the_build_starts_once_it_e
                             what="the build to start once the ConfigMap exists")
     _reason(cluster, namespace, "calib", "Quantized", "Building", timeout=30)
     assert log_trouble(chart_operator.log) == []
+
+
+def test_a_build_whose_digest_left_the_spec_is_cancelled(
+        cluster: cluster_client.Cluster, namespace: str, chart_operator: OperatorProcess) -> None:
+    api = cluster.api_client()
+    custom, core, batch = client.CustomObjectsApi(api), client.CoreV1Api(api), client.BatchV1Api(api)
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _model("edit"))
+    [old] = cluster_client.wait_for(lambda: _jobs(batch, namespace, "edit"), timeout=60, what="the first build Job")
+    # The variant's type changes mid-build: a new digest, a new build; the old one must not run on.
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "edit",
+                                          {"spec": {"variants": [{"name": "q8", "type": "Q6_K"}]}})
+    def only_the_new_build() -> list[Any] | None:
+        jobs = _jobs(batch, namespace, "edit")
+        return jobs if jobs and all(j.metadata.name != old.metadata.name for j in jobs) else None
+
+    [new] = cluster_client.wait_for(only_the_new_build, timeout=60,
+                                    what="the old build cancelled and the new one started")
+    assert new.metadata.labels["kquant.dev/digest"] != old.metadata.labels["kquant.dev/digest"]
+
+    def gone(read: Any) -> bool:
+        try:
+            read(old.metadata.name, namespace)
+        except client.ApiException as exc:
+            return exc.status == 404
+        return False
+
+    # Its account and Role went with it; its ConfigMap (no report) goes in a later pass.
+    rbac = client.RbacAuthorizationV1Api(api)
+    for read in (core.read_namespaced_service_account, rbac.read_namespaced_role, rbac.read_namespaced_role_binding,
+                 core.read_namespaced_config_map):
+        cluster_client.wait_for(lambda read=read: gone(read), timeout=30, what=f"{old.metadata.name} removed")
+    assert log_trouble(chart_operator.log) == []
