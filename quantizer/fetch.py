@@ -455,6 +455,25 @@ def _check_selection(
         )
 
 
+def _choose(
+    source: settings.HuggingFaceSource, endpoint: str, listing: Sequence[RemoteFile], dest: Path
+) -> list[RemoteFile]:
+    """The files to fetch: every hub name checked, the patterns applied, code and pickles left out."""
+    for f in listing:
+        check_name(f.name, dest)
+    matched = select_files([f.name for f in listing], source.allow_patterns)
+    refused = {n: kind for n in matched if (kind := refused_kind(n, source))}
+    _check_selection(source, endpoint, listing, matched, refused)
+    if refused:
+        log.info(
+            "not fetching %d file(s) that are code or pickles (allowCodeFiles/allowPickles are off): %s",
+            len(refused),
+            ", ".join(sorted(refused)[:20]),
+        )
+    wanted = set(matched) - set(refused)
+    return [f for f in listing if f.name in wanted]
+
+
 def fetch(
     source: settings.HuggingFaceSource,
     dest: Path,
@@ -473,19 +492,7 @@ def fetch(
     endpoint = endpoint_for(source, env)
     revision, listing = remote_files(source, env=env)
     dest.mkdir(parents=True, exist_ok=True)
-    for f in listing:
-        check_name(f.name, dest)
-    matched = select_files([f.name for f in listing], source.allow_patterns)
-    refused = {n: kind for n in matched if (kind := refused_kind(n, source))}
-    wanted = set(matched) - set(refused)
-    _check_selection(source, endpoint, listing, matched, refused)
-    if refused:
-        log.info(
-            "not fetching %d file(s) that are code or pickles (allowCodeFiles/allowPickles are off): %s",
-            len(refused),
-            ", ".join(sorted(refused)[:20]),
-        )
-    chosen = [f for f in listing if f.name in wanted]
+    chosen = _choose(source, endpoint, listing, dest)
     log.info(
         "fetching %d file(s), %d bytes, from %s (commit %s)",
         len(chosen),
