@@ -86,6 +86,32 @@ class Kube:
         except client.ApiException as exc:
             log.warning("could not post event %s on %s: %s", reason, qm.metadata.name, exc.reason)
 
+    # -- Secrets: metadata only --------------------------------------------------------------
+
+    METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+    """Accept header that makes the API server answer with the object's metadata and no data."""
+
+    def secret_labels(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The labels of one Secret (None: it does not exist). Asked as PartialObjectMetadata, so the
+        Secret's data never reaches the operator: it only needs to know whether the Secret's owner
+        opted it in as a hub token (kquant.operator.policy)."""
+        try:
+            response = self.api_client.call_api(
+                "/api/v1/namespaces/{namespace}/secrets/{name}", "GET",
+                path_params={"namespace": namespace, "name": name},
+                header_params={"Accept": self.METADATA_ONLY}, auth_settings=["BearerToken"],
+                _preload_content=False, _return_http_data_only=True)
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        body = _json(response)
+        if body.get("kind") != "PartialObjectMetadata" or "data" in body:
+            raise RuntimeError(f"the API server answered Secret {namespace}/{name} with {body.get('kind')}, "
+                               "not its metadata alone; refusing to read it")
+        labels: dict[str, str] = (body.get("metadata") or {}).get("labels") or {}
+        return labels
+
     # -- generic objects -------------------------------------------------------------------
 
     def create(self, manifest: manifests.Manifest) -> manifests.Manifest | None:

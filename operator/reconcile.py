@@ -25,6 +25,7 @@ from kquant.operator import (
     ledger,
     manifests,
     observed,
+    policy,
     server_manifests,
     serving,
     status,
@@ -45,7 +46,7 @@ class ClusterView:
 
 
 WARNING_REASONS = {"BuildFailed", "SecretNotFound", "BuildBlocked", "GateFailed", "DoesNotFit", "NoGPUNodes",
-                   "InvalidSpec"}
+                   "InvalidSpec", policy.REASON}
 
 
 def observe_build(qm: api.QuantizedModel, build: builds.Build, children: observed.Children) -> findings.BuildState:
@@ -113,6 +114,11 @@ def start_next_build(client: kube.Kube, qm: api.QuantizedModel,
     result = list(states)
     build = states[queued].build
     others = [s for i, s in enumerate(states) if i != queued]
+    refusals = _build_refusals(client, qm)
+    if refusals:
+        result[queued] = findings.BuildState(build, findings.BuildPhase.BLOCKED,
+                                             reason="refused by the platform policy: " + "; ".join(refusals))
+        return result
     if all(s.phase is findings.BuildPhase.SUCCEEDED for s in others):
         build = builds.discarding_intermediates(build, qm)
     created = [client.create(manifest) for manifest in build_manifests.objects(qm, build, client.settings)]
@@ -120,6 +126,18 @@ def start_next_build(client: kube.Kube, qm: api.QuantizedModel,
         log.info("QuantizedModel %s/%s: started build %s", qm.metadata.namespace, qm.metadata.name, build.name)
     result[queued] = findings.BuildState(build, findings.BuildPhase.RUNNING, progress="starting")
     return result
+
+
+def _build_refusals(client: kube.Kube, qm: api.QuantizedModel) -> list[str]:
+    """The platform's rules, checked again before each build starts: the admission policy only
+    sees objects created or changed after it was installed or narrowed."""
+    rules = client.settings.policy
+    refusals = policy.build_refusals(qm, rules)
+    ref = qm.spec.source.hub.token_secret_ref
+    if ref is not None and rules.hub_token_label:
+        refusal = policy.token_refusal(qm, rules, client.secret_labels(qm.metadata.namespace or "", ref.name))
+        refusals += [refusal] if refusal else []
+    return refusals
 
 
 def serve(client: kube.Kube, qm: api.QuantizedModel, states: list[findings.BuildState],
@@ -141,6 +159,9 @@ def serve(client: kube.Kube, qm: api.QuantizedModel, states: list[findings.Build
         why = "; ".join(state.report.gate.reasons) if state.report.gate else "quality gate failed"
         return findings.ServingState(False, "GateFailed",
                                      f"variant {spec.variant} failed its quality gate ({why}){keeps}")
+    refusals = policy.serving_refusals(qm, client.settings.policy)
+    if refusals:
+        return findings.ServingState(False, policy.REASON, "; ".join(refusals) + keeps)
     artifact = artifacts.from_report(state.build, state.report)
     wanted = server_manifests.serving_hash(qm, artifact)
     old = qm.status.serving if qm.status else None

@@ -827,6 +827,12 @@ class Sampling(_Model):
     )
 
 
+API_KEY_FLAGS = ("--api-key", "--api-key-file")
+"""llama-server's API key flags: a key in extraArgs lands in Git and in the pod's argument list,
+which anyone who may read the Deployment sees; apiKeySecretRef mounts it as a file instead."""
+_API_KEY_IN_ARGS = ("never put an API key into extraArgs (--api-key, --api-key-file): store it in a Secret "
+                    "and set spec.serving.apiKeySecretRef")
+
 DEFAULT_SERVER_IMAGE = "ghcr.io/kquant-dev/llama-server:0.3.36-cuda"
 """llama-server from the llama.cpp that llama-cpp-python 0.3.36 vendors (ggml-org/llama.cpp@0c1e57098):
 the build the quantizer links and the tests run (hack/images/llama-server.Dockerfile)."""
@@ -844,6 +850,13 @@ class Serving(PodSettings):
                 + " || !has(self.flashAttention) || self.flashAttention != 'off'",
                 "a quantized V cache needs flash attention: set flashAttention to auto or on",
                 ".cacheTypeV",
+            ),
+            _cel(
+                "!has(self.extraArgs) || !self.extraArgs.exists(a, "
+                + " || ".join(f"a == '{f}' || a.startsWith('{f}=')" for f in API_KEY_FLAGS)
+                + ")",
+                _API_KEY_IN_ARGS,
+                ".extraArgs",
             ),
         )
     )
@@ -885,6 +898,14 @@ class Serving(PodSettings):
         "the node's GPU memory and the context; a number forces it. Defaults to auto.",
     )
     sampling: Sampling | None = pydantic.Field(default=None, description="Default sampling parameters.")
+    api_key_secret_ref: SecretKeyRef | None = pydantic.Field(
+        default=None,
+        description="Secret holding the API key(s) that clients must send as `Authorization: Bearer "
+        "<key>` (one per line; lines starting with # are comments). It is mounted read-only as a file "
+        "into the server pod and passed as `--api-key-file`, so the key is in no argument list, "
+        "environment variable or spec. Every path but /health then answers 401 without a key, "
+        "/metrics included. Unset: the server accepts any request that reaches it.",
+    )
     extra_args: list[Annotated[str, pydantic.StringConstraints(min_length=1, max_length=256)]] | None = pydantic.Field(
         default=None,
         max_length=32,
@@ -907,6 +928,13 @@ class Serving(PodSettings):
             if arg.split("=", 1)[0] in MANAGED_SERVER_FLAGS:
                 raise ValueError(f"{arg!r} repeats a flag that kquant derives from spec.serving")
         return value
+
+    @pydantic.model_validator(mode="after")
+    def _no_api_key_in_args(self) -> Self:
+        for arg in self.extra_args or ():
+            if arg.split("=", 1)[0] in API_KEY_FLAGS:
+                raise SpecRuleError("extraArgs", _API_KEY_IN_ARGS)
+        return self
 
     @pydantic.model_validator(mode="after")
     def _flash_for_quantized_v(self) -> Self:
