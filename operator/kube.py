@@ -96,11 +96,8 @@ class Kube:
         Secret's data never reaches the operator: it only needs to know whether the Secret's owner
         opted it in as a hub token (kquant.operator.policy)."""
         try:
-            response = self.api_client.call_api(
-                "/api/v1/namespaces/{namespace}/secrets/{name}", "GET",
-                path_params={"namespace": namespace, "name": name},
-                header_params={"Accept": self.METADATA_ONLY}, auth_settings=["BearerToken"],
-                _preload_content=False, _return_http_data_only=True)
+            response = self.core.read_namespaced_secret(name, namespace, _preload_content=False,
+                                                        _headers={"Accept": self.METADATA_ONLY})
         except client.ApiException as exc:
             if exc.status == 404:
                 return None

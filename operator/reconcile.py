@@ -159,9 +159,6 @@ def serve(client: kube.Kube, qm: api.QuantizedModel, states: list[findings.Build
         why = "; ".join(state.report.gate.reasons) if state.report.gate else "quality gate failed"
         return findings.ServingState(False, "GateFailed",
                                      f"variant {spec.variant} failed its quality gate ({why}){keeps}")
-    refusals = policy.serving_refusals(qm, client.settings.policy)
-    if refusals:
-        return findings.ServingState(False, policy.REASON, "; ".join(refusals) + keeps)
     artifact = artifacts.from_report(state.build, state.report)
     wanted = server_manifests.serving_hash(qm, artifact)
     old = qm.status.serving if qm.status else None
@@ -187,6 +184,9 @@ def _roll_out(client: kube.Kube, qm: api.QuantizedModel, artifact: artifacts.Art
     Deployment and Service; returns the Deployment as stored and where it went."""
     spec = qm.spec.serving
     assert spec is not None
+    refusals = policy.serving_refusals(qm, client.settings.policy)
+    if refusals:  # admitted before the platform narrowed the allowed images
+        return serving.NoFit(policy.REASON, "; ".join(refusals))
     candidate: serving.Candidate | None = None
     found: list[serving.Candidate] = []
     if spec.gpus:
