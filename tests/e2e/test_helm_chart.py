@@ -116,7 +116,7 @@ def test_template_policy_and_network_policy(helm: Helm) -> None:
     variables = {v["name"]: v["expression"] for v in models["variables"]}
     assert json.loads(variables["serverImages"]) == [
         "ghcr.io/kquant-dev/llama-server:0.3.36-cuda", "registry.example.com/llama:*"]
-    guard = policies["rel-kquant-operator-guard"]["spec"]
+    guard = policies["rel-kquant-guard"]["spec"]
     assert guard["matchConditions"][0]["expression"] == (
         "request.userInfo.username == 'system:serviceaccount:kq-system:rel-kquant'")
     assert json.loads({v["name"]: v["expression"] for v in guard["variables"]}["protected"]) == [
