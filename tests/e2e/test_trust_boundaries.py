@@ -9,7 +9,6 @@ the chart carried the policy (see docs/security.md, threat model).
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import pathlib
@@ -80,11 +79,10 @@ class Platform:
         authorizer and admission see that ServiceAccount, as they would see a user's kubectl."""
         request = client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(expiration_seconds=3600))
         token = self.core.create_namespaced_service_account_token(account, namespace, request).status.token
-        configuration = copy.deepcopy(self.admin.configuration)
-        configuration.api_key = {"authorization": f"Bearer {token}"}
-        configuration.api_key_prefix = {}
-        configuration.username = configuration.password = None
-        configuration.cert_file = configuration.key_file = None
+        admin = self.admin.configuration
+        configuration = client.Configuration(host=admin.host, api_key={"BearerToken": token},
+                                             api_key_prefix={"BearerToken": "Bearer"})
+        configuration.ssl_ca_cert = admin.ssl_ca_cert
         return client.ApiClient(configuration)
 
     def make_tenant(self) -> None:
