@@ -123,6 +123,9 @@ def job(qm: api.QuantizedModel, build: builds.Build, meta: dict[str, Any],
     }
     pod_spec: dict[str, Any] = {
         "serviceAccountName": build.name, "restartPolicy": "Never", "containers": [container],
+        # The one pod kquant gives a token: the quantizer patches its progress and report into its
+        # ConfigMap through the API, as the build's own ServiceAccount, whose Role allows that alone.
+        "automountServiceAccountToken": True,
         "volumes": volumes, "securityContext": manifests.pod_security(), "nodeSelector": node_selector,
         "tolerations": manifests.tolerations(quantizer),
     }

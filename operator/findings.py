@@ -50,6 +50,8 @@ class Reason(enum.StrEnum):
     """An object the model needs exists already and belongs to someone else: it is neither used nor changed."""
     REFUSED = "Refused"
     """The API server refused an object rendered from the spec (a value the CRD admits but the API does not)."""
+    POLICY_VIOLATION = "PolicyViolation"
+    """The model names a hub, image or Secret the platform's policy (chart values under ``policy``) does not allow."""
     NOT_STALLED = "NotStalled"
     RECONCILED = "Reconciled"
 
@@ -72,11 +74,11 @@ class Reason(enum.StrEnum):
 WARNING_REASONS = frozenset({
     Reason.BUILD_FAILED, Reason.REPORT_MISSING, Reason.SECRET_NOT_FOUND, Reason.CONFIG_NOT_FOUND,
     Reason.BUILD_BLOCKED, Reason.GATE_FAILED, Reason.DOES_NOT_FIT, Reason.NO_GPU_NODES, Reason.INVALID_SPEC,
-    Reason.CONFLICT, Reason.REFUSED, Reason.NO_MODEL_FACTS, Reason.BUILD_UNDERSIZED})
+    Reason.CONFLICT, Reason.REFUSED, Reason.NO_MODEL_FACTS, Reason.BUILD_UNDERSIZED, Reason.POLICY_VIOLATION})
 STALLED_REASONS = frozenset({
     Reason.BUILD_FAILED, Reason.REPORT_MISSING, Reason.SECRET_NOT_FOUND, Reason.CONFIG_NOT_FOUND,
     Reason.BUILD_BLOCKED, Reason.GATE_FAILED, Reason.DOES_NOT_FIT, Reason.NO_GPU_NODES, Reason.NO_MODEL_FACTS,
-    Reason.INVALID_SPEC, Reason.CONFLICT, Reason.REFUSED})
+    Reason.INVALID_SPEC, Reason.CONFLICT, Reason.REFUSED, Reason.POLICY_VIOLATION})
 
 
 def reason_of(text: str | None) -> Reason | None:

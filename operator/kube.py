@@ -151,6 +151,29 @@ class Kube:
         found: dict[str, Any] | None = body.get("status")
         return found
 
+    # -- Secrets: metadata only --------------------------------------------------------------
+
+    METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+    """Accept header that makes the API server answer with the object's metadata and no data."""
+
+    def secret_labels(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The labels of one Secret (None: it does not exist). Asked as PartialObjectMetadata, so the
+        Secret's data never reaches the operator: it only needs to know whether the Secret's owner
+        opted it in as a hub token (kquant.operator.policy)."""
+        try:
+            response = self.core.read_namespaced_secret(name, namespace, _preload_content=False,
+                                                        _headers={"Accept": self.METADATA_ONLY})
+        except client.ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        body = _json(response)
+        if body.get("kind") != "PartialObjectMetadata" or "data" in body:
+            raise RuntimeError(f"the API server answered Secret {namespace}/{name} with {body.get('kind')}, "
+                               "not its metadata alone; refusing to read it")
+        labels: dict[str, str] = (body.get("metadata") or {}).get("labels") or {}
+        return labels
+
     # -- generic objects -------------------------------------------------------------------
 
     def create(self, manifest: manifests.Manifest) -> manifests.Manifest | None:

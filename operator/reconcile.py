@@ -33,6 +33,7 @@ from kquant.operator import (
     ledger,
     manifests,
     observed,
+    policy,
     server_manifests,
     serving,
     status,
@@ -75,6 +76,10 @@ class Writer(Protocol):
 
     def config_map_keys(self, namespace: str, name: str) -> list[str] | None:
         """The keys of a user's ConfigMap, None if it does not exist (the one read a pass makes)."""
+        ...
+
+    def secret_labels(self, namespace: str, name: str) -> dict[str, str] | None:
+        """The labels of a Secret (its metadata only, never its data); None if it does not exist."""
         ...
 
 
@@ -273,6 +278,12 @@ def start_next_build(client: Writer, qm: api.QuantizedModel,
                                              why=Reason.CONFIG_NOT_FOUND)
         return result
     others = [s for i, s in enumerate(states) if i != queued]
+    refusals = _build_refusals(client, qm)
+    if refusals:
+        result[queued] = findings.BuildState(build, findings.BuildPhase.BLOCKED,
+                                             reason="refused by the platform policy: " + "; ".join(refusals),
+                                             why=Reason.POLICY_VIOLATION)
+        return result
     if all(s.phase is findings.BuildPhase.SUCCEEDED for s in others):
         build = builds.discarding_intermediates(build, qm)
     # An earlier build of this model sized the builds from the hub's listing: later Jobs get its numbers.
@@ -295,6 +306,18 @@ def start_next_build(client: Writer, qm: api.QuantizedModel,
             client.event(qm, "Warning", Reason.BUILD_UNDERSIZED, f"build {build.name}: {problem}")
     result[queued] = findings.BuildState(build, findings.BuildPhase.RUNNING, progress="starting")
     return result
+
+
+def _build_refusals(client: Writer, qm: api.QuantizedModel) -> list[str]:
+    """The platform's rules, checked again before each build starts: the admission policy only
+    sees objects created or changed after it was installed or narrowed."""
+    rules = client.settings.policy
+    refusals = policy.build_refusals(qm, rules)
+    ref = qm.spec.source.hub.token_secret_ref
+    if ref is not None and rules.hub_token_label:
+        refusal = policy.token_refusal(qm, rules, client.secret_labels(qm.metadata.namespace or "", ref.name))
+        refusals += [refusal] if refusal else []
+    return refusals
 
 
 def serve(client: Writer, qm: api.QuantizedModel, states: list[findings.BuildState],
@@ -354,6 +377,9 @@ def _roll_out(client: Writer, qm: api.QuantizedModel, artifact: artifacts.Artifa
     Deployment and Service; returns the Deployment as stored and where it went."""
     spec = qm.spec.serving
     assert spec is not None
+    refusals = policy.serving_refusals(qm, client.settings.policy)
+    if refusals:  # admitted before the platform narrowed the allowed images
+        return serving.NoFit(Reason.POLICY_VIOLATION, "; ".join(refusals))
     candidate: serving.Candidate | None = None
     found: list[serving.Candidate] = []
     if spec.gpus:

@@ -19,6 +19,9 @@ from kquant.operator.planner import plan
 from kquant.quantizer import units
 
 SERVER_PORT = 8080
+API_KEY_MOUNT = "/run/kquant/api-key"
+"""Folder of the API key file in the server container (``spec.serving.apiKeySecretRef``)."""
+API_KEY_FILE = "keys"
 HASH_ANNOTATION = "kquant.dev/serving-hash"
 """On the server Deployment: ``serving_hash`` of what it was built from; a change means a rollout."""
 
@@ -82,6 +85,9 @@ def server_args(qm: api.QuantizedModel, model_path: str, offload: plan.OffloadPl
                         ("--top-k", sampling.top_k), ("--min-p", sampling.min_p), ("--seed", sampling.seed)):
         if value is not None:
             args += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    if spec.api_key_secret_ref is not None:
+        # A path, never the key: the argument list is readable by anyone who may read the pod.
+        args += ["--api-key-file", f"{API_KEY_MOUNT}/{API_KEY_FILE}"]
     return args + list(spec.extra_args or [])
 
 
@@ -108,24 +114,35 @@ def deployment(qm: api.QuantizedModel, artifact: artifacts.Artifact, candidate: 
     node_selector = dict(spec.node_selector or {})
     if spec.gpus and candidate and candidate.pool.product:
         node_selector.setdefault("nvidia.com/gpu.product", candidate.pool.product)
+    mounts: list[dict[str, Any]] = [{"name": "storage", "mountPath": builds.STORAGE_MOUNT, "readOnly": True}]
     container = {
         "name": "llama-server", "image": spec.image or settings.server_image,
         "args": server_args(qm, artifact.path, candidate.offload if candidate else None),
         "ports": [{"name": "http", "containerPort": SERVER_PORT}],
-        "volumeMounts": [{"name": "storage", "mountPath": builds.STORAGE_MOUNT, "readOnly": True}],
+        "volumeMounts": mounts,
         "resources": _resources(spec, candidate.offload if candidate else None),
         "startupProbe": _probe("/health", 2, 600),  # loading a large GGUF takes minutes
         "readinessProbe": _probe("/health", 5, 3),
         "livenessProbe": _probe("/health", 10, 6),
         "securityContext": manifests.restricted_security(),
     }
+    volumes: list[dict[str, Any]] = [{"name": "storage", "persistentVolumeClaim": {
+        "claimName": manifests.storage_claim_name(qm), "readOnly": True}}]
+    if spec.api_key_secret_ref is not None:
+        ref = spec.api_key_secret_ref
+        # Readable by the pod's group only (fsGroup); the kubelet keeps it in memory (tmpfs).
+        volumes.append({"name": "api-key", "secret": {"secretName": ref.name, "defaultMode": 0o440,
+                                                      "items": [{"key": ref.key, "path": API_KEY_FILE}]}})
+        mounts.append({"name": "api-key", "mountPath": API_KEY_MOUNT, "readOnly": True})
     pod_spec = {
         "containers": [container], "nodeSelector": node_selector,
         "tolerations": manifests.tolerations(spec),
-        "volumes": [{"name": "storage", "persistentVolumeClaim": {
-            "claimName": manifests.storage_claim_name(qm), "readOnly": True}}],
+        "volumes": volumes,
         "securityContext": manifests.pod_security(),
         "enableServiceLinks": False,
+        # llama-server never calls the Kubernetes API: a token in the pod would only serve someone
+        # who broke into it.
+        "automountServiceAccountToken": False,
     }
     strategy = ({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
                 if surge else {"type": "Recreate"})

@@ -945,6 +945,12 @@ class Sampling(_Model):
     )
 
 
+API_KEY_FLAGS = ("--api-key", "--api-key-file")
+"""llama-server's API key flags: a key in extraArgs lands in Git and in the pod's argument list,
+which anyone who may read the Deployment sees; apiKeySecretRef mounts it as a file instead."""
+_API_KEY_IN_ARGS = ("never put an API key into extraArgs (--api-key, --api-key-file): store it in a Secret "
+                    "and set spec.serving.apiKeySecretRef")
+
 DEFAULT_SERVER_IMAGE = "ghcr.io/kquant-dev/llama-server:0.1.0-cuda"
 """llama-server (CUDA) from the llama.cpp that llama-cpp-python 0.3.36 vendors, the build the quantizer
 links and the tests run (images/cuda.Dockerfile). Its tag is the chart's appVersion, as `make images`
@@ -963,6 +969,13 @@ class Serving(PodSettings):
                 + " || !has(self.flashAttention) || self.flashAttention != 'off'",
                 "a quantized V cache needs flash attention: set flashAttention to auto or on",
                 ".cacheTypeV",
+            ),
+            _cel(
+                "!has(self.extraArgs) || !self.extraArgs.exists(a, "
+                + " || ".join(f"a == '{f}' || a.startsWith('{f}=')" for f in API_KEY_FLAGS)
+                + ")",
+                _API_KEY_IN_ARGS,
+                ".extraArgs",
             ),
         )
     )
@@ -1004,6 +1017,14 @@ class Serving(PodSettings):
         "the node's GPU memory and the context; a number forces it. Defaults to auto.",
     )
     sampling: Sampling | None = pydantic.Field(default=None, description="Default sampling parameters.")
+    api_key_secret_ref: SecretKeyRef | None = pydantic.Field(
+        default=None,
+        description="Secret holding the API key(s) that clients must send as `Authorization: Bearer "
+        "<key>` (one per line; lines starting with # are comments). It is mounted read-only as a file "
+        "into the server pod and passed as `--api-key-file`, so the key is in no argument list, "
+        "environment variable or spec. Every path but /health then answers 401 without a key, "
+        "/metrics included. Unset: the server accepts any request that reaches it.",
+    )
     extra_args: list[Annotated[str, pydantic.StringConstraints(min_length=1, max_length=256)]] | None = pydantic.Field(
         default=None,
         max_length=32,
@@ -1043,6 +1064,13 @@ class Serving(PodSettings):
                     "another variant)"
                 )
         return value
+
+    @pydantic.model_validator(mode="after")
+    def _no_api_key_in_args(self) -> Self:
+        for arg in self.extra_args or ():
+            if arg.split("=", 1)[0] in API_KEY_FLAGS:
+                raise SpecRuleError("extraArgs", _API_KEY_IN_ARGS)
+        return self
 
     @pydantic.model_validator(mode="after")
     def _flash_for_quantized_v(self) -> Self:

@@ -7,6 +7,7 @@ with the pod's own ServiceAccount token), so the chart's RBAC is what the operat
 from __future__ import annotations
 
 import functools
+import json
 import os
 import pathlib
 import socket
@@ -77,7 +78,9 @@ def test_lint_is_clean(helm: Helm) -> None:
 def test_template_defaults(helm: Helm) -> None:
     docs = _render(helm)
     assert sorted(d["kind"] for d in docs) == [
-        "ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount"
+        "ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount",
+        "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding", "ValidatingAdmissionPolicyBinding",
     ]  # fmt: skip
     pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -93,7 +96,39 @@ def test_template_defaults(helm: Helm) -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     rules = _rules(_one(docs, "ClusterRole"))
     assert {("kquant.dev", "quantizedmodels/status"), ("", "nodes"), ("batch", "jobs")} <= rules
-    assert ("", "secrets") not in rules
+    # Only the metadata of a named hub-token Secret (policy.hubTokenLabel): get, never list or watch.
+    assert [r["verbs"] for r in _one(docs, "ClusterRole")["rules"] if "secrets" in r["resources"]] == [["get"]]
+    verbs = {v for r in _one(docs, "ClusterRole")["rules"] for v in r["verbs"]}
+    assert not verbs & {"delete", "deletecollection", "update", "escalate", "bind", "*"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert json.loads(env["KQUANT_ALLOWED_ENDPOINTS"]) == ["https://huggingface.co", "https://www.modelscope.cn"]
+    assert json.loads(env["KQUANT_ALLOWED_QUANTIZER_IMAGES"]) == ["ghcr.io/kquant-dev/quantizer:0.1.0"]
+    assert json.loads(env["KQUANT_ALLOWED_SERVER_IMAGES"]) == ["ghcr.io/kquant-dev/llama-server:0.3.36-cuda"]
+    assert env["KQUANT_HUB_TOKEN_LABEL_REQUIRED"] == "true"
+    assert not [d for d in docs if d["kind"] == "NetworkPolicy"]
+
+
+def test_template_policy_and_network_policy(helm: Helm) -> None:
+    docs = _render(helm, "networkPolicy.enabled=true", "watchNamespaces={ml}", "policy.hubTokenLabel=false",
+                   "policy.allowedServerImages={registry.example.com/llama:*}")
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "ValidatingAdmissionPolicy"}
+    models = policies["rel-kquant-models"]["spec"]
+    variables = {v["name"]: v["expression"] for v in models["variables"]}
+    assert json.loads(variables["serverImages"]) == [
+        "ghcr.io/kquant-dev/llama-server:0.3.36-cuda", "registry.example.com/llama:*"]
+    guard = policies["rel-kquant-guard"]["spec"]
+    assert guard["matchConditions"][0]["expression"] == (
+        "request.userInfo.username == 'system:serviceaccount:kq-system:rel-kquant'")
+    assert json.loads({v["name"]: v["expression"] for v in guard["variables"]}["protected"]) == [
+        "kube-system", "kube-public", "kube-node-lease"]
+    [policy] = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    assert policy["metadata"]["namespace"] == "ml"
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"kquant.dev/role": "server"}}
+    assert policy["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"kquant.dev/client": "true"}}}]
+    role = next(d for d in docs if d["kind"] == "Role")
+    assert ("", "secrets") not in _rules(role)
+    off = _render(helm, "policy.admission=false")
+    assert not [d for d in off if d["kind"].startswith("ValidatingAdmissionPolicy")]
 
 
 def test_template_watch_namespaces_uses_roles(helm: Helm) -> None:
@@ -127,6 +162,8 @@ def test_template_names_fit_in_63_characters(helm: Helm) -> None:
         (["logLevel=trace"], "logLevel"),
         (["replicaCount=2", "peering.enabled=false"], "replicaCount > 1 needs peering.enabled"),
         (["metrics.serviceMonitor.enabled=true"], "metrics.serviceMonitor.enabled needs metrics.enabled"),
+        (["networkPolicy.enabled=true"], "networkPolicy.enabled needs networkPolicy.namespaces or watchNamespaces"),
+        (["policy.allowedEndpoints={ftp://hub.example.com}"], "allowedEndpoints"),
     ],
 )
 def test_template_refuses_bad_values(helm: Helm, values: list[str], message: str) -> None:
@@ -218,7 +255,8 @@ def test_install_and_uninstall(cluster: Any, namespace: str, helm: Helm) -> None
     assert not _can(auth, user, "patch", "quantizedmodels", "kquant.dev"), "the spec is the user's"
     assert _can(auth, user, "create", "jobs", "batch")
     assert _can(auth, user, "list", "nodes", namespace="")
-    assert not _can(auth, user, "get", "secrets")
+    assert not _can(auth, user, "list", "secrets") and not _can(auth, user, "watch", "secrets")
+    assert not _can(auth, user, "delete", "jobs", "batch")
     assert not _can(auth, user, "delete", "nodes", namespace="")
     assert not _can(auth, user, "create", "pods", subresource="exec")
 

@@ -15,7 +15,8 @@ import yaml
 
 VALUES = yaml.safe_load(gen_chart_docs.VALUES.read_text(encoding="utf-8"))
 SCHEMA: dict[str, Any] = json.loads(gen_chart_docs.SCHEMA_TARGET.read_text(encoding="utf-8"))
-OPEN_OBJECTS = {"resources", "podSecurityContext", "securityContext", "affinity"}
+OPEN_OBJECTS = {"resources", "podSecurityContext", "securityContext", "affinity",
+                "networkPolicy.metricsScraper.namespaceSelector", "networkPolicy.metricsScraper.podSelector"}
 """Kubernetes objects passed through as is: the API server validates them, the schema does not."""
 
 

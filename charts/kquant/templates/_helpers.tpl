@@ -82,12 +82,20 @@ without --namespace it serves all namespaces.
 {{- if and (gt (int .Values.replicaCount) 1) (not .Values.peering.enabled) }}
 {{- fail "replicaCount > 1 needs peering.enabled: standalone replicas would handle the same QuantizedModels at once" }}
 {{- end }}
+{{- if and .Values.networkPolicy.enabled (not (or .Values.networkPolicy.namespaces .Values.watchNamespaces)) }}
+{{- fail "networkPolicy.enabled needs networkPolicy.namespaces or watchNamespaces: the chart must know where the model servers run" }}
+{{- end }}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.enabled" }}
 {{- end }}
 {{- end }}
 
-{{/* RBAC rules on namespaced resources: in the ClusterRole when watching all namespaces, else in a Role per namespace. The chart README explains each. */}}
+{{/*
+RBAC rules on namespaced resources: in the ClusterRole when watching all namespaces, else in a Role
+per namespace. Only the verbs the operator's code uses (docs/security.md lists each call): it never
+deletes (owner references let the garbage collector do it), and what it only creates it never
+reads back.
+*/}}
 {{- define "kquant.namespacedRules" -}}
 # The API itself: read and watch QuantizedModels. The operator never writes their spec or metadata
 # (no finalizer, no kopf annotations: see docs/architecture.md), only their status.
@@ -97,51 +105,63 @@ without --namespace it serves all namespaces.
 # Write observed state through the status subresource only.
 - apiGroups: [kquant.dev]
   resources: [quantizedmodels/status]
-  verbs: [get, patch, update]
-# Events on QuantizedModels (kopf posts handler results and errors as events).
+  verbs: [get, patch]
+# Events on QuantizedModels (the operator posts its own; kopf's posting is off).
 - apiGroups: [""]
   resources: [events]
-  verbs: [create, patch]
-- apiGroups: [events.k8s.io]
-  resources: [events]
-  verbs: [create, patch]
-# Quantizer Jobs, one per variant build.
+  verbs: [create]
+# Quantizer Jobs, one per variant build (watched for their outcome).
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, patch, delete]
-# The result ConfigMap per build, which the quantizer fills with progress and its report.
+  verbs: [list, watch, create]
+# The result ConfigMap per build, which the quantizer fills with progress and its report. get and
+# patch are not used by the operator itself: it must hold them to grant them to the build's Role
+# (RBAC refuses a Role that grants more than its creator holds, unless the creator may escalate).
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, list, watch, create, patch, delete]
-# llama-server Deployment and Service of the served variant.
+  verbs: [get, list, watch, create, patch]
+# llama-server Deployment and Service of the served variant, created and then patched in place.
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, list, watch, create, patch, update, delete]
+  verbs: [list, watch, create, patch]
 - apiGroups: [""]
   resources: [services]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [create, patch]
 # The model storage claim.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [list, watch, create]
 # Per-build ServiceAccount, Role and RoleBinding: the quantizer may patch only its own result
-# ConfigMap (the Role names it in resourceNames). Creating that Role needs no escalate or bind,
-# as the operator holds the permission it grants.
+# ConfigMap (the Role names it in resourceNames). Create only: never read back, never changed.
 - apiGroups: [""]
   resources: [serviceaccounts]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [create]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [get, list, watch, create, patch, delete]
+  verbs: [create]
 # Quantizer and server pods: read their state, why they wait and exit reasons (no exec, no logs).
-# The operator never reads Secrets: a missing token Secret shows in its build pod's waiting reason.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
+{{- if .Values.policy.hubTokenLabel }}
+# policy.hubTokenLabel: whether the Secret named in tokenSecretRef carries kquant.dev/hub-token.
+# The operator asks for its metadata only (PartialObjectMetadata), never lists or watches Secrets.
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get]
+{{- end }}
 {{- if .Values.peering.enabled }}
 # kopf peering when serving a list of namespaces: one KopfPeering per namespace.
 - apiGroups: [kopf.dev]
   resources: [kopfpeerings]
   verbs: [get, list, watch, patch]
 {{- end }}
+{{- end }}
+
+{{/* Images the operator may run: the chart's own plus the allowed patterns, as a JSON list. */}}
+{{- define "kquant.quantizerImages" -}}
+{{- prepend .Values.policy.allowedQuantizerImages .Values.quantizerImage | uniq | toJson }}
+{{- end }}
+{{- define "kquant.serverImages" -}}
+{{- prepend .Values.policy.allowedServerImages .Values.serverImage | uniq | toJson }}
 {{- end }}
