@@ -99,11 +99,14 @@ def test_template_defaults(helm: Helm) -> None:
     # Only the metadata of a named hub-token Secret (policy.hubTokenLabel): get, never list or watch.
     assert [r["verbs"] for r in _one(docs, "ClusterRole")["rules"] if "secrets" in r["resources"]] == [["get"]]
     verbs = {v for r in _one(docs, "ClusterRole")["rules"] for v in r["verbs"]}
-    assert not verbs & {"delete", "deletecollection", "update", "escalate", "bind", "*"}
+    assert not verbs & {"deletecollection", "update", "escalate", "bind", "*"}
+    # delete only what the operator makes per build or server, never the claim that holds the weights
+    deletable = {res for r in _one(docs, "ClusterRole")["rules"] if "delete" in r["verbs"] for res in r["resources"]}
+    assert deletable == {"jobs", "configmaps", "deployments", "services", "serviceaccounts", "roles", "rolebindings"}
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert json.loads(env["KQUANT_ALLOWED_ENDPOINTS"]) == ["https://huggingface.co", "https://www.modelscope.cn"]
     assert json.loads(env["KQUANT_ALLOWED_QUANTIZER_IMAGES"]) == ["ghcr.io/kquant-dev/quantizer:0.1.0"]
-    assert json.loads(env["KQUANT_ALLOWED_SERVER_IMAGES"]) == ["ghcr.io/kquant-dev/llama-server:0.3.36-cuda"]
+    assert json.loads(env["KQUANT_ALLOWED_SERVER_IMAGES"]) == ["ghcr.io/kquant-dev/llama-server:0.1.0-cuda"]
     assert env["KQUANT_HUB_TOKEN_LABEL_REQUIRED"] == "true"
     assert not [d for d in docs if d["kind"] == "NetworkPolicy"]
 
@@ -115,7 +118,7 @@ def test_template_policy_and_network_policy(helm: Helm) -> None:
     models = policies["rel-kquant-models"]["spec"]
     variables = {v["name"]: v["expression"] for v in models["variables"]}
     assert json.loads(variables["serverImages"]) == [
-        "ghcr.io/kquant-dev/llama-server:0.3.36-cuda", "registry.example.com/llama:*"]
+        "ghcr.io/kquant-dev/llama-server:0.1.0-cuda", "registry.example.com/llama:*"]
     guard = policies["rel-kquant-guard"]["spec"]
     assert guard["matchConditions"][0]["expression"] == (
         "request.userInfo.username == 'system:serviceaccount:kq-system:rel-kquant'")
@@ -256,7 +259,8 @@ def test_install_and_uninstall(cluster: Any, namespace: str, helm: Helm) -> None
     assert _can(auth, user, "create", "jobs", "batch")
     assert _can(auth, user, "list", "nodes", namespace="")
     assert not _can(auth, user, "list", "secrets") and not _can(auth, user, "watch", "secrets")
-    assert not _can(auth, user, "delete", "jobs", "batch")
+    assert _can(auth, user, "delete", "jobs", "batch"), "a superseded build is cancelled"
+    assert not _can(auth, user, "delete", "persistentvolumeclaims"), "the weights outlive a spec edit"
     assert not _can(auth, user, "delete", "nodes", namespace="")
     assert not _can(auth, user, "create", "pods", subresource="exec")
 

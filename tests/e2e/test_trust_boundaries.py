@@ -245,12 +245,14 @@ def test_the_operator_account_reaches_only_what_the_design_needs(platform: Platf
     rules = {(group, resource): set(rule.verbs) for rule in review.status.resource_rules
              for group in rule.api_groups or [""] for resource in rule.resources or []}
     print("\n".join(f"{g or 'core'}/{r}: {sorted(v)}" for (g, r), v in sorted(rules.items())))
-    assert rules[("batch", "jobs")] == {"list", "watch", "create"}
-    assert rules[("rbac.authorization.k8s.io", "roles")] == {"create"}
+    # delete: superseded builds and a removed server; get: the ownership check before any write
+    assert rules[("batch", "jobs")] == {"get", "list", "watch", "create", "delete"}
+    assert rules[("rbac.authorization.k8s.io", "roles")] == {"get", "create", "delete"}
     assert rules[("", "secrets")] == {"get"}  # metadata of a named hub token; never list or watch
     assert rules[("", "pods")] == {"list", "watch"}
+    assert "delete" not in rules[("", "persistentvolumeclaims")]  # the models' weights outlive a spec edit
     granted = {verb for verbs in rules.values() for verb in verbs}
-    assert not granted & {"delete", "deletecollection", "update", "escalate", "bind", "impersonate", "*"}
+    assert not granted & {"deletecollection", "update", "escalate", "bind", "impersonate", "*"}
 
     # RBAC adds rights and cannot subtract kube-system from a ClusterRole; the chart's guard
     # policy does, and it bounds what the operator's token creates anywhere.

@@ -15,7 +15,7 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 CHART_LIKE = config.Policy.from_environment({
     "KQUANT_ALLOWED_ENDPOINTS": '["https://huggingface.co", "https://www.modelscope.cn", "http://10.0.0.5:8000"]',
     "KQUANT_ALLOWED_QUANTIZER_IMAGES": '["ghcr.io/kquant-dev/quantizer:0.1.0"]',
-    "KQUANT_ALLOWED_SERVER_IMAGES": '["ghcr.io/kquant-dev/llama-server:0.3.36-cuda", "registry.example.com/llama:*"]',
+    "KQUANT_ALLOWED_SERVER_IMAGES": '["ghcr.io/kquant-dev/llama-server:0.1.0-cuda", "registry.example.com/llama:*"]',
     "KQUANT_HUB_TOKEN_LABEL_REQUIRED": "true",
 })
 

@@ -92,9 +92,11 @@ without --namespace it serves all namespaces.
 
 {{/*
 RBAC rules on namespaced resources: in the ClusterRole when watching all namespaces, else in a Role
-per namespace. Only the verbs the operator's code uses (docs/security.md lists each call): it never
-deletes (owner references let the garbage collector do it), and what it only creates it never
-reads back.
+per namespace. Only the verbs the operator's code uses (docs/security.md lists each call). get:
+on a name clash (409) and before an apply or a delete, the operator reads the object to check that
+the model owns it (ownerReference uid); it never uses or changes one it does not own. delete: the
+objects of a build whose digest left the spec, superseded builds, and the server once spec.serving
+is removed (their pods go by garbage collection).
 */}}
 {{- define "kquant.namespacedRules" -}}
 # The API itself: read and watch QuantizedModels. The operator never writes their spec or metadata
@@ -110,35 +112,36 @@ reads back.
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-# Quantizer Jobs, one per variant build (watched for their outcome).
+# Quantizer Jobs, one per variant build (watched for their outcome; cancelled when superseded).
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [list, watch, create]
+  verbs: [get, list, watch, create, delete]
 # The result ConfigMap per build, which the quantizer fills with progress and its report. get and
 # patch are not used by the operator itself: it must hold them to grant them to the build's Role
 # (RBAC refuses a Role that grants more than its creator holds, unless the creator may escalate).
 - apiGroups: [""]
   resources: [configmaps]
-  verbs: [get, list, watch, create, patch]
-# llama-server Deployment and Service of the served variant, created and then patched in place.
+  verbs: [get, list, watch, create, patch, delete]
+# llama-server Deployment and Service of the served variant, created, then server-side applied
+# (patch), removed with spec.serving.
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [services]
-  verbs: [create, patch]
+  verbs: [get, create, patch, delete]
 # The model storage claim.
 - apiGroups: [""]
   resources: [persistentvolumeclaims]
-  verbs: [list, watch, create]
+  verbs: [get, list, watch, create]
 # Per-build ServiceAccount, Role and RoleBinding: the quantizer may patch only its own result
-# ConfigMap (the Role names it in resourceNames). Create only: never read back, never changed.
+# ConfigMap (the Role names it in resourceNames). Never changed; deleted with a superseded build.
 - apiGroups: [""]
   resources: [serviceaccounts]
-  verbs: [create]
+  verbs: [get, create, delete]
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [create]
+  verbs: [get, create, delete]
 # Quantizer and server pods: read their state, why they wait and exit reasons (no exec, no logs).
 - apiGroups: [""]
   resources: [pods]
