@@ -102,6 +102,9 @@ class Calibration(_Model):
     chunks: Annotated[int, pydantic.Field(ge=0, le=100_000)] = 128
     """Chunks of ``contextSize`` tokens; 0 computes no importance matrix."""
     context_size: Annotated[int, pydantic.Field(ge=16, le=131_072)] = 512
+    gpu_layers: Annotated[int | None, pydantic.Field(ge=0)] = None
+    """``llama-imatrix -ngl`` (the operator's plan for the build pod's GPUs); unset lets llama.cpp
+    fit the free device memory, which is nothing on a host without GPUs."""
 
     @pydantic.model_validator(mode="after")
     def _path_for_file(self) -> Self:
@@ -186,6 +189,15 @@ class VariantSpec(_Model):
         return None if self.target_size_gi_b is None else int(self.target_size_gi_b * 2**30)
 
 
+class ReferenceType(enum.StrEnum):
+    """What the variants are measured against (``spec.evaluation.reference``)."""
+
+    F16 = "F16"
+    """The 16-bit GGUF the pipeline converted (or the 16-bit GGUF source)."""
+    Q8_0 = "Q8_0"
+    """A Q8_0 quantization of it, made once per build."""
+
+
 def _parse_fraction(value: Any) -> Any:
     """``"5%"`` -> 0.05; numbers are already fractions."""
     if isinstance(value, str) and value.strip().endswith("%"):
@@ -213,8 +225,14 @@ class Evaluation(_Model):
     min_top1_agreement: Annotated[float | None, pydantic.Field(ge=0, le=1)] = None
     smoke_prompt: str = "Name three colours of the rainbow."
     smoke_tokens: Annotated[int, pydantic.Field(ge=1, le=512)] = 24
-    gpu_layers: int = -1
-    """``n_gpu_layers`` for evaluation: -1 puts everything on the GPU when there is one."""
+    gpu_layers: Annotated[int | None, pydantic.Field(ge=-1)] = None
+    """``n_gpu_layers`` for the reference and every variant: the operator's plan for the build
+    pod's GPUs; -1 puts everything on the GPUs; unset fits what the free GPU memory holds (0
+    layers on a host without GPUs). The weights are memory-mapped either way."""
+    reference: ReferenceType = ReferenceType.F16
+    """The model the variants are compared with: the converted 16-bit GGUF, or a Q8_0 copy of it
+    (half the memory and time, for models whose 16-bit weights do not fit the build node; its KL
+    to the 16-bit model is about 1e-4 nats, so it shifts the variants' KL by that much)."""
 
     @pydantic.model_validator(mode="after")
     def _path_for_file(self) -> Self:
@@ -319,7 +337,8 @@ def variant_digest(spec: BuildSpec, variant: VariantSpec) -> str:
     payload = {
         "source": spec.source.model_dump(mode="json", by_alias=True, exclude={"huggingface": {"endpoint"}}),
         "convertType": spec.convert_type.value,
-        "calibration": spec.calibration.model_dump(mode="json", by_alias=True),
+        # where the imatrix runs (GPU layers) does not change what it is
+        "calibration": spec.calibration.model_dump(mode="json", by_alias=True, exclude={"gpu_layers"}),
         "recipe": recipe,
         "quantizer": QUANTIZER_VERSION,
     }
