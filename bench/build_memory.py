@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from fixtures import deepseek_v3, memory_limit, smollm2
+from fixtures import deepseek_v3, memory_limit
 from hub_server import FakeHub
 
 GiB = 2**30
@@ -111,12 +111,11 @@ def print_table(sizes: list[int], peaks: dict[str, list[tuple[int, int]]], total
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", default="5,10,25", help="num_hidden_layers of the three models")
+    parser.add_argument("--layers", default="4,8,18", help="num_hidden_layers of the three models")
     parser.add_argument("--skip-limit", action="store_true", help="skip the build under a memory limit")
     parser.add_argument("--keep", type=Path, help="build here and keep the files (default: a temporary folder)")
     args = parser.parse_args()
     layers = [int(n) for n in args.layers.split(",")]
-    tokenizer = smollm2.hf_dir()
     with tempfile.TemporaryDirectory(dir=args.keep) as tmp, FakeHub() as hub:
         root = Path(tmp)
         sizes: list[int] = []
@@ -124,7 +123,7 @@ def main() -> None:
         totals: list[memory_limit.Usage] = []
         for n in layers:
             shape = dataclasses.replace(BASE, num_hidden_layers=n)
-            hf = deepseek_v3.write(root / f"hf-{n}", tokenizer, shape)
+            hf = deepseek_v3.cached(shape)
             vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
             sixteen = shape.params_16bit_bytes(vocab)
             repo = f"synthetic/deepseek-v3-{n}l"

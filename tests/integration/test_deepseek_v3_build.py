@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 import pytest
 import yaml
-from fixtures import deepseek_v3, memory_limit, smollm2
+from fixtures import deepseek_v3, memory_limit
 from kquant.quantizer import convert, imatrix, llama_tools, settings
 
 GiB = 2**30
@@ -48,8 +48,8 @@ def _tools() -> None:
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return deepseek_v3.write(tmp_path_factory.mktemp("dsv3") / "small", smollm2.hf_dir())
+def small() -> Path:
+    return deepseek_v3.cached()
 
 
 def test_converter_dequantizes_fp8_block_scales(small: Path, tmp_path: Path) -> None:
@@ -93,7 +93,7 @@ def test_build_completes_under_a_memory_limit_below_the_16_bit_size(
 ) -> None:
     _tools()
     root = tmp_path_factory.mktemp("dsv3-build")
-    hf = deepseek_v3.write(root / "hf", smollm2.hf_dir(), LARGE)
+    hf = deepseek_v3.cached(LARGE)
     vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
     sixteen = LARGE.params_16bit_bytes(vocab)
     limit = int(0.3 * sixteen) + GiB
