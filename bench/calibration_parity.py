@@ -79,14 +79,13 @@ def main() -> None:
                                            context_size={args.context}, device="cpu")
             imatrix.write_gguf(data, Path({str(old_path)!r}))
         """)
-        new = child(
-            f"""
+        new = child(f"""
+            import os
             from pathlib import Path
             from kquant.quantizer import imatrix
             imatrix.run_llama_imatrix(Path({str(f16)!r}), Path({str(text_file)!r}), Path({str(new_path)!r}),
                                       chunks={args.chunks}, context_size={args.context}, threads=os.cpu_count() or 1)
-        """.replace("from pathlib", "import os\nfrom pathlib", 1)
-        )
+        """)
         a, b = imatrix.read_gguf(old_path), imatrix.read_gguf(new_path)
         common = sorted(set(a) & set(b))
         dist = {name: rel_l2(a[name], b[name]) for name in common}

@@ -263,7 +263,7 @@ def run_llama_imatrix(
         on_line = _ChunkProgress(chunks, progress)
         cmd: list[str | Path] = [
             tool, "-m", model, "-f", text_file, "-o", partial,
-            "-c", str(ctx), "--chunks", str(chunks), "--no-warmup",
+            "-c", str(ctx), "--chunks", str(chunks),
             *llama_tools.thread_args(threads), *llama_tools.gpu_args(gpu_layers),
         ]  # fmt: skip
         try:
