@@ -88,6 +88,7 @@ def test_converter_dequantizes_fp8_block_scales(small: Path, tmp_path: Path) -> 
 
 
 @pytest.mark.skipif(memory_limit.available() is not None, reason=str(memory_limit.available()))
+@pytest.mark.timeout(2400)  # a 1.6 GiB model built on two shared cores: about 15 minutes when loaded
 def test_build_completes_under_a_memory_limit_below_the_16_bit_size(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
