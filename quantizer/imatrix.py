@@ -264,6 +264,9 @@ def run_llama_imatrix(
         cmd: list[str | Path] = [
             tool, "-m", model, "-f", text_file, "-o", partial,
             "-c", str(ctx), "--chunks", str(chunks),
+            # one window per batch: llama-imatrix keeps logits for every token of a batch
+            # (batch x vocabulary x 4 bytes; 2048 x 129,280 x 4 = 1 GiB for DeepSeek at the default)
+            "-b", str(ctx), "-ub", str(ctx),
             *llama_tools.thread_args(threads), *llama_tools.gpu_args(gpu_layers),
         ]  # fmt: skip
         try:
