@@ -78,6 +78,7 @@ def _evaluation(spec: api.QuantizedModelSpec) -> settings.Evaluation:
         max_kl_divergence=evaluation.max_kl_divergence,
         max_perplexity_increase=None if increase is None else increase / 100,
         min_top1_agreement=evaluation.min_top1_agreement,
+        reference=evaluation.reference,
         **extra,
     )
 

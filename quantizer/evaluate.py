@@ -29,6 +29,7 @@ import itertools
 import json
 import logging
 import math
+import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ import jinja2.sandbox
 import llama_cpp
 import numpy as np
 import numpy.typing as npt
-from kquant.quantizer import report, settings
+from kquant.quantizer import gguf_facts, report, settings
 
 log = logging.getLogger(__name__)
 
@@ -162,11 +163,62 @@ class LlamaEvalSettings:
     context_size: int
     chunks: int
     threads: int = 0
-    gpu_layers: int = -1
+    gpu_layers: int | None = None
+    """``n_gpu_layers``: the operator's plan for the build pod's GPUs; None fits the free GPU
+    memory (:func:`fitted_gpu_layers`), which is 0 on a host without GPUs."""
 
     @classmethod
     def from_spec(cls, ev: settings.Evaluation, threads: int) -> LlamaEvalSettings:
         return cls(ev.context_size, ev.chunks, threads, ev.gpu_layers)
+
+
+def layers_that_fit(block_bytes: Sequence[int], output_bytes: int, free_bytes: int, reserve_bytes: int) -> int:
+    """How many layers llama.cpp's ``n_gpu_layers`` may put on GPUs with ``free_bytes`` free.
+
+    llama.cpp offloads the output layer first (``n_gpu_layers = n_block + 1`` means everything),
+    then blocks from the last one down; ``reserve_bytes`` is kept for the KV cache and compute
+    buffers. Pure, so the rule is tested without a GPU. The operator's planner, which models
+    llama.cpp's memory in detail, overrides this through ``spec.evaluation.gpuLayers``.
+    """
+    budget = free_bytes - reserve_bytes - output_bytes
+    if budget < 0:
+        return 0
+    layers = 1
+    for size in reversed(block_bytes):
+        if size > budget:
+            break
+        budget -= size
+        layers += 1
+    return layers
+
+
+def _free_gpu_bytes() -> int:
+    """Free memory over every GPU this process sees; 0 when llama.cpp has no GPU backend."""
+    if not llama_cpp.llama_supports_gpu_offload():
+        return 0
+    try:
+        import torch  # the quantizer image has it; only a GPU host gets here
+
+        if not torch.cuda.is_available():
+            return 0
+        return sum(int(torch.cuda.mem_get_info(i)[0]) for i in range(torch.cuda.device_count()))
+    except ImportError:
+        return 0
+
+
+def fitted_gpu_layers(model: Path, scoring: LlamaEvalSettings) -> int:
+    """``scoring.gpu_layers`` when set, else the layers of ``model`` that fit the free GPU memory."""
+    if scoring.gpu_layers is not None:
+        return scoring.gpu_layers
+    free = _free_gpu_bytes()
+    if free == 0:
+        return 0
+    facts = gguf_facts.read_facts(model)
+    # KV cache in f16 for one context (an upper bound: full-width K and V per block), the logits
+    # of one context twice (llama.cpp's and the copy this module reads) and a compute margin.
+    kv = 2 * 2 * scoring.context_size * facts.embedding_length * facts.block_count
+    reserve = kv + 2 * 4 * scoring.context_size * facts.vocab_size + 512 * 2**20
+    return layers_that_fit(facts.layer_bytes, facts.output_device_bytes, free, reserve)
 
 
 @contextlib.contextmanager
@@ -179,7 +231,9 @@ def load(model: Path, scoring: LlamaEvalSettings, *, logits_all: bool = True) ->
             n_batch=scoring.context_size,
             n_ubatch=scoring.context_size,
             logits_all=logits_all,
-            n_gpu_layers=scoring.gpu_layers,
+            # memory-mapped weights: on the host they are page cache, not this process's memory
+            use_mmap=True,
+            n_gpu_layers=fitted_gpu_layers(model, scoring),
             n_threads=scoring.threads or None,
             verbose=False,
         )
@@ -202,10 +256,41 @@ def _chunk_logprobs(llm: Any, chunk: Sequence[int]) -> FloatArray:
     return log_softmax(np.asarray(llm.scores[: len(chunk) - 1], dtype=np.float32))
 
 
+REFERENCE_HEADER_BYTES = 4096
+"""Room for the ``.npy`` header, ``tokens.npy`` beyond its tokens, and ``reference.json``."""
+
+
+def reference_bytes(positions: int, vocab: int) -> int:
+    """On-disk size of the reference log-probabilities: float16, one row per scored position
+    (``logprobs.npy``), plus the tokens (int32) and the small files."""
+    return positions * vocab * 2 + (positions + 1) * 4 + REFERENCE_HEADER_BYTES
+
+
+def reference_bytes_at_most(chunks: int, context_size: int, vocab: int) -> int:
+    """The most :func:`reference_bytes` can be for ``chunks`` chunks of ``context_size`` tokens
+    (a shorter text scores fewer positions): what sizing reserves before anything is written."""
+    return reference_bytes(chunks * (context_size - 1), vocab)
+
+
+def check_reference_space(folder: Path, needed: int, positions: int, vocab: int) -> None:
+    """Refuse to write reference log-probabilities that cannot fit, naming the spec fields."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise EvaluateError(
+            f"the reference log-probabilities need {needed / 2**30:.2f} GiB ({positions} positions x "
+            f"{vocab} tokens x 2 bytes) in {folder}, but it has {free / 2**30:.2f} GiB free; lower "
+            "spec.evaluation.chunks or spec.evaluation.contextSize, or grow spec.storage.pvc.size"
+        )
+
+
 def build_reference(
     model: Path, text: str, out_dir: Path, scoring: LlamaEvalSettings, progress: Callable[[float], None] | None = None
 ) -> None:
-    """Tokenise ``text`` with the reference model, score it, keep tokens and log-probs on disk."""
+    """Tokenise ``text`` with the reference model, score it, keep tokens and log-probs on disk.
+
+    The size of the log-probabilities is known once the text is tokenised and is checked against
+    the free space before a byte of it is written.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     with load(model, scoring) as llm:
         tokens = llm.tokenize(text.encode(), add_bos=False, special=False)
@@ -214,6 +299,9 @@ def build_reference(
             raise EvaluateError(f"the held-out text has {len(tokens)} tokens; at least 2 are needed")
         positions = sum(len(c) - 1 for c in chunks)
         vocab = int(llm.n_vocab())
+        stale = out_dir / _REF_LOGPROBS
+        stale.unlink(missing_ok=True)  # a partial file of an earlier attempt is not free space
+        check_reference_space(out_dir, reference_bytes(positions, vocab), positions, vocab)
         logprobs = np.lib.format.open_memmap(
             out_dir / _REF_LOGPROBS, mode="w+", dtype=np.float16, shape=(positions, vocab)
         )

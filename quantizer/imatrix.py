@@ -2,9 +2,14 @@
 
 llama.cpp's quantizers minimise a weighted error, ``sum_j w_j * (W_ij - Q(W)_ij)^2``, and the
 importance matrix supplies the weights ``w_j``: the mean of ``x_j^2`` over every row ``x`` that
-reached the matrix on calibration text. llama.cpp computes it with its own evaluator
-(``tools/imatrix``); here it is computed with torch from the Hugging Face weights, which runs on
-the Job's GPU without a second llama.cpp build and sees the 16-bit model, not a quantized one.
+reached the matrix on calibration text.
+
+The pipeline computes it with llama.cpp's own evaluator, ``llama-imatrix``, on the converted GGUF
+(:func:`run_llama_imatrix`): the file is memory-mapped, so the host holds the weights as page
+cache, not as the process's memory, whatever the model's size, and GPUs get the layers that fit.
+The former torch path (:func:`compute_imatrix`: the whole Hugging Face model loaded, float32 on a
+CPU) stays for the parity bench (bench/calibration_parity.py) and its tests; docs/quantizer.md
+gives the measurements behind the choice.
 
 Layout, as in llama.cpp: for a dense matrix the vector has one value per input column. For a
 merged expert tensor (``blk.N.ffn_*_exps.weight``, shape ``[n_expert, rows, cols]``) the
@@ -12,12 +17,10 @@ per-expert vectors are concatenated, expert 0 first, and ``counts`` has one row 
 an expert no calibration token was routed to gets all ones (what llama-quantize uses).
 
 **A GGUF-only source** (an already quantized GGUF such as ``unsloth/DeepSeek-R1-GGUF``) has no
-16-bit weights, so :func:`compute_imatrix` refuses it with :class:`ImatrixUnavailableError`, whose
-message (:data:`GGUF_ONLY_NOTE`) the pipeline records before skipping the step. Computing one from
-the dequantized model was considered and rejected: the statistics would describe the quantized
-model's activations, the only thing it would feed is a requantization (which compounds errors),
-and dequantizing a DeepSeek-R1-sized GGUF to 16 bits needs over a terabyte of memory. llama.cpp's
-own evaluator could do it, but it is a separate binary, not reachable in-process.
+16-bit weights: the pipeline does not calibrate it (:data:`GGUF_ONLY_NOTE`, recorded in the log),
+and :func:`compute_imatrix` refuses such a folder with :class:`ImatrixUnavailableError`. Statistics
+from a dequantized model would describe its quantization error and would only feed a
+requantization, which compounds errors.
 
 The file format (``write_gguf``/``read_gguf``) is llama.cpp's: for each tensor ``<name>.in_sum2``
 (F32, ``[cols, n_matrices]``, raw sums of squares) and ``<name>.counts`` (F32, ``[1, n_matrices]``)
@@ -28,6 +31,7 @@ plus ``general.type = imatrix``, ``imatrix.datasets``, ``imatrix.chunk_count`` a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -36,7 +40,9 @@ from typing import Any
 import gguf
 import numpy as np
 import numpy.typing as npt
-from kquant.quantizer import untrusted
+from kquant.quantizer import llama_tools, untrusted
+
+log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
 CountArray = npt.NDArray[np.int64]
@@ -211,7 +217,95 @@ def read_gguf(path: Path) -> ImatrixData:
 
 
 # ---------------------------------------------------------------------------------------------
-# computing it with torch
+# computing it with llama.cpp's llama-imatrix (what the pipeline runs)
+# ---------------------------------------------------------------------------------------------
+
+_SHORT_TEXT = re.compile(r"tokenizes to only (\d+) tokens")
+_CHUNKS = re.compile(r"computing over (\d+) chunks")
+_CHUNK_DONE = re.compile(r"\[(\d+)\]-?[\d.]+(?:e[+-]?\d+)?,")
+MIN_CONTEXT = 16
+
+
+def run_llama_imatrix(
+    model: Path,
+    text_file: Path,
+    out: Path,
+    *,
+    chunks: int,
+    context_size: int,
+    threads: int = 0,
+    gpu_layers: int | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> ImatrixData:
+    """``llama-imatrix`` on the converted GGUF ``model``: up to ``chunks`` windows of
+    ``context_size`` tokens of ``text_file``, written to ``out`` and read back.
+
+    Why this and not torch: the GGUF is memory-mapped, so host memory holds one model's weights
+    as page cache (reclaimable) plus one context's activations, whatever the model's size, and
+    GPUs get what llama.cpp fits (or ``gpu_layers`` from the operator's plan). Every architecture
+    llama.cpp runs is covered with its own graph (DeepSeek's MLA and routed experts included), and
+    ``*_exps`` tensors get one count per expert from the routing ids. See docs/quantizer.md.
+
+    llama-imatrix needs at least two windows of text; a shorter text is scored in two windows of
+    half its length (logged) rather than refused, as the torch path scored one short window.
+    """
+    if chunks < 1 or context_size < 2:
+        raise ImatrixError(f"chunks is {chunks} and contextSize is {context_size}; need >= 1 and >= 2")
+    try:
+        tool = llama_tools.find("llama-imatrix")
+    except llama_tools.ToolError as exc:
+        raise ImatrixError(str(exc)) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.partial")
+    ctx = context_size
+    for _ in range(2):
+        partial.unlink(missing_ok=True)
+        on_line = _ChunkProgress(chunks, progress)
+        cmd: list[str | Path] = [
+            tool, "-m", model, "-f", text_file, "-o", partial,
+            "-c", str(ctx), "--chunks", str(chunks),
+            # one window per batch: llama-imatrix keeps logits for every token of a batch
+            # (batch x vocabulary x 4 bytes; 2048 x 129,280 x 4 = 1 GiB for DeepSeek at the default)
+            "-b", str(ctx), "-ub", str(ctx),
+            *llama_tools.thread_args(threads), *llama_tools.gpu_args(gpu_layers),
+        ]  # fmt: skip
+        try:
+            llama_tools.run(cmd, on_line=on_line, what=f"llama-imatrix on {model.name}")
+            break
+        except llama_tools.ToolError as exc:
+            short = _SHORT_TEXT.search(str(exc))
+            if short is None or ctx <= MIN_CONTEXT:
+                partial.unlink(missing_ok=True)
+                raise ImatrixError(str(exc)) from None
+            ctx = max(MIN_CONTEXT, int(short[1]) // 2)
+            log.info("the calibration text has %s tokens, under two windows: windows of %d tokens", short[1], ctx)
+    if not partial.is_file():
+        raise ImatrixError(f"llama-imatrix on {model.name} wrote no {partial.name}")
+    data = read_gguf(partial)
+    partial.replace(out)
+    if progress is not None:
+        progress(1.0)
+    return data
+
+
+class _ChunkProgress:
+    """Turns llama-imatrix's ``computing over N chunks`` and ``[k]ppl,`` output into fractions."""
+
+    def __init__(self, chunks: int, progress: Callable[[float], None] | None) -> None:
+        self.total = chunks
+        self.progress = progress
+
+    def __call__(self, line: str) -> None:
+        if (m := _CHUNKS.search(line)) is not None:
+            self.total = max(1, int(m[1]))
+        done = [int(d) for d in _CHUNK_DONE.findall(line)]
+        if done and self.progress is not None:
+            self.progress(min(1.0, max(done) / self.total))
+
+
+# ---------------------------------------------------------------------------------------------
+# computing it with torch (the former path: kept for the parity bench and tests, see
+# bench/calibration_parity.py; it loads the whole model, so the pipeline no longer runs it)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -269,21 +363,22 @@ def compute_imatrix(
 
 
 def _windows(tokenizer: Any, texts: Sequence[str], chunks: int, context_size: int) -> list[list[int]]:
-    """Cut the joined texts into up to ``chunks`` windows, each starting with BOS when the model uses one.
-
-    llama.cpp's imatrix does the same: tokenise everything once, slice fixed windows, and put BOS
-    first in each when the vocabulary adds one. Text too short for one full window gives one short
-    window rather than nothing.
+    """Cut the joined texts into up to ``chunks`` windows exactly as ``llama-imatrix`` does, so
+    the two paths see the same tokens: tokenise everything once (with BOS first when the
+    vocabulary adds one), slice windows of ``context_size`` tokens, and overwrite the first token
+    of each window with BOS. Text too short for one full window gives one short window.
     """
     ids: list[int] = tokenizer("\n\n".join(texts), add_special_tokens=False)["input_ids"]
     if not ids:
         raise ImatrixError("the calibration text is empty")
     with_special: list[int] = tokenizer("a", add_special_tokens=True)["input_ids"]
     bos = tokenizer.bos_token_id
-    prefix = [bos] if bos is not None and with_special and with_special[0] == bos else []
-    body = context_size - len(prefix)
-    n_windows = max(1, min(chunks, len(ids) // body))
-    return [prefix + ids[i * body : (i + 1) * body] for i in range(n_windows)]
+    add_bos = bos is not None and bool(with_special) and with_special[0] == bos
+    if add_bos:
+        ids = [bos, *ids]
+    n_windows = max(1, min(chunks, len(ids) // context_size))
+    windows = [ids[i * context_size : (i + 1) * context_size] for i in range(n_windows)]
+    return [[bos, *w[1:]] if add_bos else w for w in windows]
 
 
 class _GgufNamer:

@@ -37,6 +37,7 @@ from kquant.quantizer import (
     progress,
     publish,
     quantize,
+    quantize_job,
     recipes,
     report,
     settings,
@@ -282,7 +283,8 @@ class BuildRunner:
         self.report.source_format = fmt.value
         if fmt is fetch.SourceFormat.SAFETENSORS:
             base_files, base_digest = self._convert(source_dir, fetch_digest)
-            imatrix_path = self._calibrate(source_dir, fetch_digest)
+            # llama-imatrix opens a split GGUF by its first shard, as llama-server does
+            imatrix_path = self._calibrate(base_files[0], base_digest)
             return Prepared(base_files[0], base_files, base_digest, imatrix_path, True, converted=True)
         model = self._check_gguf(fetch.single_gguf_model(source_dir))
         base_digest = steps.inputs_digest(
@@ -384,7 +386,9 @@ class BuildRunner:
         first = shards.first(written)
         return (first, *(f for f in written if f != first)), step.digest
 
-    def _calibrate(self, source_dir: Path, fetch_digest: str) -> Path | None:
+    def _calibrate(self, base: Path, base_digest: str) -> Path | None:
+        """llama-imatrix on the converted GGUF (memory-mapped: host memory does not grow with the
+        model; see imatrix.run_llama_imatrix and docs/quantizer.md for why not torch)."""
         cal = self.spec.calibration
         if cal.chunks == 0:
             log.info("calibration.chunks is 0: no importance matrix")
@@ -392,27 +396,29 @@ class BuildRunner:
         text = evaluate.dataset_text(cal.dataset, cal.path, "calibration.txt")
         out = self.layout.imatrix
         inputs = {
-            "source": fetch_digest,
+            "base": base_digest,
             "chunks": cal.chunks,
             "contextSize": cal.context_size,
             "text": text_sha(text),
+            "tool": f"llama-imatrix {convert.LLAMA_CPP_PYTHON_VERSION}",
         }
 
         def run(p: steps.Progress) -> None:
-            if self.spec.threads:
-                # torch otherwise starts one thread per core of the node, whatever the pod was given
-                import torch  # calibration is the one step that runs torch in-process
-
-                torch.set_num_threads(self.spec.threads)
+            text_file = self.layout.work / "calibration.txt"
+            text_file.write_text(text, encoding="utf-8")
             try:
-                data = imatrix.compute_imatrix(
-                    source_dir, [text], chunks=cal.chunks, context_size=cal.context_size, progress=p
+                imatrix.run_llama_imatrix(
+                    base,
+                    text_file,
+                    out,
+                    chunks=cal.chunks,
+                    context_size=cal.context_size,
+                    threads=self.spec.threads,
+                    gpu_layers=cal.gpu_layers,
+                    progress=p,
                 )
             except imatrix.ImatrixError as exc:
                 raise BuildError(f"calibration failed: {exc}") from None
-            tmp = out.with_name(f".{out.name}.partial")
-            imatrix.write_gguf(data, tmp)
-            tmp.replace(out)
 
         self._step("calibrate", steps.StepKind.CALIBRATE, inputs, (out,), run)
         return out
@@ -436,8 +442,13 @@ class BuildRunner:
         text = evaluate.dataset_text(ev.dataset, ev.path, "heldout.txt")
         scoring = evaluate.LlamaEvalSettings.from_spec(ev, self.spec.threads)
         out = self.layout.reference
+        model, model_digest = base, base_digest
+        if ev.reference is settings.ReferenceType.Q8_0 and _file_type_code(base) != constants.FILE_TYPES[
+            constants.FileType.Q8_0
+        ].code:
+            model, model_digest = self._q8_reference(base, base_digest)
         inputs = {
-            "base": base_digest,
+            "base": model_digest,
             "text": text_sha(text),
             "contextSize": ev.context_size,
             "chunks": ev.chunks,
@@ -447,9 +458,24 @@ class BuildRunner:
             steps.StepKind.REFERENCE,
             inputs,
             evaluate.reference_outputs(out),
-            lambda p: evaluate.build_reference(base, text, out, scoring, p),
+            lambda p: evaluate.build_reference(model, text, out, scoring, p),
         )
         return out
+
+    def _q8_reference(self, base: Path, base_digest: str) -> tuple[Path, str]:
+        """``evaluation.reference: Q8_0``: the 16-bit GGUF quantized to Q8_0 once (no imatrix: Q8_0
+        does not use one), the reference the variants are scored against."""
+        out = self.layout.work / "reference-q8_0.gguf"
+        job = quantize_job.QuantizeJob(file_type=constants.FileType.Q8_0, nthread=self.spec.threads)
+        check_space(out.parent, gguf_facts.read_facts(base).total_bytes * 17 // 32, "the Q8_0 reference")
+        step = self._step(
+            "reference-model",
+            steps.StepKind.REFERENCE,
+            {"base": base_digest, "type": "Q8_0"},
+            (out,),
+            lambda p: quantize.quantize(base, out, job, None, progress=p),
+        )
+        return out, step.digest
 
     def _quantized_variant(
         self, variant: settings.VariantSpec, src: Prepared, ref_dir: Path | None

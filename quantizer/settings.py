@@ -115,6 +115,9 @@ class Calibration(_Model):
     chunks: Annotated[int, pydantic.Field(ge=0, le=100_000)] = 128
     """Chunks of ``contextSize`` tokens; 0 computes no importance matrix."""
     context_size: Annotated[int, pydantic.Field(ge=16, le=131_072)] = 512
+    gpu_layers: Annotated[int | None, pydantic.Field(ge=0)] = None
+    """``llama-imatrix -ngl`` (the operator's plan for the build pod's GPUs); unset lets llama.cpp
+    fit the free device memory, which is nothing on a host without GPUs."""
 
     @pydantic.model_validator(mode="after")
     def _path_for_file(self) -> Self:
@@ -214,6 +217,15 @@ class VariantSpec(_Model):
         return None if self.target_size_gib is None else int(self.target_size_gib * 2**30)
 
 
+class ReferenceType(enum.StrEnum):
+    """What the variants are measured against (``spec.evaluation.reference``)."""
+
+    F16 = "F16"
+    """The 16-bit GGUF the pipeline converted (or the 16-bit GGUF source)."""
+    Q8_0 = "Q8_0"
+    """A Q8_0 quantization of it, made once per build."""
+
+
 def _parse_fraction(value: Any) -> Any:
     """``"5%"`` -> 0.05; numbers are already fractions."""
     if isinstance(value, str) and value.strip().endswith("%"):
@@ -241,8 +253,15 @@ class Evaluation(_Model):
     min_top1_agreement: Annotated[float | None, pydantic.Field(ge=0, le=1)] = None
     smoke_prompt: str = "Name three colours of the rainbow."
     smoke_tokens: Annotated[int, pydantic.Field(ge=1, le=512)] = 24
-    gpu_layers: int = -1
-    """``n_gpu_layers`` for evaluation: -1 puts everything on the GPU when there is one."""
+    gpu_layers: Annotated[int | None, pydantic.Field(ge=-1)] = None
+    """``n_gpu_layers`` for the reference and every variant: the operator's plan for the build
+    pod's GPUs; -1 puts everything on the GPUs; unset fits what the free GPU memory holds (0
+    layers on a host without GPUs). The weights are memory-mapped either way."""
+    reference: ReferenceType = ReferenceType.F16
+    """The model the variants are compared with: the converted 16-bit GGUF, or a Q8_0 copy of it
+    (half the memory and time, for models whose 16-bit weights do not fit the build node; its KL
+    to the 16-bit model was 0.0044 nats per token on SmolLM2-135M, and a Q4_K_M variant's KL measured
+    against it came out 10% higher than against the 16-bit model; see docs/quantizer.md)."""
 
     @pydantic.model_validator(mode="after")
     def _path_for_file(self) -> Self:
@@ -391,7 +410,8 @@ def variant_digest(spec: BuildSpec, variant: VariantSpec) -> str:
     payload: dict[str, Any] = {
         "source": source_identity(spec.source),
         "convertType": spec.convert_type.value,
-        "calibration": spec.calibration.model_dump(mode="json", by_alias=True),
+        # where the imatrix runs (GPU layers) does not change what it is
+        "calibration": spec.calibration.model_dump(mode="json", by_alias=True, exclude={"gpu_layers"}),
         "recipe": recipe,
         "quantizer": QUANTIZER_VERSION,
     }

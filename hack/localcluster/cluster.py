@@ -45,6 +45,8 @@ def agent_environment() -> dict[str, str]:
     env.setdefault("KQUANT_VENV", str(pathlib.Path(sys.executable).parents[1]))
     env.setdefault("KQUANT_REPO", str(REPO))
     env.setdefault("LLAMA_CPP_BIN", str(CACHE / "llama.cpp/0.3.36/bin"))
+    # The quantizer image carries llama-imatrix; here the pods' PATH (the agent's) leads to the tools.
+    env["PATH"] = f"{env['LLAMA_CPP_BIN']}:{env.get('PATH', '/usr/bin:/bin')}"
     return env
 
 
