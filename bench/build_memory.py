@@ -50,17 +50,7 @@ PHASE_TO_STEP = {
     "publishing": "publish",
 }
 _PHASE = re.compile(r"progress: (?:\S+ \d+/\d+ )?(?P<phase>[a-z]+) \d+%")
-BASE = deepseek_v3.Shape(
-    hidden_size=512,
-    first_k_dense_replace=2,
-    intermediate_size=1024,
-    moe_intermediate_size=512,
-    n_routed_experts=64,
-    num_experts_per_tok=4,
-    n_group=4,
-    topk_group=2,
-    layers_per_shard=4,
-)
+BASE = deepseek_v3.SCALING
 
 
 def tag_of(line: str) -> str | None:

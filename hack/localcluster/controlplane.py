@@ -86,7 +86,7 @@ def start_process(paths: ClusterPaths, name: str, argv: list[str]) -> None:
     (paths.pids / f"{name}.pid").write_text(str(proc.pid))
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -107,7 +107,7 @@ def stop_process(paths: ClusterPaths, name: str, timeout: float = 15.0) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
@@ -218,4 +218,4 @@ def load_state(paths: ClusterPaths) -> ClusterState:
 
 def running(paths: ClusterPaths) -> bool:
     pidfile = paths.pids / "kube-apiserver.pid"
-    return pidfile.exists() and _alive(int(pidfile.read_text()))
+    return pidfile.exists() and alive(int(pidfile.read_text()))

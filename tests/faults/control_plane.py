@@ -3,7 +3,6 @@ lost node would end it, and started again with exactly the arguments it ran with
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pathlib
 import signal
@@ -12,16 +11,7 @@ import time
 
 from fixtures import cluster_client
 from kubernetes import client
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with contextlib.suppress(OSError):
-        return pathlib.Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    return True
+from localcluster import controlplane
 
 
 def kill(cluster: cluster_client.Cluster, component: str) -> list[str]:
@@ -31,9 +21,9 @@ def kill(cluster: cluster_client.Cluster, component: str) -> list[str]:
     argv = [part.decode() for part in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") if part]
     os.killpg(pid, signal.SIGKILL)  # started in a session of its own: the group is the process
     deadline = time.monotonic() + 30
-    while _alive(pid) and time.monotonic() < deadline:
+    while controlplane.alive(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert not _alive(pid), f"{component} ({pid}) survived SIGKILL"
+    assert not controlplane.alive(pid), f"{component} ({pid}) survived SIGKILL"
     return argv
 
 

@@ -9,6 +9,7 @@ Real parts only: the vendored converter, llama-imatrix, llama.cpp's quantizer an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,18 +26,7 @@ from kquant.quantizer import convert, imatrix, llama_tools, settings
 GiB = 2**30
 
 # 16-bit size about 1.6 GiB: the limit below (0.3 x 16-bit + 1 GiB, the goal) is under it.
-LARGE = deepseek_v3.Shape(
-    hidden_size=512,
-    num_hidden_layers=18,
-    first_k_dense_replace=2,
-    intermediate_size=1024,
-    moe_intermediate_size=512,
-    n_routed_experts=64,
-    num_experts_per_tok=4,
-    n_group=4,
-    topk_group=2,
-    layers_per_shard=4,
-)
+LARGE = dataclasses.replace(deepseek_v3.SCALING, num_hidden_layers=18)
 
 
 def _tools() -> None:
