@@ -51,7 +51,7 @@ def _status(qm: api.QuantizedModel) -> dict[str, Any]:
                "q4km": _measured("q4km", "Q4_K_M", 105_453_920, 6.17, 0.187, 15.63, True)}  # fmt: skip
     states = [findings.BuildState(build, findings.BuildPhase.SUCCEEDED, report=reports[build.variant].model_copy(
         update={"digest": build.digest})) for build in builds.plan_builds(qm, qm.metadata.namespace or "default")]
-    serving = findings.ServingState(ready=True, reason="Serving", message="1/1 replicas of q4km ready",
+    serving = findings.ServingState(ready=True, reason=findings.Reason.SERVING, message="1/1 replicas of q4km ready",
                                   serving=api.ServingStatus(
                                       variant="q4km", gpu_layers=0, total_layers=31, ready_replicas=1,
                                       endpoint=f"http://smollm2.{qm.metadata.namespace}.svc.cluster.local:8080/v1",
