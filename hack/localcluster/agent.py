@@ -121,6 +121,8 @@ class NodeAgent:
                         self._post_status(spec)
                 except client.ApiException as exc:
                     log.warning("heartbeat for %s failed: %s", spec.name, exc.reason)
+                except Exception as exc:  # the API server is down or restarting: beat again, as a kubelet does
+                    log.warning("heartbeat for %s failed: %s", spec.name, type(exc).__name__)
 
     # -- storage ---------------------------------------------------------------------------
 
@@ -146,6 +148,8 @@ class NodeAgent:
                         self._provision(claim)
             except client.ApiException as exc:
                 log.warning("provisioning failed: %s", exc.reason)
+            except Exception as exc:  # the API server is down or restarting: try again next second
+                log.warning("provisioning failed: %s", type(exc).__name__)
 
     def _provision(self, claim: client.V1PersistentVolumeClaim) -> None:
         meta = claim.metadata
