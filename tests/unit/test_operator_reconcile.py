@@ -216,15 +216,17 @@ def test_a_job_that_completed_without_a_report_fails_with_its_own_reason() -> No
         return observed.Children.collect(configmaps=[progress], jobs=[job], claims=["smollm2-storage"],
                                          owner="uid-1")
 
-    # Just completed: the report may still be on its way through the ConfigMaps' watch.
+    # Just completed: the report may still be on its way through the ConfigMaps' watch. The pass
+    # reads the wall clock, so "just" is now, not the module's NOW (collected long before in a full run).
+    now = datetime.datetime.now(datetime.UTC)
     recorder = Recorder()
-    result = _pass(recorder, body, children(NOW))
+    result = _pass(recorder, body, children(now))
     assert result.written is not None
     assert _condition(result.written.status, "Quantized")["reason"] == Reason.BUILDING
     assert result.again_in is not None and 0 < result.again_in <= reconcile.REPORT_GRACE_SECONDS
     # Long after: not "running" for ever, but a failure that says what is missing.
     recorder = Recorder()
-    result = _pass(recorder, body, children(NOW - datetime.timedelta(minutes=5)))
+    result = _pass(recorder, body, children(now - datetime.timedelta(minutes=5)))
     assert result.written is not None
     quantized = _condition(result.written.status, "Quantized")
     assert quantized["reason"] == Reason.REPORT_MISSING
