@@ -25,13 +25,13 @@ from typing import Any
 
 import pytest
 from e2e_helpers import OperatorProcess, condition, qm_status
-from fixtures import cluster_client, hf_models, smollm2
+from fixtures import cluster_client, fake_tokens, hf_models, smollm2
 from hub_server import FakeHub
 from kubernetes import client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 GROUP, VERSION, PLURAL = "kquant.dev", "v1alpha1", "quantizedmodels"
-TOKEN = "hf_ClusterLeakTestToken0123456789abcdefgh"
+TOKEN = fake_tokens.hub_token()
 AUTHOR = "model-author"
 EVIL_CODE = '''
 import os, pathlib

@@ -29,11 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fixtures import cluster_client, hf_models, smollm2
+from fixtures import cluster_client, fake_tokens, hf_models, smollm2
 from hub_server import FakeHub
 from kubernetes import client
 
-TOKEN = "hf_UntrustedRepoTestToken0123456789abcd"
+TOKEN = fake_tokens.hub_token()
 EVIL_REPO = "attacker/stablelm-tiny"
 EVIL_CODE = '''
 import os, pathlib

@@ -7,9 +7,10 @@ import logging
 from collections.abc import Iterator
 
 import pytest
+from fixtures import fake_tokens
 from kquant.quantizer import fetch, progress, redact, report
 
-TOKEN = "hf_AbCdEfGhIjKlMnOpQrStUvWxYz0123456789"
+TOKEN = fake_tokens.hub_token()
 
 
 @pytest.fixture(autouse=True)

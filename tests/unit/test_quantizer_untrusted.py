@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+from fixtures import fake_tokens
 from kquant.quantizer import cli, convert, redact, untrusted
 
 
@@ -34,11 +35,12 @@ def test_the_cli_takes_the_token_out_of_its_environment_first(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before any step runs, the token is gone from os.environ: only the fetch step is handed it."""
-    monkeypatch.setenv("HF_TOKEN", "hf_ThisMustLeaveTheEnvironment0123\n")
+    token = fake_tokens.hub_token()
+    monkeypatch.setenv("HF_TOKEN", token + "\n")
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_older")
     bad = tmp_path / "spec.yaml"
     bad.write_text("- not a mapping\n")
     assert cli.main(["run", "--spec", str(bad)]) == cli.EXIT_USAGE
     assert "HF_TOKEN" not in os.environ and "HUGGING_FACE_HUB_TOKEN" not in os.environ
-    assert "hf_ThisMustLeave" not in redact.redact("header hf_ThisMustLeaveTheEnvironment0123")
+    assert token not in redact.redact(f"header {token}")
     redact.forget_all()
