@@ -980,13 +980,6 @@ class Serving(PodSettings):
                 "a quantized V cache needs flash attention: set flashAttention to auto or on",
                 ".cacheTypeV",
             ),
-            _cel(
-                "!has(self.extraArgs) || !self.extraArgs.exists(a, "
-                + " || ".join(f"a == '{f}' || a.startsWith('{f}=')" for f in API_KEY_FLAGS)
-                + ")",
-                _API_KEY_IN_ARGS,
-                ".extraArgs",
-            ),
         )
     )
 
@@ -1047,6 +1040,7 @@ class Serving(PodSettings):
                 "must not repeat a flag that kquant derives from spec.serving (model, host, port, "
                 "context, parallel, gpu layers, cache types, flash attention, sampling)",
             ),
+            _cel("self.all(a, !(" + _CEL_SERVER_FLAG + " in " + _quoted(API_KEY_FLAGS) + "))", _API_KEY_IN_ARGS),
             _cel(
                 "self.all(a, !(" + _CEL_SERVER_FLAG + " in " + _quoted(REFUSED_SERVER_FLAGS) + "))",
                 "must not carry a flag that changes which weights load, the server's memory or where "
@@ -1067,6 +1061,8 @@ class Serving(PodSettings):
             flag = server_flag(arg)
             if flag in MANAGED_SERVER_FLAGS:
                 raise ValueError(f"{arg!r} repeats a flag that kquant derives from spec.serving")
+            if flag in API_KEY_FLAGS:
+                raise ValueError(_API_KEY_IN_ARGS)
             if flag in REFUSED_SERVER_FLAGS:
                 raise ValueError(
                     f"{arg!r} changes which weights load, the server's memory or where the weights go; "
@@ -1074,13 +1070,6 @@ class Serving(PodSettings):
                     "another variant)"
                 )
         return value
-
-    @pydantic.model_validator(mode="after")
-    def _no_api_key_in_args(self) -> Self:
-        for arg in self.extra_args or ():
-            if arg.split("=", 1)[0] in API_KEY_FLAGS:
-                raise SpecRuleError("extraArgs", _API_KEY_IN_ARGS)
-        return self
 
     @pydantic.model_validator(mode="after")
     def _flash_for_quantized_v(self) -> Self:

@@ -107,7 +107,8 @@ def test_no_pod_but_the_build_gets_a_service_account_token() -> None:
     assert job["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
 
 
-@pytest.mark.parametrize("arg", ["--api-key", "--api-key=s3cret", "--api-key-file", "--api-key-file=/etc/passwd"])
+@pytest.mark.parametrize("arg", ["--api-key", "--api-key=s3cret", "--api-key-file", "--api-key-file=/etc/passwd",
+                                 "--api_key=s3cret"])
 def test_api_keys_in_extra_args_are_refused(arg: str) -> None:
     with pytest.raises(pydantic.ValidationError, match="never put an API key into extraArgs"):
         _qm(serving={"extraArgs": [arg]})
