@@ -17,9 +17,8 @@ from collections.abc import Mapping
 
 from kquant.operator import config
 from kquant.operator.api import v1alpha1 as api
+from kquant.quantizer import settings
 
-DEFAULT_ENDPOINT = "https://huggingface.co"
-"""What the quantizer fetches from when ``endpoint`` is unset (huggingface_hub's HF_ENDPOINT)."""
 HUB_TOKEN_LABEL = "kquant.dev/hub-token"
 """The label by which the owner of a Secret opts it in as a hub token (value ``"true"``)."""
 
@@ -50,7 +49,7 @@ def build_refusals(qm: api.QuantizedModel, policy: config.Policy) -> list[str]:
     """Why the platform refuses to build this model (empty: it may build)."""
     refusals: list[str] = []
     field, hub = _hub(qm)
-    endpoint = hub.endpoint or DEFAULT_ENDPOINT
+    endpoint = hub.endpoint or settings.DEFAULT_ENDPOINT  # what the quantizer fetches from then
     if policy.endpoints is not None and not endpoint_allowed(endpoint, policy.endpoints):
         refusals.append(f"{_who(qm)}: spec.source.{field}.endpoint is {endpoint!r}, which is not an allowed hub "
                         f"(allowed: {', '.join(policy.endpoints) or 'none'}); use one of them, or ask the "

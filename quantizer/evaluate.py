@@ -29,7 +29,6 @@ import itertools
 import json
 import logging
 import math
-import shutil
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ import jinja2.sandbox
 import llama_cpp
 import numpy as np
 import numpy.typing as npt
-from kquant.quantizer import gguf_facts, report, settings
+from kquant.quantizer import gguf_facts, report, settings, space
 
 log = logging.getLogger(__name__)
 
@@ -274,11 +273,11 @@ def reference_bytes_at_most(chunks: int, context_size: int, vocab: int) -> int:
 
 def check_reference_space(folder: Path, needed: int, positions: int, vocab: int) -> None:
     """Refuse to write reference log-probabilities that cannot fit, naming the spec fields."""
-    free = shutil.disk_usage(folder).free
+    free = space.free_bytes(folder)
     if free < needed:
         raise EvaluateError(
-            f"the reference log-probabilities need {needed / 2**30:.2f} GiB ({positions} positions x "
-            f"{vocab} tokens x 2 bytes) in {folder}, but it has {free / 2**30:.2f} GiB free; lower "
+            f"the reference log-probabilities need {space.gib(needed)} ({positions} positions x "
+            f"{vocab} tokens x 2 bytes) in {folder}, but it has {space.gib(free)} free; lower "
             "spec.evaluation.chunks or spec.evaluation.contextSize, or grow spec.storage.pvc.size"
         )
 

@@ -4,12 +4,11 @@ calibration windows (cut as llama-imatrix cuts them)."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kquant.quantizer import evaluate, imatrix, llama_tools, settings
+from kquant.quantizer import evaluate, imatrix, llama_tools, settings, space
 
 GiB = 2**30
 
@@ -42,8 +41,7 @@ def test_reference_size_is_positions_times_vocabulary_in_float16() -> None:
 
 
 def test_reference_that_does_not_fit_is_refused_before_writing(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(evaluate.shutil, "disk_usage", lambda _: usage._replace(free=1 * GiB))
+    monkeypatch.setattr(space, "free_bytes", lambda _: 1 * GiB)
     evaluate.check_reference_space(tmp_path, GiB // 2, 10, 10)
     with pytest.raises(evaluate.EvaluateError) as err:
         evaluate.check_reference_space(tmp_path, 3 * GiB, 5110, 300_000)
