@@ -11,15 +11,19 @@ VENV := .venv/bin
 setup: .venv/.installed
 
 # The control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, helm), the real
-# node's kubelet, kube-proxy and pause, and the llama.cpp tools (llama-server, llama-fit-params, rpc-server), built from source once per version.
+# node's kubelet, kube-proxy and pause, its NetworkPolicy enforcer (kube-router's firewall), and the
+# llama.cpp tools (llama-server, llama-fit-params, rpc-server), built from source once per version.
 tools:
 	bash hack/build-k8s.sh
 	bash hack/build-node.sh
+	bash hack/build-netpolicy.sh
 	bash hack/build-llama.sh
 
-# kubelet, kube-proxy and the pause binary for the real node (hack/localcluster/realnode.py).
+# kubelet, kube-proxy and the pause binary for the real node (hack/localcluster/realnode.py), and
+# kube-router, which enforces NetworkPolicies there (hack/localcluster/netpolicy.py).
 node-tools:
 	bash hack/build-node.sh
+	bash hack/build-netpolicy.sh
 
 # kquant's images (images/), tagged with the chart's appVersion and pushed to the local registry
 # on 127.0.0.1:5000; dockerd and the registry are started (and Debian's packages installed) first.
@@ -34,9 +38,11 @@ images-cpu:
 images-cuda:
 	bash images/build.sh cuda
 
-# The tests that run kquant's images on a real node (kubelet + containerd).
+# The tests that run kquant's images on a real node (kubelet + containerd), the SmolLM2 example
+# from `helm install` to a promotion included (tests/e2e/test_real_node_smollm2.py runs only here:
+# its images' cold build is longer than CI allows).
 test-realnode: setup images-cpu node-tools
-	$(VENV)/pytest -m realnode
+	KQUANT_REALNODE_E2E=1 $(VENV)/pytest -m realnode
 
 lint: setup
 	$(VENV)/ruff check operator quantizer hack tests bench

@@ -23,9 +23,14 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 DOCKER = "/usr/bin/docker"
 # Where the space goes, per image kind: folders measured with du inside the image.
 FOLDERS = [
-    "/usr/lib/x86_64-linux-gnu", "/usr/lib/python3.11", "/usr/bin", "/usr/share",
+    "/usr/lib/x86_64-linux-gnu", "/usr/lib/python3.11", "/usr/lib/python3.13", "/usr/bin", "/usr/share",
     "/opt/llama/lib", "/opt/llama/bin", "/opt/llama.cpp-src",
-    "/opt/kquant/lib/python3.11/site-packages",
+]
+# Python package folders, listed with their largest packages: the venvs (python 3.11 on Debian 12,
+# 3.13 for the CPU quantizer on Debian 13) and Debian's own (the CPU quantizer's torch and numpy).
+PACKAGE_FOLDERS = [
+    "/opt/kquant/lib/python3.11/site-packages", "/opt/kquant/lib/python3.13/site-packages",
+    "/usr/lib/python3/dist-packages",
 ]
 TOP_PACKAGES = 8
 
@@ -58,8 +63,9 @@ def compressed_size(registry: str, ref: str) -> int | None:
 
 
 def folder_sizes(env: dict[str, str], ref: str) -> list[tuple[str, int]]:
-    script = ("for d in " + " ".join(FOLDERS) + "; do [ -d $d ] && du -skx $d; done; "
-              f"[ -d {FOLDERS[-1]} ] && du -skx {FOLDERS[-1]}/* | sort -rn | head -{TOP_PACKAGES}; true")
+    script = ("for d in " + " ".join(FOLDERS + PACKAGE_FOLDERS) + "; do [ -d $d ] && du -skx $d; done; "
+              "for d in " + " ".join(PACKAGE_FOLDERS) + "; do [ -d $d ] && "
+              f"du -skx $d/* | sort -rn | head -{TOP_PACKAGES}; done; true")
     done = subprocess.run([DOCKER, "run", "--rm", "--network", "none", "--entrypoint", "bash", ref, "-c", script],
                           env=env, capture_output=True, text=True, check=True)
     rows = []

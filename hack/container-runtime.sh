@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The container stack that `make images` and the real node need, from Debian's packages only:
 # dockerd (image builds), a docker-registry on loopback (what the real node pulls from) and the
-# CNI plugins. CI machines are fresh, so this installs what is missing, then starts both daemons
+# CNI plugins, and ipset for the NetworkPolicy enforcer (hack/localcluster/netpolicy.py). CI machines are fresh, so this installs what is missing, then starts both daemons
 # unless they already answer. No systemd here: the daemons run as background processes whose
 # pid, log and data live under ~/.cache/kquant (outside the repo, kept between runs).
 #
@@ -16,7 +16,7 @@ cache="${KQUANT_CACHE:-$HOME/.cache/kquant}"
 root="$cache/docker"
 sock="$root/run/docker.sock"
 registry_addr="${KQUANT_REGISTRY:-127.0.0.1:5000}"
-packages=(docker.io containernetworking-plugins docker-registry mmdebstrap iptables)
+packages=(docker.io containernetworking-plugins docker-registry mmdebstrap iptables ipset)
 
 log() { printf '[container-runtime %s] %s\n' "$(date +%T)" "$*" >&2; }
 

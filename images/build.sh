@@ -33,6 +33,7 @@ version="$(sed -nE 's/^appVersion:[[:space:]]*"?([^"[:space:]]+)"?.*/\1/p' chart
 prefix="${IMAGE_PREFIX:-ghcr.io/kquant-dev}"
 registry="${KQUANT_REGISTRY:-127.0.0.1:5000}"
 suite="${DEBIAN_SUITE:-bookworm}"
+quantizer_suite="${QUANTIZER_DEBIAN_SUITE:-trixie}"
 cache="${KQUANT_CACHE:-$HOME/.cache/kquant}"
 
 # name  target  dockerfile  tag
@@ -63,7 +64,8 @@ fi
 # The base: Debian's minbase made with mmdebstrap from Debian's own packages, imported as an
 # image tagged with the release and the day it was made. Reused while it exists.
 make_base() {
-  local stamp="$cache/docker/base-$suite.tag" tag tar
+  local suite="$1" stamp tag tar
+  stamp="$cache/docker/base-$suite.tag"
   if [ -f "$stamp" ] && docker image inspect "$(cat "$stamp")" >/dev/null 2>&1; then
     cat "$stamp"; return 0
   fi
@@ -75,7 +77,7 @@ make_base() {
     --aptopt='Acquire::Check-Valid-Until "false"' --dpkgopt='path-exclude=/usr/share/doc/*' \
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
     --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-    "$suite" "$tar" >"$cache/docker/mmdebstrap.log" 2>&1 || { tail -20 "$cache/docker/mmdebstrap.log" >&2; exit 1; }
+    "$suite" "$tar" >"$cache/docker/mmdebstrap-$suite.log" 2>&1 || { tail -20 "$cache/docker/mmdebstrap-$suite.log" >&2; exit 1; }
   docker import --change 'CMD ["bash"]' --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
     "$tar" "$tag" >/dev/null
   rm -f "$tar"
@@ -83,11 +85,14 @@ make_base() {
   echo "$tag"
 }
 
-if [ "$what" = base ]; then make_base; exit 0; fi
+if [ "$what" = base ]; then make_base "$suite"; make_base "$quantizer_suite"; exit 0; fi
 if [ -n "$platforms" ] && [ -z "${BASE:-}" ]; then
   echo "images/build.sh: PLATFORMS (release mode) needs BASE, e.g. debian:bookworm-slim" >&2; exit 2
 fi
-base="${BASE:-$(make_base)}"
+base="${BASE:-$(make_base "$suite")}"
+# The CPU quantizer's base: Debian 13, for its CPU-only python3-torch (images/Dockerfile says why).
+# Made only when a build needs it.
+quantizer_base="${QUANTIZER_BASE:-}"
 # The CA bundle pip trusts on this machine (its TLS proxy's CA included), handed to RUN steps that
 # download as a BuildKit secret; a release machine without one builds with the image's own bundle.
 cacert="${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}"
@@ -104,6 +109,7 @@ build() {
     [[ "$target" == *-cuda ]] && platforms_for="$cuda_platforms" || platforms_for="$platforms"
     docker buildx build --platform "$platforms_for" --push --sbom=true --provenance=mode=max \
       -f "$file" --target "$target" --build-arg BASE="$base" --build-arg VERSION="$version" \
+      --build-arg QUANTIZER_BASE="${QUANTIZER_BASE:-debian:trixie-slim}" \
       --build-arg REVISION="$revision" --build-arg CUDA_ARCHITECTURES="${CUDA_ARCHITECTURES:-80;86;89;90}" \
       --build-arg JOBS="${JOBS:-4}" --metadata-file "${METADATA_DIR:-.}/metadata-$name-$tag.json" -t "$ref" .
     log "built and pushed $ref ($platforms_for) in $((SECONDS - start))s"
@@ -114,7 +120,12 @@ build() {
   # used only in the last LABEL, so a new commit does not invalidate any compiled layer).
   local secret=()
   [ -f "$cacert" ] && secret=(--secret "id=cacert,src=$cacert")
-  docker build --network host --progress plain -f "$file" --target "$target" "${secret[@]}" \
+  local qbase=()
+  if [ "$target" = quantizer ]; then
+    [ -n "$quantizer_base" ] || quantizer_base="$(make_base "$quantizer_suite")"
+    qbase=(--build-arg QUANTIZER_BASE="$quantizer_base")
+  fi
+  docker build --network host --progress plain -f "$file" --target "$target" "${secret[@]}" "${qbase[@]}" \
     --build-arg BASE="$base" --build-arg VERSION="$version" --build-arg REVISION="$revision" \
     --build-arg CUDA_ARCHITECTURES="${CUDA_ARCHITECTURES:-90}" --build-arg JOBS="${JOBS:-2}" \
     -t "$ref" . >"$cache/docker/build-$name-$tag.log" 2>&1 \

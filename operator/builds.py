@@ -12,10 +12,14 @@ Pure code: no Kubernetes client, no files.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from kquant.operator import manifests
 from kquant.operator.api import v1alpha1 as api
-from kquant.quantizer import settings, shards, units
+from kquant.quantizer import settings, shards, sizing, units
 
 STORAGE_MOUNT = "/var/lib/kquant"
 """Where the storage volume is mounted in quantizer and server pods."""
@@ -149,3 +153,67 @@ def discarding_intermediates(build: Build, qm: api.QuantizedModel) -> Build:
     if qm.spec.storage.keep_intermediates:
         return build
     return dataclasses.replace(build, spec=build.spec.model_copy(update={"remove_intermediates": True}))
+
+
+@dataclasses.dataclass(frozen=True)
+class SizingStep:
+    """The model's sizing Job: it lists the source and reads its config.json (no weights) before the
+    first build, so that every build Job is sized, and a claim that is too small refused, before a
+    byte is downloaded. One per source (and ``kquant retry`` token): editing variants re-sizes from
+    the same listing without another Job."""
+
+    model: str
+    digest: str
+    spec: settings.BuildSpec
+
+    @property
+    def name(self) -> str:
+        """``<model>-size-<digest[:8]>``: the Job, its ConfigMap, account and Role."""
+        return f"{self.model}-size-{self.digest[:8]}"
+
+
+def plan_sizing(qm: api.QuantizedModel, namespace: str) -> SizingStep:
+    """The sizing Job's spec: the model's source (the only thing it reads) and its result ConfigMap."""
+    first = base_spec(qm, qm.spec.variants[0])
+    identity = {"source": settings.source_identity(first.source)}
+    digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    step = SizingStep(model=qm.metadata.name, digest=digest, spec=first)
+    spec = first.model_copy(update={"result_config_map": settings.ResultConfigMap(name=step.name,
+                                                                                   namespace=namespace)})
+    return dataclasses.replace(step, spec=spec)
+
+
+def size_builds(qm: api.QuantizedModel, files: Sequence[sizing.HubFile], config: Mapping[str, Any] | None,
+                gpus: int | None = None) -> sizing.Sizing:
+    """What the builds of every variant of ``qm`` need, from the files a build fetches (after
+    ``allowPatterns``) and config.json: the rules of ``kquant.quantizer.sizing``, with the spec's
+    calibration, evaluation, shard size and CPU count. ``gpus`` overrides ``spec.quantizer.gpus``."""
+    built = [v for v in qm.spec.variants if v.recipe is not api.Recipe.PASSTHROUGH]
+    specs = [base_spec(qm, v) for v in built]
+    first = specs[0] if specs else base_spec(qm, qm.spec.variants[0])
+    quantizer = qm.spec.quantizer or api.Quantizer()
+    return sizing.size_build(
+        files, config, [s.variants[0] for s in specs],
+        calibration=first.calibration, evaluation=first.evaluation, convert_type=first.convert_type,
+        shard_bytes=first.max_shard_bytes, cpus=cpu_count(quantizer),
+        gpus=quantizer.gpus if gpus is None else gpus,
+    )  # fmt: skip
+
+
+def claim_shortfall(qm: api.QuantizedModel, found: sizing.Sizing) -> str | None:
+    """Why the claim the operator makes cannot hold the builds, with the numbers; None when it can,
+    or when the claim is the user's own (``claimName``: its size is not in the spec; the build's
+    fetch step checks its free space before the download)."""
+    pvc = qm.spec.storage.pvc
+    if pvc.claim_name or pvc.size is None:
+        return None
+    have = units.parse_quantity(pvc.size)
+    if have >= found.claim_bytes:
+        return None
+    gib = units.GiB
+    parts = (f"download {found.source_bytes / gib:.1f} GiB, 16-bit GGUF {found.base_bytes / gib:.1f} GiB, "
+             f"reference {found.reference_bytes / gib:.1f} GiB, variants "
+             f"{sum(found.variant_bytes.values()) / gib:.1f} GiB, margin {found.margin_bytes / gib:.1f} GiB")
+    return (f"spec.storage.pvc.size is {pvc.size}, but the builds need about {sizing.claim_quantity(found)} "
+            f"({parts}), from the source's listing; set spec.storage.pvc.size to at least "
+            f"{sizing.claim_quantity(found)} (nothing was downloaded)")

@@ -18,15 +18,16 @@ def node(name: str, labels: dict[str, str], status: dict[str, Any]) -> dict[str,
             "status": {"allocatable": dict(status.get("allocatable") or {})}}
 
 
-def gpu_pod(name: str, spec: dict[str, Any], status: dict[str, Any]) -> dict[str, Any] | None:
+def gpu_pod(name: str, spec: dict[str, Any], status: dict[str, Any], namespace: str = "") -> dict[str, Any] | None:
     """A running pod that holds GPUs on a node, reduced to what GPU accounting reads; None for
-    any other pod (not scheduled, ended, or without GPUs)."""
+    any other pod (not scheduled, ended, or without GPUs). The namespace tells a model's own server
+    pods from the others (their GPUs are the model's to reuse: ``serving.candidates``)."""
     node_name = spec.get("nodeName")
     if not node_name or status.get("phase") in ("Succeeded", "Failed"):
         return None
     containers = [{"resources": c.get("resources") or {}} for c in spec.get("containers") or []]
     inits = [{"resources": c.get("resources") or {}} for c in spec.get("initContainers") or []]
-    pod = {"metadata": {"name": name}, "spec": {"nodeName": node_name, "containers": containers,
+    pod = {"metadata": {"name": name, "namespace": namespace}, "spec": {"nodeName": node_name, "containers": containers,
                                                 "initContainers": inits},
            "status": {"phase": status.get("phase")}}
     return pod if nodes.holds_gpus(pod) else None

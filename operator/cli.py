@@ -115,33 +115,63 @@ def plan(
         help="the source repository's file list with sizes (the hub API's siblings JSON): print the build sizing")]
     = None,
     hub_config: Annotated[pathlib.Path | None, typer.Option(help="the source repository's config.json")] = None,
+    verify: Annotated[pathlib.Path | None, typer.Option(
+        help="a GGUF: run llama-fit-params on this machine with the plan's arguments and print its bytes per "
+             "device beside the planner's")] = None,
+    rpc: Annotated[str | None, typer.Option(
+        help="with --verify: ggml-rpc-server endpoints (host:port,...) that stand in for the GPUs")] = None,
+    llama_bin: Annotated[pathlib.Path | None, typer.Option(help="with --verify: the folder of llama-fit-params")]
+    = None,
+    margins: Annotated[pathlib.Path | None, typer.Option(
+        help="the operator's learned margins ConfigMap (kubectl get configmap <release>-kquant-margins "
+             "-n <namespace> -o yaml), with --gpu-product")] = None,
+    gpu_product: Annotated[str | None, typer.Option(
+        help="the GPU's nvidia.com/gpu.product label: which learned margin applies")] = None,
 ) -> None:  # fmt: skip
     """The offload plan for a manifest's variant on given GPUs, beside the seed formula's. No cluster needed.
 
     Without --gguf or --facts, the model's facts are estimated from a builtin table of well-known
     models (DeepSeek-R1, SmolLM2-135M, Llama-3.1-8B) and the variant's type and recipe. With
     --hub-files (and --hub-config for a safetensors source) the build's sizing is printed first:
-    claim, memory and CPU requests, threads, deadline and estimated time.
+    claim, memory and CPU requests, threads, deadline and estimated time. With --verify MODEL.gguf
+    the plan for that file is checked against llama.cpp's own count on this machine's devices.
     """
+    import dataclasses
     import json
 
+    from kquant.operator import build_gpus, serving
     from kquant.operator.commands import plan as plan_cmd
     from kquant.operator.commands import render
+    from kquant.operator.planner import margins as margin_table
     from kquant.operator.planner import plan as planner
     from kquant.quantizer import sizing
+
+    endpoints = [e for e in (rpc or "").split(",") if e]
+    if (endpoints or llama_bin) and verify is None:
+        errors.print("kquant: --rpc and --llama-bin need --verify MODEL.gguf", markup=False, soft_wrap=True)
+        raise typer.Exit(1)
 
     def compute() -> plan_cmd.Comparison:
         qm = common.load_model(manifest)
         chosen = plan_cmd.pick_variant(qm, variant)
-        found, source = plan_cmd.load_facts(qm, chosen, gguf, facts)
-        return plan_cmd.compare(qm, chosen, found, source, common.parse_size(gpu), gpus)
+        if verify is not None and (gguf is not None or facts is not None):
+            raise common.CommandError("--verify reads the model's facts from its GGUF: drop --gguf and --facts")
+        found, source = plan_cmd.load_facts(qm, chosen, verify or gguf, facts)
+        if (margins is None) != (gpu_product is None):
+            raise common.CommandError("--margins and --gpu-product go together: the file holds a margin per product")
+        learned = margin_table.Learned()
+        if margins is not None:
+            learned = margin_table.learned(plan_cmd.load_margins(margins), gpu_product, str(margins))
+        settings = serving.planner_settings(learned, gpu_product)
+        return plan_cmd.compare(qm, chosen, found, source, common.parse_size(gpu),
+                                len(endpoints) if endpoints and gpus is None else gpus, settings)
 
-    def sized() -> sizing.Sizing | None:
+    def sized() -> tuple[sizing.Sizing, build_gpus.BuildGPUs] | None:
         if hub_files is None:
             if hub_config is not None:
                 raise common.CommandError("--hub-config needs --hub-files (the listing gives the sizes)")
             return None
-        return plan_cmd.build_sizing(common.load_model(manifest), hub_files, hub_config)
+        return plan_cmd.build_sizing(common.load_model(manifest), hub_files, hub_config, common.parse_size(gpu))
 
     build = _run(sized)
     result = _run(compute)
@@ -150,13 +180,25 @@ def plan(
                                        "kquant": planner.plan_to_dict(result.auto),
                                        "seed": planner.plan_to_dict(result.seed),
                                        "fewestGPUs": planner.plan_to_dict(result.fewest) if result.fewest else None,
-                                       "build": sizing.to_dict(build) if build else None,
+                                       "margin": result.margin,
+                                       "build": sizing.to_dict(build[0]) | {
+                                           "buildGPUs": dataclasses.asdict(build[1])} if build else None,
                                        }))  # fmt: skip
         return
     if build is not None:
-        console.print("build (estimated from the hub listing):\n  " + "\n  ".join(build.lines()) + "\n",
+        lines = [*build[0].lines(), f"build GPUs          {build[1].line()}"]
+        console.print("build (estimated from the hub listing):\n  " + "\n  ".join(lines) + "\n",
                       markup=False, soft_wrap=True)  # fmt: skip
     console.print(render.plan_view(result))
+    if verify is not None:
+        from kquant.operator.commands import verify as verify_cmd
+        from kquant.operator.planner import memory
+
+        backend = memory.Backend.RPC if endpoints else memory.Backend.CUDA
+        checked = _run(lambda: verify_cmd.verify(verify_cmd.find_tool(llama_bin), verify, result.facts, result.auto,
+                                                 backend, endpoints))
+        console.print("\n".join(["", "llama.cpp's own count on this machine:", *verify_cmd.lines(checked)]),
+                      markup=False, soft_wrap=True)
 
 
 @app.command()

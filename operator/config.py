@@ -73,6 +73,11 @@ class OperatorConfig:
     """Every model gets a pass this often even without an event: the net for a lost watch event."""
     policy: Policy = Policy()
     """Allowed hubs, images and hub-token Secrets (chart values under ``policy``)."""
+    margins_configmap: str | None = None
+    """The ConfigMap of margins learned per GPU product (``planner.margins``), in ``namespace``;
+    None: nothing is learned (the chart creates it and sets ``KQUANT_MARGINS_CONFIGMAP``)."""
+    namespace: str | None = None
+    """The operator's own namespace (``POD_NAMESPACE``, from the downward API)."""
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str] | None = None) -> OperatorConfig:
@@ -84,6 +89,8 @@ class OperatorConfig:
             metrics_port=int(environ["KQUANT_METRICS_PORT"]) if environ.get("KQUANT_METRICS_PORT") else None,
             resync_seconds=float(environ.get("KQUANT_RESYNC_SECONDS") or 300.0),
             policy=Policy.from_environment(environ),
+            margins_configmap=environ.get("KQUANT_MARGINS_CONFIGMAP") or None,
+            namespace=environ.get("POD_NAMESPACE") or None,
         )
 
 

@@ -31,6 +31,8 @@ class Reason(enum.StrEnum):
     BUILD_BLOCKED = "BuildBlocked"
     """The build pod cannot start for another reason a person must fix (an image that cannot be pulled)."""
     BUILD_UNDERSIZED = "BuildUnderSized"
+    CLAIM_TOO_SMALL = "ClaimTooSmall"
+    """The sizing of the source's listing needs more than ``spec.storage.pvc.size``: no build starts."""
     """A request the user set is below what the sizing of the hub's listing needs (an Event only)."""
     # Evaluated
     WAITING = "Waiting"
@@ -41,8 +43,17 @@ class Reason(enum.StrEnum):
     NO_MODEL_FACTS = "NoModelFacts"
     DOES_NOT_FIT = "DoesNotFit"
     NO_GPU_NODES = "NoGPUNodes"
+    GPUS_BUSY = "GPUsBusy"
+    """The variant fits a GPU pool, but every such pool's GPUs are taken: it waits for one to be freed."""
     ROLLING_OUT = "RollingOut"
     SERVING = "Serving"
+    # PlanVerified
+    PLAN_HELD = "PlanHeld"
+    """Every device within tolerance of the prediction and every planned layer offloaded."""
+    MEMORY_ABOVE_PLAN = "MemoryAbovePlan"
+    """A device allocated more than predicted, beyond the tolerance."""
+    FEWER_LAYERS_OFFLOADED = "FewerLayersOffloaded"
+    """llama.cpp put fewer layers on GPUs than planned: the silent CPU fallback."""
     # Any condition
     INVALID_SPEC = "InvalidSpec"
     """The spec does not validate against this operator's models (a CRD older than the operator)."""
@@ -68,17 +79,18 @@ class Reason(enum.StrEnum):
     @property
     def waits_for_capacity(self) -> bool:
         """A new node, a relabelled node or a freed GPU may resolve it."""
-        return self in (Reason.DOES_NOT_FIT, Reason.NO_GPU_NODES)
+        return self in (Reason.DOES_NOT_FIT, Reason.NO_GPU_NODES, Reason.GPUS_BUSY)
 
 
 WARNING_REASONS = frozenset({
     Reason.BUILD_FAILED, Reason.REPORT_MISSING, Reason.SECRET_NOT_FOUND, Reason.CONFIG_NOT_FOUND,
-    Reason.BUILD_BLOCKED, Reason.GATE_FAILED, Reason.DOES_NOT_FIT, Reason.NO_GPU_NODES, Reason.INVALID_SPEC,
-    Reason.CONFLICT, Reason.REFUSED, Reason.NO_MODEL_FACTS, Reason.BUILD_UNDERSIZED, Reason.POLICY_VIOLATION})
+    Reason.BUILD_BLOCKED, Reason.GATE_FAILED, Reason.DOES_NOT_FIT, Reason.NO_GPU_NODES, Reason.GPUS_BUSY,
+    Reason.INVALID_SPEC, Reason.CONFLICT, Reason.REFUSED, Reason.NO_MODEL_FACTS, Reason.BUILD_UNDERSIZED,
+    Reason.POLICY_VIOLATION, Reason.MEMORY_ABOVE_PLAN, Reason.FEWER_LAYERS_OFFLOADED, Reason.CLAIM_TOO_SMALL})
 STALLED_REASONS = frozenset({
     Reason.BUILD_FAILED, Reason.REPORT_MISSING, Reason.SECRET_NOT_FOUND, Reason.CONFIG_NOT_FOUND,
     Reason.BUILD_BLOCKED, Reason.GATE_FAILED, Reason.DOES_NOT_FIT, Reason.NO_GPU_NODES, Reason.NO_MODEL_FACTS,
-    Reason.INVALID_SPEC, Reason.CONFLICT, Reason.REFUSED, Reason.POLICY_VIOLATION})
+    Reason.INVALID_SPEC, Reason.CONFLICT, Reason.REFUSED, Reason.POLICY_VIOLATION, Reason.CLAIM_TOO_SMALL})
 
 
 def reason_of(text: str | None) -> Reason | None:

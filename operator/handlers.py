@@ -33,6 +33,8 @@ OWNED = {manifests.MODEL_LABEL: kopf.PRESENT, **manifests.MANAGED_BY}
 BUILD = {**OWNED, manifests.ROLE_LABEL: "build"}
 SERVER = {**OWNED, manifests.ROLE_LABEL: "server"}
 STORAGE = {**OWNED, manifests.ROLE_LABEL: "storage"}
+SERVER_PODS = {manifests.MODEL_LABEL: kopf.PRESENT, manifests.ROLE_LABEL: "server"}
+"""The server Deployment's pod template carries these two labels only (the Service selects by them)."""
 
 
 @kopf.on.startup()
@@ -98,6 +100,11 @@ async def server_deployments(namespace: str, labels: dict[str, str], body: kopf.
                                                                       server_manifests.HASH_ANNOTATION)}
 
 
+@kopf.index("pods", labels=SERVER_PODS)
+async def server_pods(namespace: str, labels: dict[str, str], body: kopf.Body, **_: Any) -> dict[workers.Key, Any]:
+    return {_model_key(namespace, labels): observed.server_pod(body, manifests.DIGEST_LABEL)}
+
+
 @kopf.index("persistentvolumeclaims", labels=STORAGE)
 async def storage_claims(namespace: str, name: str, labels: dict[str, str], **_: Any) -> dict[workers.Key, Any]:
     return {_model_key(namespace, labels): name}
@@ -110,14 +117,15 @@ async def cluster_nodes(name: str, labels: dict[str, str], status: dict[str, Any
 
 
 @kopf.index("pods")
-async def gpu_pods(name: str, spec: dict[str, Any], status: dict[str, Any], **_: Any) -> dict[str, Any] | None:
+async def gpu_pods(name: str, namespace: str, spec: dict[str, Any], status: dict[str, Any],
+                   **_: Any) -> dict[str, Any] | None:
     """Pods that hold GPUs, by node."""
-    pod = capacity.gpu_pod(name, spec, status)
+    pod = capacity.gpu_pod(name, spec, status, namespace)
     return {pod["spec"]["nodeName"]: pod} if pod is not None else None
 
 
 INDEXES = ("models", "build_configmaps", "build_jobs", "build_pods", "server_deployments", "storage_claims",
-           "cluster_nodes", "gpu_pods")
+           "cluster_nodes", "gpu_pods", "server_pods")
 
 
 # -- events: each asks for a pass over the model it concerns -----------------------------------
@@ -154,6 +162,14 @@ async def on_build_job(event: dict[str, Any], namespace: str, labels: dict[str, 
 async def on_server(event: dict[str, Any], namespace: str, labels: dict[str, str], memo: kopf.Memo,
                     **_: Any) -> None:
     _on_child(event, namespace, labels, memo)
+
+
+@kopf.on.event("pods", labels=SERVER_PODS)
+async def on_server_pod(event: dict[str, Any], namespace: str, labels: dict[str, str], memo: kopf.Memo,
+                        **_: Any) -> None:
+    """A server pod that turned Ready: its startup log is the measurement of the plan."""
+    if observed.server_pod(event.get("object") or {}, manifests.DIGEST_LABEL).ready:
+        _on_child(event, namespace, labels, memo)
 
 
 @kopf.on.event("persistentvolumeclaims", labels=STORAGE)

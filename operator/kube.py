@@ -23,9 +23,11 @@ import logging
 import uuid
 from typing import Any
 
+import urllib3
 from kquant.operator import config as operator_config
 from kquant.operator import findings, manifests
 from kquant.operator.api import v1alpha1 as api
+from kquant.operator.planner import margins
 from kubernetes import client, config
 
 log = logging.getLogger("kquant.operator")
@@ -69,6 +71,28 @@ def owned(wanted: manifests.Manifest, existing: manifests.Manifest) -> bool:
     return all(labels.get(k) == v for k, v in want.items())
 
 
+CONNECT_TIMEOUT_SECONDS = 10.0
+READ_TIMEOUT_SECONDS = 30.0
+"""The longest a single call may wait for its answer; the operator's calls are small (one
+object, or a label-selected list), so half a minute means the connection is dead, not the call slow."""
+
+
+def _with_deadline(api_client: client.ApiClient) -> None:
+    """Give every call of ``api_client`` a deadline unless it names its own. Without one, a call
+    sent on a kept-alive connection that died silently (a NAT or a load balancer that dropped the
+    flow, seen in tests/faults/test_watch_cut.py) waits for ever, and the worker running that
+    pass with it. (A pool-wide urllib3 timeout does not do: the client passes ``timeout=None``
+    explicitly, which urllib3 reads as "no timeout".)"""
+    rest = api_client.rest_client
+    send = rest.request
+
+    def request(method: str, url: str, *args: Any, _request_timeout: Any = None, **kwargs: Any) -> Any:
+        deadline = _request_timeout or (CONNECT_TIMEOUT_SECONDS, READ_TIMEOUT_SECONDS)
+        return send(method, url, *args, _request_timeout=deadline, **kwargs)
+
+    rest.request = request
+
+
 class Kube:
     """API clients for one operator process (opened at startup, closed at cleanup)."""
 
@@ -76,6 +100,7 @@ class Kube:
                  settings: operator_config.OperatorConfig = operator_config.DEFAULTS) -> None:
         self.api_client = api_client
         self.settings = settings
+        _with_deadline(api_client)
         self.core = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
         self.batch = client.BatchV1Api(api_client)
@@ -106,6 +131,10 @@ class Kube:
             raise
         return body
 
+    def model_exists(self, namespace: str, name: str, uid: str) -> bool:
+        body = self.get_model(namespace, name)
+        return body is not None and body["metadata"].get("uid") == uid
+
     def annotate_model(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
         """Set annotations on a QuantizedModel (the CLI's ``kquant retry``: the user's own write,
         with the user's rights; the operator never writes a model's metadata)."""
@@ -118,11 +147,12 @@ class Kube:
             api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status}, _preload_content=False)
         return str(_json(response)["metadata"]["resourceVersion"])
 
-    def event(self, qm: api.QuantizedModel, kind: str, reason: str, message: str) -> None:
-        """A core/v1 Event on the QuantizedModel, as ``kubectl describe qm`` shows them."""
+    def event(self, qm: api.QuantizedModel, kind: str, reason: str, message: str, once: str | None = None) -> None:
+        """A core/v1 Event on the QuantizedModel, as ``kubectl describe qm`` shows them. With
+        ``once`` the Event's name is fixed, and the API server refuses it a second time (409)."""
         now = datetime.datetime.now(datetime.UTC)
         body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(name=f"{qm.metadata.name}.{uuid.uuid4().hex[:12]}",
+            metadata=client.V1ObjectMeta(name=f"{qm.metadata.name}.{once or uuid.uuid4().hex[:12]}",
                                          namespace=qm.metadata.namespace),
             involved_object=client.V1ObjectReference(
                 api_version=api.API_VERSION, kind=api.KIND, name=qm.metadata.name,
@@ -133,7 +163,9 @@ class Kube:
         try:
             self.core.create_namespaced_event(qm.metadata.namespace, body, _preload_content=False)
         except client.ApiException as exc:
-            if not namespace_terminating(exc):
+            if exc.status == 409 and once:
+                log.info("event %s on %s was posted before (a repeated pass)", reason, qm.metadata.name)
+            elif not namespace_terminating(exc):
                 log.warning("could not post event %s on %s: %s", reason, qm.metadata.name, exc.reason)
 
     def peers(self, name: str, namespace: str | None) -> dict[str, Any] | None:
@@ -268,6 +300,55 @@ class Kube:
         if verb == "read":
             return lambda name: method(name, namespace, _preload_content=False)
         return lambda name, body: method(name, namespace, body=body, _preload_content=False)
+
+    LOG_LIMIT_BYTES = 4 * 1024 * 1024
+    """llama-server's startup log at --log-verbosity 4 is tens of KiB; the head is all a check reads."""
+
+    def pod_log(self, namespace: str, name: str, container: str) -> str | None:
+        """The head of a container's log (pods/log); None when the node cannot serve it (no kubelet,
+        the container gone): a plan check that cannot read is skipped, never a failed pass."""
+        try:
+            text: str = self.core.read_namespaced_pod_log(name, namespace, container=container,
+                                                          limit_bytes=self.LOG_LIMIT_BYTES)
+        except client.ApiException as exc:
+            log.info("log of pod %s/%s not readable: %s %s", namespace, name, exc.status, exc.reason)
+            return None
+        except urllib3.exceptions.HTTPError as exc:
+            log.info("log of pod %s/%s not readable: %s", namespace, name, type(exc).__name__)
+            return None
+        return text
+
+    def plan_margins(self) -> tuple[dict[str, str], str]:
+        """The learned margins per GPU product and where they live; empty when the chart set none up
+        (or the ConfigMap cannot be read: planning goes on with the defaults). Read at a rollout only."""
+        name, namespace = self.settings.margins_configmap, self.settings.namespace
+        if not name or not namespace:
+            return {}, ""
+        try:
+            body = _json(self.core.read_namespaced_config_map(name, namespace, _preload_content=False))
+        except client.ApiException as exc:
+            log.warning("margins ConfigMap %s/%s not readable: %s %s", namespace, name, exc.status, exc.reason)
+            return {}, ""
+        return dict(body.get("data") or {}), f"ConfigMap {namespace}/{name}"
+
+    def record_margin(self, product: str, excess: int) -> None:
+        """Keep ``excess`` for ``product`` when it is the largest seen (read, then patch with the
+        resourceVersion read, so two replicas' writes cannot lose the larger)."""
+        name, namespace = self.settings.margins_configmap, self.settings.namespace
+        if not name or not namespace:
+            return
+        try:
+            body = _json(self.core.read_namespaced_config_map(name, namespace, _preload_content=False))
+            data = margins.merged(body.get("data"), product, excess)
+            if data is None:
+                return
+            patch = {"metadata": {"resourceVersion": body["metadata"]["resourceVersion"]}, "data": data}
+            self.core.patch_namespaced_config_map(name, namespace, patch, _preload_content=False)
+            log.info("learned margin for %s: %d bytes (ConfigMap %s/%s)", product, excess, namespace, name)
+        except client.ApiException as exc:
+            # a conflict means another replica wrote first: the next pod's check records it again
+            log.warning("margin for %s not recorded in %s/%s: %s %s", product, namespace, name, exc.status,
+                        exc.reason)
 
     def config_map_keys(self, namespace: str, name: str) -> list[str] | None:
         """The keys of a ConfigMap the user made (calibration or evaluation data); None if it

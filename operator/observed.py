@@ -85,6 +85,19 @@ class ServerDeployment:
                 and self.available_replicas >= wanted and self.replicas == wanted)
 
 
+@dataclasses.dataclass(frozen=True)
+class ServerPod:
+    """A llama-server pod: which one it is, where it runs and whether it is Ready (its log is read
+    once, when it first is)."""
+
+    name: str
+    uid: str
+    node: str
+    digest: str
+    """The served artifact's digest label (16 characters)."""
+    ready: bool
+
+
 def _meta(body: Body) -> Mapping[str, Any]:
     meta: Mapping[str, Any] = body.get("metadata") or {}
     return meta
@@ -146,6 +159,16 @@ def server_deployment(body: Body, variant_label: str, hash_annotation: str) -> S
         ready_replicas=int(status.get("readyReplicas") or 0), owners=_owners(body))
 
 
+def server_pod(body: Body, digest_label: str) -> ServerPod:
+    meta, status = _meta(body), body.get("status") or {}
+    conditions = status.get("conditions") or []
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    return ServerPod(name=str(meta.get("name") or ""), uid=str(meta.get("uid") or ""),
+                     node=str((body.get("spec") or {}).get("nodeName") or ""),
+                     digest=str((meta.get("labels") or {}).get(digest_label) or ""),
+                     ready=ready and not meta.get("deletionTimestamp"))
+
+
 @dataclasses.dataclass(frozen=True)
 class Children:
     """Everything one model owns that a pass reads, as the watches last showed it."""
@@ -156,11 +179,14 @@ class Children:
     deployments: Mapping[str, ServerDeployment] = dataclasses.field(default_factory=dict)
     claims: frozenset[str] = frozenset()
     """Names of the storage claims that exist."""
+    server_pods: tuple[ServerPod, ...] = ()
+    """Pods of the server Deployment (by name: they belong to its ReplicaSets, which nothing here watches)."""
 
     @classmethod
     def collect(cls, configmaps: Iterable[BuildConfigMap] = (), jobs: Iterable[BuildJob] = (),
                 pods: Iterable[BuildPod] = (), deployments: Iterable[ServerDeployment] = (),
-                claims: Iterable[str] = (), owner: str | None = None) -> Children:
+                claims: Iterable[str] = (), owner: str | None = None,
+                server_pods: Iterable[ServerPod] = ()) -> Children:
         """The records, keyed by name; with ``owner`` (the model's uid) only those the model owns
         (pods: those of its Jobs), whatever their labels say."""
         if owner is not None:
@@ -169,8 +195,11 @@ class Children:
             uids = {j.uid for j in jobs}
             pods = [p for p in pods if p.owners & uids]
             deployments = [d for d in deployments if owner in d.owners]
+            # a Deployment's pods are named <deployment>-<replicaset hash>-<suffix>
+            server_pods = [p for p in server_pods if any(p.name.startswith(f"{d.name}-") for d in deployments)]
         return cls(configmaps={c.name: c for c in configmaps}, jobs={j.name: j for j in jobs},
-                   pods=tuple(pods), deployments={d.name: d for d in deployments}, claims=frozenset(claims))
+                   pods=tuple(pods), deployments={d.name: d for d in deployments}, claims=frozenset(claims),
+                   server_pods=tuple(server_pods))
 
     def build_data(self, build: str) -> Mapping[str, str] | None:
         found = self.configmaps.get(build)

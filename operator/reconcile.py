@@ -4,9 +4,10 @@ Every event of the model or of an object it owns, and the periodic resync, ends 
 work queue in ``handlers``). The pass works from the current spec and what the watches show of the
 cluster (``observed``), never from a diff, so a re-delivered event or an operator restart finds
 the same answer and creates nothing twice: each build has one deterministic name, and creating an
-object that exists is a no-op. It reads nothing from the API server (but the keys of a ConfigMap a
-build is about to mount); it writes only what changed, and only through ``Writer``, so that a unit
-test can run a whole pass against a recording fake.
+object that exists is a no-op. It reads nothing from the API server but the keys of a ConfigMap a
+build is about to mount, the learned margins at a rollout, and a Ready server pod's log until one
+has been read (``check_plan``); it writes only what changed, and only through ``Writer``, so that
+a unit test can run a whole pass against a recording fake.
 
 What it decides is said with one ``findings.Reason``. An object that someone else owns, or that
 the API server refuses as rendered from the spec, is a condition and a Warning Event that name
@@ -18,14 +19,16 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
+import hashlib
 import logging
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import pydantic
 from kquant.operator import (
     artifacts,
+    build_gpus,
     build_manifests,
     builds,
     config,
@@ -39,6 +42,7 @@ from kquant.operator import (
     status,
 )
 from kquant.operator.api import v1alpha1 as api
+from kquant.operator.planner import check, nodes, server_log
 from kquant.quantizer import gguf_facts
 from kquant.quantizer import report as quantizer_report
 
@@ -70,9 +74,17 @@ class Writer(Protocol):
 
     def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> str: ...
 
-    def event(self, qm: api.QuantizedModel, kind: str, reason: str, message: str) -> None: ...
+    def event(self, qm: api.QuantizedModel, kind: str, reason: str, message: str, once: str | None = None) -> None:
+        """Post an Event; ``once`` names it, so a second post of the same ``once`` (a pass repeated
+        after a crash between its Event and its status write) makes no second Event."""
+        ...
 
     def delete(self, manifest: manifests.Manifest) -> bool: ...
+
+    def model_exists(self, namespace: str, name: str, uid: str) -> bool:
+        """Whether this very model (name and uid) is still in the API server, read there, not
+        in the watch's copy: a pass that starts a build checks it first."""
+        ...
 
     def config_map_keys(self, namespace: str, name: str) -> list[str] | None:
         """The keys of a user's ConfigMap, None if it does not exist (the one read a pass makes)."""
@@ -80,6 +92,18 @@ class Writer(Protocol):
 
     def secret_labels(self, namespace: str, name: str) -> dict[str, str] | None:
         """The labels of a Secret (its metadata only, never its data); None if it does not exist."""
+        ...
+
+    def pod_log(self, namespace: str, name: str, container: str) -> str | None:
+        """The head of a container's log; None when it cannot be read."""
+        ...
+
+    def plan_margins(self) -> tuple[dict[str, str], str]:
+        """The learned margins ConfigMap's data and a name for it (read at a rollout, not every pass)."""
+        ...
+
+    def record_margin(self, product: str, excess: int) -> None:
+        """Keep ``excess`` for a GPU product when it is the largest seen."""
         ...
 
 
@@ -120,6 +144,13 @@ def observe_build(qm: api.QuantizedModel, build: builds.Build, children: observe
         return findings.BuildState(build, findings.BuildPhase.SUCCEEDED, report=report, sizing=sizing)
     if parsed is not None and parsed.status is quantizer_report.BuildStatus.FAILED:
         reason = parsed.reason or "the quantizer reported a failure"
+        job = children.jobs.get(build.name)
+        if job is not None and not job.finished:
+            # The quantizer exited 1 (a cause a rerun may not meet again) and the Job runs its next
+            # pod: the build goes on. A permanent failure ends the Job at once (podFailurePolicy),
+            # and the last retry's failure ends it too; either then shows as FAILED.
+            return findings.BuildState(build, findings.BuildPhase.RUNNING, progress=f"retrying after: {reason}",
+                                       sizing=sizing)
         return findings.BuildState(build, findings.BuildPhase.FAILED, reason=reason, why=Reason.BUILD_FAILED,
                                    sizing=sizing)
     if children.jobs.get(build.name) is None:
@@ -261,33 +292,138 @@ def attempt(action: Callable[[], T]) -> T | findings.Problem:
         return findings.Problem(Reason.REFUSED, refusal(exc))
 
 
-def start_next_build(client: Writer, qm: api.QuantizedModel,
-                     states: list[findings.BuildState]) -> list[findings.BuildState]:
+def _still_there(client: Writer, qm: api.QuantizedModel) -> bool:
+    """Whether the API server still has this model. The index may hold one whose deletion is
+    under way (the watch's DELETED event not yet handled): a build started for it would make a
+    Job, its ServiceAccount and its ConfigMap owned by a model that is gone, which run, or fail,
+    until the garbage collector finds them. One read, made only when a build is about to start."""
+    if client.model_exists(qm.metadata.namespace or "", qm.metadata.name, qm.metadata.uid or ""):
+        return True
+    log.info("QuantizedModel %s/%s: gone from the API server; no build started", qm.metadata.namespace,
+             qm.metadata.name)
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Sized:
+    """Where the model's sizing stands: what its builds need, or why none may start yet."""
+
+    summary: quantizer_report.SizingSummary | None = None
+    """None: not known (no listing; the builds run on the spec's own requests, as before)."""
+    pending: bool = False
+    """The sizing Job is to be made, or runs: the next build waits for it."""
+    refusal: str | None = None
+    """The claim cannot hold the builds, in words with the numbers."""
+
+
+def parse_listing(data: str | None) -> quantizer_report.SourceListing | None:
+    """The sizing Job's result from its ConfigMap; None while there is none or it is not one."""
+    if not data:
+        return None
+    try:
+        return quantizer_report.SourceListing.model_validate_json(data)
+    except ValueError:
+        return None
+
+
+def read_sizing(qm: api.QuantizedModel, step: builds.SizingStep, children: observed.Children,
+                now: datetime.datetime, node_list: Sequence[Mapping[str, Any]] = ()) -> Sized:
+    """The builds' sizing from the sizing Job's listing. A listing the Job could not make (the hub
+    refused, a repository that does not exist) holds nothing back: the build's own fetch step meets
+    the same problem and reports it in the words users already know."""
+    listing = parse_listing((children.build_data(step.name) or {}).get(LISTING_KEY))
+    if listing is not None and listing.status is quantizer_report.BuildStatus.SUCCEEDED:
+        found, gpus = build_gpus.size_from_listing(qm, listing, node_list)
+        summary = quantizer_report.SizingSummary.from_sizing(found, gpus.product)
+        return Sized(summary, refusal=builds.claim_shortfall(qm, found))
+    if listing is not None:
+        return Sized()
+    job = children.jobs.get(step.name)
+    if job is None:
+        return Sized(pending=True)
+    if job.failed is not None or (job.completed is not None and _age(job.completed, now) >= REPORT_GRACE_SECONDS):
+        return Sized()
+    return Sized(pending=True)
+
+
+LISTING_KEY = "listing"
+"""Key of the sizing Job's result in its ConfigMap (``kquant-quantize size``)."""
+
+
+def _size(client: Writer, qm: api.QuantizedModel, children: observed.Children,
+          now: datetime.datetime, node_list: Sequence[Mapping[str, Any]]) -> Sized | findings.Problem:
+    """The sizing for the next build, making the sizing Job when there is none yet."""
+    step = builds.plan_sizing(qm, qm.metadata.namespace or "")
+    sized = read_sizing(qm, step, children, now, node_list)
+    if sized.pending and step.name not in children.jobs:
+        for manifest in build_manifests.sizing_objects(qm, step, client.settings):
+            outcome = attempt(functools.partial(client.create, manifest))
+            if isinstance(outcome, findings.Problem):
+                return outcome
+        log.info("QuantizedModel %s/%s: sizing the builds (%s)", qm.metadata.namespace, qm.metadata.name, step.name)
+    return sized
+
+
+def _hold(client: Writer, qm: api.QuantizedModel, build: builds.Build, children: observed.Children | None,
+          now: datetime.datetime | None, node_list: Sequence[Mapping[str, Any]]
+          ) -> findings.BuildState | quantizer_report.SizingSummary | None:
+    """What keeps ``build`` from starting now (a missing ConfigMap, the platform's policy, the sizing
+    Job still running, a claim that is too small), as its state; else the sizing of its Job."""
+    missing = missing_config(qm, client)
+    if missing is not None:
+        return findings.BuildState(build, findings.BuildPhase.BLOCKED, reason=missing, why=Reason.CONFIG_NOT_FOUND)
+    refusals = _build_refusals(client, qm)
+    if refusals:
+        return findings.BuildState(build, findings.BuildPhase.BLOCKED,
+                                   reason="refused by the platform policy: " + "; ".join(refusals),
+                                   why=Reason.POLICY_VIOLATION)
+    return None if children is None else _sizing_hold(client, qm, build, children, now, node_list)
+
+
+def _sizing_hold(client: Writer, qm: api.QuantizedModel, build: builds.Build, children: observed.Children,
+                 now: datetime.datetime | None, node_list: Sequence[Mapping[str, Any]],
+                 ) -> findings.BuildState | quantizer_report.SizingSummary | None:
+    sized = _size(client, qm, children, now or datetime.datetime.now(datetime.UTC), node_list)
+    if isinstance(sized, findings.Problem):
+        return findings.BuildState(build, findings.BuildPhase.BLOCKED, reason=sized.message, why=sized.why)
+    if sized.pending:
+        # The sizing pod mounts what a build pod mounts of the user's (the token's Secret): a missing
+        # one holds it in the kubelet's waiting state, which says the same as it would of the build.
+        waiting = children.waiting(builds.plan_sizing(qm, qm.metadata.namespace or "").name)
+        if waiting is not None and waiting[0] in WAITING_REASONS:
+            why, message = blocked(qm, build, waiting[0], waiting[1])
+            return findings.BuildState(build, findings.BuildPhase.BLOCKED, reason=message, why=why)
+        return findings.BuildState(build, findings.BuildPhase.RUNNING,
+                                   progress="sizing: listing the source (no download yet)")
+    if sized.refusal is not None:
+        return findings.BuildState(build, findings.BuildPhase.BLOCKED, reason=sized.refusal,
+                                   why=Reason.CLAIM_TOO_SMALL)
+    return sized.summary
+
+
+def start_next_build(client: Writer, qm: api.QuantizedModel, states: list[findings.BuildState],
+                     children: observed.Children | None = None, now: datetime.datetime | None = None,
+                     view: ClusterView | None = None) -> list[findings.BuildState]:
     """Builds of one model run one at a time: they share the download, the 16-bit GGUF and the
-    importance matrix on the storage volume, and usually the same GPU."""
+    importance matrix on the storage volume, and usually the same GPU. With ``children`` (what
+    the watches show) the first one waits for the model's sizing Job (``_size``)."""
     if any(s.phase in (findings.BuildPhase.RUNNING, findings.BuildPhase.BLOCKED) for s in states):
         return states
     queued = next((i for i, s in enumerate(states) if s.phase is findings.BuildPhase.QUEUED), None)
-    if queued is None:
+    if queued is None or not _still_there(client, qm):
         return states
     result = list(states)
     build = states[queued].build
-    missing = missing_config(qm, client)
-    if missing is not None:
-        result[queued] = findings.BuildState(build, findings.BuildPhase.BLOCKED, reason=missing,
-                                             why=Reason.CONFIG_NOT_FOUND)
-        return result
     others = [s for i, s in enumerate(states) if i != queued]
-    refusals = _build_refusals(client, qm)
-    if refusals:
-        result[queued] = findings.BuildState(build, findings.BuildPhase.BLOCKED,
-                                             reason="refused by the platform policy: " + "; ".join(refusals),
-                                             why=Reason.POLICY_VIOLATION)
-        return result
     if all(s.phase is findings.BuildPhase.SUCCEEDED for s in others):
         build = builds.discarding_intermediates(build, qm)
     # An earlier build of this model sized the builds from the hub's listing: later Jobs get its numbers.
-    sizing = next((s.sizing for s in states if s.sizing is not None), None)
+    earlier = next((s.sizing for s in states if s.sizing is not None), None)
+    held = _hold(client, qm, build, children, now, view.nodes if view else [])
+    if isinstance(held, findings.BuildState):
+        result[queued] = held
+        return result
+    sizing = held or earlier
     token = (qm.metadata.annotations or {}).get(observed.RETRY_ANNOTATION)
     started = False
     for manifest in build_manifests.objects(qm, build, client.settings, sizing):
@@ -303,7 +439,8 @@ def start_next_build(client: Writer, qm: api.QuantizedModel,
             log.info("QuantizedModel %s/%s: started build %s", qm.metadata.namespace, qm.metadata.name, build.name)
     if started and sizing is not None:
         for problem in build_manifests.undersized(qm, sizing):
-            client.event(qm, "Warning", Reason.BUILD_UNDERSIZED, f"build {build.name}: {problem}")
+            client.event(qm, "Warning", Reason.BUILD_UNDERSIZED, f"build {build.name}: {problem}",
+                         once=hashlib.sha256(f"{qm.metadata.uid}\0{build.name}\0{problem}".encode()).hexdigest()[:16])
     result[queued] = findings.BuildState(build, findings.BuildPhase.RUNNING, progress="starting")
     return result
 
@@ -339,20 +476,62 @@ def serve(client: Writer, qm: api.QuantizedModel, states: list[findings.BuildSta
     wanted = server_manifests.serving_hash(qm, artifact)
     old = qm.status.serving if qm.status else None
     if current is None or current.serving_hash != wanted or old is None or old.variant != spec.variant:
-        outcome = _roll_out(client, qm, artifact, state.report, view)
+        outcome = _roll_out(client, qm, artifact, state.report, view, [p.name for p in children.server_pods])
         if isinstance(outcome, serving.NoFit):
             return findings.ServingState(False, outcome.reason, outcome.message + keeps)
         if isinstance(outcome, findings.Problem):
             return findings.ServingState(False, outcome.why, f"{outcome.message}{keeps}")
         current, candidate = outcome
-        old = status.serving_status(qm, artifact, candidate)
+        facts = gguf_facts.ModelFacts.model_validate(state.report.facts) if state.report.facts else None
+        old = status.serving_status(qm, artifact, candidate, facts)
     ready = current.ready(spec.replicas)
     serving_status = old.model_copy(update={"ready_replicas": current.ready_replicas}) if old else None
+    if serving_status is not None:
+        serving_status = check_plan(client, qm, serving_status, artifact, children, view)
     if ready:
         return findings.ServingState(True, Reason.SERVING, f"variant {spec.variant} is served at "
                                      f"{serving_status.endpoint if serving_status else ''}", serving_status)
     return findings.ServingState(False, Reason.ROLLING_OUT, f"rolling out variant {spec.variant}{keeps}",
                                  serving_status, rolling_out=True)
+
+
+SERVER_CONTAINER = "llama-server"
+
+
+def check_plan(client: Writer, qm: api.QuantizedModel, served: api.ServingStatus, artifact: artifacts.Artifact,
+               children: observed.Children, view: ClusterView) -> api.ServingStatus:
+    """Measure the plan on the first Ready server pod of ``artifact`` whose log was not read yet:
+    llama-server's startup log (pods/log) against the prediction recorded at rollout. Each pod is
+    read once (its uid is kept in status); a log that cannot be read (a node without a kubelet
+    log endpoint, a container gone) leaves the check for a later pod, and costs no retry."""
+    found = served.plan_check
+    if found is None or found.devices is None:
+        return served
+    pods = [p for p in children.server_pods if p.ready and artifact.digest and p.digest == artifact.digest[:16]]
+    if found.pod_uid and any(p.uid == found.pod_uid for p in children.server_pods):
+        return served  # this pod was read: once per pod
+    predicted = status.prediction(found)
+    if not pods or predicted is None:
+        return served
+    pod = pods[0]
+    text = client.pod_log(qm.metadata.namespace or "", pod.name, SERVER_CONTAINER)
+    if text is None:
+        return served
+    try:
+        measured = server_log.parse(text)
+    except server_log.LogError as exc:
+        log.info("QuantizedModel %s/%s: pod %s: %s", qm.metadata.namespace, qm.metadata.name, pod.name, exc)
+        return served
+    result = check.compare(predicted, measured)
+    labels = next((((n.get("metadata") or {}).get("labels") or {}) for n in view.nodes
+                   if (n.get("metadata") or {}).get("name") == pod.node), {})
+    product = labels.get(nodes.LabelKeys().product)
+    log.info("QuantizedModel %s/%s: plan check of pod %s: %s", qm.metadata.namespace, qm.metadata.name,
+             pod.name, result.message())
+    if product and result.largest_gpu_excess > 0:
+        client.record_margin(product, result.largest_gpu_excess)
+    return served.model_copy(update={"plan_check": status.measured_check(found, result, pod.name, pod.uid,
+                                                                         pod.node, product)})
 
 
 def _unservable(variant: str, state: findings.BuildState, keeps: str) -> findings.ServingState | None:
@@ -371,10 +550,11 @@ def _unservable(variant: str, state: findings.BuildState, keeps: str) -> finding
 
 
 def _roll_out(client: Writer, qm: api.QuantizedModel, artifact: artifacts.Artifact,
-              report: quantizer_report.VariantReport, view: ClusterView,
+              report: quantizer_report.VariantReport, view: ClusterView, own_pods: Sequence[str] = (),
               ) -> tuple[observed.ServerDeployment, serving.Candidate | None] | serving.NoFit | findings.Problem:
     """Place ``artifact`` (on a GPU pool, or on CPU when the spec asks for no GPUs) and apply its
-    Deployment and Service; returns the Deployment as stored and where it went."""
+    Deployment and Service; returns the Deployment as stored and where it went. ``own_pods``: the
+    model's server pods, whose GPUs the new rollout may take over."""
     spec = qm.spec.serving
     assert spec is not None
     refusals = policy.serving_refusals(qm, client.settings.policy)
@@ -386,7 +566,8 @@ def _roll_out(client: Writer, qm: api.QuantizedModel, artifact: artifacts.Artifa
         if report.facts is None:
             return serving.NoFit(Reason.NO_MODEL_FACTS, f"the build report of {artifact.variant} has no GGUF facts")
         facts = gguf_facts.ModelFacts.model_validate(report.facts)
-        found = serving.candidates(qm, facts, view.nodes, view.pods)
+        learned, source = client.plan_margins()
+        found = serving.candidates(qm, facts, view.nodes, view.pods, learned, source, own=own_pods)
         candidate = serving.choose(found)
         if candidate is None:
             return serving.no_fit(qm, found, facts)
@@ -425,7 +606,8 @@ def _announce(client: Writer, qm: api.QuantizedModel, new: api.QuantizedModelSta
     """An Event when Ready changes, and a Warning for each failure a user must act on, once per
     reason even where several conditions carry it (events cost API calls, so the other
     conditions' routine moves stay in status only)."""
-    old = {c.type: (c.status, c.reason) for c in (qm.status.conditions or [])} if qm.status else {}
+    previous = {c.type: c for c in (qm.status.conditions or [])} if qm.status else {}
+    old = {kind: (c.status, c.reason) for kind, c in previous.items()}
     warned: set[str] = set()
     for condition in new.conditions or []:
         if old.get(condition.type) == (condition.status, condition.reason):
@@ -438,7 +620,19 @@ def _announce(client: Writer, qm: api.QuantizedModel, new: api.QuantizedModelSta
         if failing:
             warned.add(condition.reason)
         client.event(qm, "Warning" if failing else "Normal", condition.reason,
-                     f"{condition.type}={condition.status.value}: {condition.message}")
+                     f"{condition.type}={condition.status.value}: {condition.message}",
+                     once=transition_id(qm, condition, previous.get(condition.type)))
+
+
+def transition_id(qm: api.QuantizedModel, new: api.Condition, old: api.Condition | None) -> str:
+    """One name per change of a condition: the model, the condition, the state it leaves (with
+    the time that state began, so the same change made again later is a new one) and the state
+    it enters. The Event goes out before the status write that records the change; an operator
+    killed between the two makes the same change again on its next pass, and the same name
+    makes the API server refuse the second Event as AlreadyExists."""
+    before = (old.status.value, old.reason, old.last_transition_time.isoformat()) if old else ("", "", "")
+    parts = (qm.metadata.uid or qm.metadata.name, new.type, *before, new.status.value, new.reason)
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
 def _again_in(states: list[findings.BuildState], children: observed.Children, now: datetime.datetime) -> float | None:
@@ -512,7 +706,13 @@ def clean_up(client: Writer, qm: api.QuantizedModel, states: list[findings.Build
     builds go too, but for a few per variant that hold a successful report (what a rollback needs);
     without ``spec.serving`` the server Deployment and Service go. Each delete happens once: the
     watches stop showing what went."""
-    current = {s.build.name for s in states}
+    sizing_step = builds.plan_sizing(qm, qm.metadata.namespace or "").name
+    current = {s.build.name for s in states} | {sizing_step}
+    sizing_job = children.jobs.get(sizing_step)
+    if sizing_job is not None and sizing_job.finished and (children.build_data(sizing_step) or {}).get(LISTING_KEY):
+        # The listing is read: the sizing Job, its account and Role go; its ConfigMap stays as the record.
+        for manifest in _build_objects(qm, sizing_step, BUILD_KINDS[:-1], {"Job": sizing_job.uid}):
+            attempt(functools.partial(client.delete, manifest))
     for job in children.jobs.values():
         if job.name not in current:
             verb = "finished" if job.finished else "cancelled"
@@ -571,7 +771,8 @@ def reconcile(client: Writer, body: Mapping[str, Any], children: observed.Childr
     made = None
     if claim is not None and claim["metadata"]["name"] not in children.claims:
         made = attempt(functools.partial(client.create, claim))
-    states = _claim_blocks(states, made) if isinstance(made, findings.Problem) else start_next_build(client, qm, states)
+    states = (_claim_blocks(states, made) if isinstance(made, findings.Problem)
+              else start_next_build(client, qm, states, children, now, view))
     serving_state = serve(client, qm, states, children, view)
     again = _again_in(states, children, now)
     new = status.compute(qm, states, serving_state, now)

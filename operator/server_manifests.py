@@ -45,6 +45,13 @@ HTTP server's buffers, and the page cache a memory-mapped model keeps warm."""
 MEMORY_EXTRA_BYTES = 1 << 30
 
 
+LOG_VERBOSITY = 4
+"""llama-server's ``--log-verbosity``: 4 prints the buffer sizes and offloaded layers the operator
+checks the plan against (``planner.server_log``), and nothing of the requests (prompts stay out
+of the log); the default, 3, prints neither."""
+_VERBOSITY_FLAGS = {"-lv", "--verbosity", "--log-verbosity", "-v", "--verbose", "--log-verbose"}
+
+
 def server_threads(spec: api.Serving) -> int | None:
     """llama-server's ``--threads``: the CPU limit, else the CPU request, whole CPUs, at least one.
     Without it llama.cpp starts one thread per core of the node (64 threads for a 1-CPU request on
@@ -70,6 +77,8 @@ def server_args(qm: api.QuantizedModel, model_path: str, offload: plan.OffloadPl
     assert spec is not None
     args = ["--model", model_path, "--alias", f"{qm.metadata.name}-{spec.variant}",
             "--host", "0.0.0.0", "--port", str(SERVER_PORT), "--metrics", "--no-webui"]
+    if not _VERBOSITY_FLAGS & {a.split("=", 1)[0] for a in spec.extra_args or ()}:
+        args += ["--log-verbosity", str(LOG_VERBOSITY)]
     threads = server_threads(spec)
     if threads is not None and not {"-t", "--threads"} & {a.split("=", 1)[0] for a in spec.extra_args or ()}:
         args += ["--threads", str(threads)]

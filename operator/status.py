@@ -14,15 +14,18 @@ from collections.abc import Sequence
 
 from kquant.operator import artifacts, findings, server_manifests, serving
 from kquant.operator.api import v1alpha1 as api
-from kquant.quantizer import units
+from kquant.operator.planner import check, memory, plan, server_log
+from kquant.quantizer import gguf_facts, units
 
 PROGRESS_PHASES: dict[str, api.Phase] = {
     "fetch": api.Phase.DOWNLOADING, "convert": api.Phase.CONVERTING, "calibrat": api.Phase.CALIBRATING,
     "quantiz": api.Phase.QUANTIZING, "plan": api.Phase.QUANTIZING,
     "evaluat": api.Phase.EVALUATING, "referenc": api.Phase.EVALUATING, "publish": api.Phase.EVALUATING,
+    "sizing": api.Phase.PENDING,
 }
 """The model's phase while a build runs, from the step word in the quantizer's progress line
-(``steps.StepKind``: fetching, converting, calibrating, ...)."""
+(``steps.StepKind``: fetching, converting, calibrating, ...); ``sizing`` is the sizing Job, before
+the first build Job exists."""
 
 
 def variant_status(state: findings.BuildState) -> api.VariantStatus:
@@ -44,14 +47,16 @@ def variant_status(state: findings.BuildState) -> api.VariantStatus:
     })
 
 
-def serving_status(qm: api.QuantizedModel, artifact: artifacts.Artifact,
-                   candidate: serving.Candidate | None) -> api.ServingStatus:
-    """``status.serving`` for a rollout of ``artifact`` on ``candidate`` (None: on CPU)."""
+def serving_status(qm: api.QuantizedModel, artifact: artifacts.Artifact, candidate: serving.Candidate | None,
+                   facts: gguf_facts.ModelFacts | None = None) -> api.ServingStatus:
+    """``status.serving`` for a rollout of ``artifact`` on ``candidate`` (None: on CPU), with the
+    prediction per device that the server's log is checked against once a pod is Ready."""
     endpoint = server_manifests.endpoint(qm)
     size = units.human_size(artifact.size_bytes)
     if candidate is None:
         return api.ServingStatus(variant=artifact.variant, endpoint=endpoint, gpu_layers=0, size=size,
-                                 explanation="served on CPU: spec.serving.gpus is 0")
+                                 explanation="served on CPU: spec.serving.gpus is 0",
+                                 plan_check=cpu_prediction(qm, facts))
     offload = candidate.offload
     return api.ServingStatus(
         variant=artifact.variant, endpoint=endpoint, gpu_layers=offload.gpu_layers, size=size,
@@ -59,7 +64,54 @@ def serving_status(qm: api.QuantizedModel, artifact: artifacts.Artifact,
         predicted_gpu_bytes=sum(d.total for d in offload.devices),
         node_gpu_bytes=(candidate.pool.memory_bytes or 0) * candidate.gpus,
         explanation=f"{candidate.node} ({candidate.pool.product}): {offload.explanation}"[:4096],
+        plan_check=predicted_check(offload),
     )
+
+
+def predicted_check(offload: plan.OffloadPlan) -> api.PlanCheck:
+    """The plan's bytes per GPU and on the host, before any pod has run (measured fields empty)."""
+    rows = [api.DevicePlanCheck(device=f"GPU{i}", predicted_bytes=d.total) for i, d in enumerate(offload.devices)]
+    rows.append(api.DevicePlanCheck(device=server_log.HOST, predicted_bytes=offload.host.total))
+    return api.PlanCheck(planned_layers=offload.gpu_layers if offload.devices else 0,
+                         total_layers=offload.total_layers, devices=rows)
+
+
+def cpu_prediction(qm: api.QuantizedModel, facts: gguf_facts.ModelFacts | None) -> api.PlanCheck | None:
+    """A CPU-served model's host bytes as the memory model predicts them (None without facts)."""
+    spec = qm.spec.serving
+    if facts is None or spec is None:
+        return None
+    try:
+        host = memory.breakdown(facts, serving.context_settings(spec), memory.Placement(0)).host
+    except ValueError:
+        return None
+    return api.PlanCheck(planned_layers=0, total_layers=facts.block_count + 1,
+                         devices=[api.DevicePlanCheck(device=server_log.HOST, predicted_bytes=host.total)])
+
+
+def prediction(found: api.PlanCheck) -> check.Prediction | None:
+    """``check.Prediction`` back from what status recorded at rollout (totals per device)."""
+    rows = found.devices or []
+    host = next((d for d in rows if d.device == server_log.HOST), None)
+    if host is None or found.total_layers is None:
+        return None
+    gpus = tuple(memory.DeviceBytes(model=d.predicted_bytes) for d in rows if d.device != server_log.HOST)
+    return check.Prediction(devices=gpus, host=memory.DeviceBytes(model=host.predicted_bytes),
+                            gpu_layers=found.planned_layers or 0, total_layers=found.total_layers)
+
+
+def measured_check(found: api.PlanCheck, result: check.PlanCheck, pod: str, pod_uid: str, node: str,
+                   product: str | None) -> api.PlanCheck:
+    """The recorded prediction with what one pod's log showed."""
+    rows = [api.DevicePlanCheck(device=d.device, name=d.name or None, predicted_bytes=d.predicted,
+                                measured_bytes=d.measured, judged=d.judged,
+                                error_ratio=None if d.error_ratio is None else round(d.error_ratio, 4))
+            for d in result.devices]
+    return found.model_copy(update={
+        "pod": pod, "pod_uid": pod_uid, "node": node or None, "gpu_product": product,
+        "planned_layers": result.planned_layers, "offloaded_layers": result.offloaded_layers,
+        "total_layers": result.total_layers, "devices": rows, "verified": result.verified,
+        "message": result.message()[:4096]})
 
 
 Reason = findings.Reason
@@ -129,6 +181,19 @@ def _phase(states: Sequence[findings.BuildState], serving_state: findings.Servin
     return api.Phase.READY if serving_state.ready else api.Phase.SERVING
 
 
+def _plan_verified(serving_state: findings.ServingState | None) -> tuple[bool, Reason, str] | None:
+    """PlanVerified from the served pod's check; None until a pod's log has been read. It does not
+    touch Ready: a server that allocated more than predicted still serves."""
+    found = serving_state.serving.plan_check if serving_state and serving_state.serving else None
+    if found is None or found.verified is None:
+        return None
+    message = found.message or ""
+    if found.verified:
+        return True, Reason.PLAN_HELD, message
+    fallback = (found.offloaded_layers or 0) < (found.planned_layers or 0)
+    return False, Reason.FEWER_LAYERS_OFFLOADED if fallback else Reason.MEMORY_ABOVE_PLAN, message
+
+
 def compute(qm: api.QuantizedModel, states: Sequence[findings.BuildState],
             serving_state: findings.ServingState | None, now: datetime.datetime) -> api.QuantizedModelStatus:
     generation = qm.metadata.generation
@@ -147,6 +212,12 @@ def compute(qm: api.QuantizedModel, states: Sequence[findings.BuildState],
         ready = quantized[0]
         ready_reason, ready_message = quantized[1], quantized[2]
     new.append(_condition(api.ConditionType.READY, ready, ready_reason, ready_message, generation, now))
+    verified = _plan_verified(serving_state)
+    if verified is not None:
+        new.append(_condition(api.ConditionType.PLAN_VERIFIED, *verified, generation, now))
+    elif serving_state is not None and serving_state.serving is not None:
+        # a new rollout: the last pod's verdict no longer speaks for what is served
+        conditions = [c for c in conditions if c.type != api.ConditionType.PLAN_VERIFIED.value]
     # kstatus (Flux, kubectl wait, Argo CD's generic check): Stalled=True ends the wait with a
     # failure, Reconciling=True says work is under way.
     stalled = not ready and (quantized[1].stalled or ready_reason.stalled)

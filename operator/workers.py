@@ -93,7 +93,8 @@ class WorkerPool:
         pool = cls(client=client, queue=workqueue.WorkQueue(), ledger=ledger.StatusLedger(),
                    executor=concurrent.futures.ThreadPoolExecutor(WORKERS, thread_name_prefix="kquant-pass"),
                    indexes=indexes, metrics=metrics.Metrics(), peering=peering, resync_seconds=resync_seconds)
-        pool.metrics.track(queue_depth=lambda: len(pool.queue), models=lambda: len(pool.indexes["models"]))
+        pool.metrics.track(queue_depth=lambda: len(pool.queue), models=lambda: len(pool.indexes["models"]),
+                           bodies=lambda: [b for k in list(pool.indexes["models"]) for b in pool.indexes["models"][k]])
         if client.settings.metrics_port:
             pool.metrics.serve(client.settings.metrics_port)
         pool.tasks = [asyncio.create_task(pool._work(), name=f"kquant-worker-{i}") for i in range(WORKERS)]
@@ -103,10 +104,18 @@ class WorkerPool:
     async def _resync_forever(self) -> None:
         while True:
             await asyncio.sleep(self.resync_seconds)
+            self.metrics.held_objects(self.held())
             try:
                 await self.resync()
             except Exception as exc:  # the API server is away: the next round tries again
                 log.warning("resync skipped: %s", kube.describe_error(exc))
+
+    def held(self) -> dict[str, int]:
+        """What this replica keeps in memory, per store. Counted on the event loop, where kopf
+        changes the indexes, so no count meets a dict that changes under it."""
+        counts = {f"index/{name}": sum(len(store) for store in index.values()) for name, index in self.indexes.items()}
+        counts.update(workqueue=self.queue.held(), ledger=len(self.ledger), node_shapes=len(self.node_shapes))
+        return counts
 
     async def resync(self) -> int:
         """Queue every model this replica knows, unless kopf has paused it in favour of another
@@ -178,7 +187,8 @@ class WorkerPool:
         children = observed.Children.collect(
             configmaps=_values(idx["build_configmaps"], key), jobs=_values(idx["build_jobs"], key),
             pods=_values(idx["build_pods"], key), deployments=_values(idx["server_deployments"], key),
-            claims=_values(idx["storage_claims"], key), owner=str(body["metadata"].get("uid") or ""))
+            claims=_values(idx["storage_claims"], key), owner=str(body["metadata"].get("uid") or ""),
+            server_pods=_values(idx["server_pods"], key))
         view = reconcile.ClusterView(nodes=[n for k in idx["cluster_nodes"] for n in idx["cluster_nodes"][k]],
                                      pods=[p for k in idx["gpu_pods"] for p in idx["gpu_pods"][k]])
         return dict(self.ledger.newest(body)), children, view

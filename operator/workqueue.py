@@ -42,6 +42,11 @@ class WorkQueue(Generic[K]):
     def __len__(self) -> int:
         return self._ready.qsize()
 
+    def held(self) -> int:
+        """Keys the queue keeps in its bookkeeping (queued, running, to run again, failing,
+        waiting on a timer): with no model left this is 0, so growth over time is a leak."""
+        return len(self._queued) + len(self._active) + len(self._again) + len(self._failures) + len(self._timers)
+
     def add(self, key: K) -> None:
         """Ask for a pass over ``key``: now, or right after the pass that is running."""
         if self._closed:

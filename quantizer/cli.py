@@ -2,10 +2,14 @@
 
     kquant-quantize run  --spec build.yaml [--report out.json]
     kquant-quantize plan --spec build.yaml --variant q4km [--gguf model-f16.gguf]
+    kquant-quantize size --spec build.yaml [--report listing.json]
 
-Exit status: 0 when the build succeeded (a variant that missed its quality gate is a result,
-recorded in the report, not a failure), 1 when it failed (the reason is logged and in the
-report), 2 for a bad command line or spec. Expected failures never print a traceback.
+Exit status (``report.ExitCode``): 0 when the build succeeded (a variant that missed its quality
+gate is a result, recorded in the report, not a failure), 1 when it failed for a reason a rerun
+may not meet again (network, hub 5xx, a tool that crashed), 3 when it failed for a reason only the
+user can remove (claim full, spec or source refused, repository not found: the build Job does not
+retry these), 2 for a bad command line or spec. The reason is logged and in the report. Expected
+failures never print a traceback.
 """
 
 from __future__ import annotations
@@ -14,16 +18,18 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from kquant.quantizer import fetch, imatrix, pipeline, progress, quantize, redact, report, settings
+from kquant.quantizer import fetch, imatrix, pipeline, progress, quantize, redact, report, settings, sizing
 
 log = logging.getLogger("kquant.quantizer")
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+EXIT_OK = report.ExitCode.OK
+EXIT_FAILED = report.ExitCode.FAILED
+EXIT_USAGE = report.ExitCode.USAGE
+EXIT_PERMANENT = report.ExitCode.PERMANENT
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
         type=Path,
         help="plan against this 16-bit GGUF instead of fetching and converting the spec's source",
     )
+    size = sub.add_parser("size", help="list the source and read its config.json for the operator's sizing; "
+                          "download no weights")
+    size.add_argument("--spec", type=Path, help=f"JSON or YAML build spec (default: ${settings.SPEC_ENV})")
+    size.add_argument("--report", type=Path, help="also write the listing JSON here")
     return parser
 
 
@@ -56,7 +66,8 @@ def _sink(spec: settings.BuildSpec) -> progress.Sink:
 
 
 def cmd_run(spec: settings.BuildSpec, report_path: Path | None, env: dict[str, str]) -> int:
-    result = pipeline.BuildRunner(spec, _sink(spec), env).run()
+    runner = pipeline.BuildRunner(spec, _sink(spec), env)
+    result = runner.run()
     if report_path is not None:
         report_path.parent.mkdir(parents=True, exist_ok=True)
         report_path.write_text(redact.redact(result.to_json()))
@@ -75,7 +86,48 @@ def cmd_run(spec: settings.BuildSpec, report_path: Path | None, env: dict[str, s
             redact.redact(f"kquant-quantize: build failed in {result.failed_step or 'setup'}: {result.reason}"),
             file=sys.stderr,
         )
+        return EXIT_PERMANENT if runner.permanent else EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_size(spec: settings.BuildSpec, report_path: Path | None, env: dict[str, str]) -> int:
+    """The sizing Job: the files a build would fetch and the sizing numbers of config.json, into the
+    result ConfigMap's ``listing``. Weights never move, and no file is written outside /tmp."""
+    hf = spec.source.huggingface
+    if hf is None:
+        print("kquant-quantize: size needs a source.huggingface repository", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        with tempfile.TemporaryDirectory(prefix="kquant-size-") as scratch:
+            found = fetch.survey(hf, Path(scratch), env=env)
+    except fetch.FetchError as exc:
+        listing = report.SourceListing(status=report.BuildStatus.FAILED, reason=str(exc),
+                                       quantizer_version=settings.QUANTIZER_VERSION)  # fmt: skip
+    else:
+        listing = report.SourceListing(
+            status=report.BuildStatus.SUCCEEDED, quantizer_version=settings.QUANTIZER_VERSION,
+            revision=found.revision,
+            files=[report.ListedFile(name=f.name, size_bytes=f.size or 0) for f in found.files],
+            config=sizing.trim_config(found.config) if found.config is not None else None,
+        )  # fmt: skip
+    text = redact.redact(listing.to_json())
+    if report_path is not None:
+        report_path.parent.mkdir(parents=True, exist_ok=True)
+        report_path.write_text(text)
+    cm = spec.result_config_map
+    if cm is not None:
+        done = "done" if listing.status is report.BuildStatus.SUCCEEDED else f"failed: {listing.reason}"
+        try:
+            sink = progress.ConfigMapSink(progress.kubernetes_patcher(cm.name, cm.namespace))
+        except Exception as exc:  # no cluster config: the log and --report still have it
+            log.warning("cannot reach the Kubernetes API for ConfigMap %s/%s: %s", cm.namespace, cm.name, exc)
+        else:
+            sink.final({"progress": done, "listing": text})
+    if listing.status is report.BuildStatus.FAILED:
+        print(redact.redact(f"kquant-quantize: cannot size the build: {listing.reason}"), file=sys.stderr)
         return EXIT_FAILED
+    log.info("sized %s at %s: %d file(s), %d bytes", hf.repo, listing.revision, len(listing.files),
+             sum(f.size_bytes for f in listing.files))
     return EXIT_OK
 
 
@@ -131,6 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "run":
         return cmd_run(spec, args.report, env)
+    if args.command == "size":
+        return cmd_size(spec, args.report, env)
     return cmd_plan(spec, args.variant, args.gguf, env)
 
 

@@ -61,7 +61,15 @@ MANIFEST = ".kquant-fetch.json"
 
 
 class FetchError(Exception):
-    """The source could not be fetched; the message says why in the spec's terms."""
+    """The source could not be fetched; the message says why in the spec's terms.
+
+    ``permanent`` unless said otherwise: a name, a pattern or a format the quantizer refuses is
+    refused again on a rerun. A download that broke, a file that failed its check (removed, so a
+    rerun fetches it again) and a hub 5xx pass ``permanent=False`` (``_is_permanent``)."""
+
+    def __init__(self, message: str, *, permanent: bool = True) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyd", ".so", ".dylib", ".dll", ".exe", ".sh", ".bat", ".ipynb")
@@ -269,7 +277,14 @@ def _where(source: settings.HuggingFaceSource, endpoint: str) -> str:
 
 
 def _translate(exc: Exception, source: settings.HuggingFaceSource, endpoint: str) -> FetchError:
-    """Turn huggingface_hub's exceptions into a reason a user can act on (and no token)."""
+    """Turn huggingface_hub's exceptions into a reason a user can act on (and no token), permanent
+    when a rerun would meet it again (``_is_permanent``)."""
+    translated = _translated(exc, source, endpoint)
+    translated.permanent = _is_permanent(exc)
+    return translated
+
+
+def _translated(exc: Exception, source: settings.HuggingFaceSource, endpoint: str) -> FetchError:
     where = _where(source, endpoint)
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return FetchError(f"No space left on device while downloading {where}; grow storage.pvc.size")
@@ -295,6 +310,10 @@ def _translate(exc: Exception, source: settings.HuggingFaceSource, endpoint: str
 def _is_permanent(exc: Exception) -> bool:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
+    if isinstance(exc, errors.LocalEntryNotFoundError):
+        # A subclass of EntryNotFoundError, but it says the hub could not be reached and the cache
+        # had nothing: the network, which a rerun may not meet again.
+        return False
     permanent = (
         errors.RepositoryNotFoundError,
         errors.RevisionNotFoundError,
@@ -322,7 +341,7 @@ def remote_files(
         RemoteFile(s.rfilename, s.size, s.lfs.sha256 if s.lfs is not None else None) for s in (info.siblings or [])
     ]
     if not info.sha:
-        raise FetchError(f"the hub did not resolve {_where(source, endpoint)} to a commit")
+        raise FetchError(f"the hub did not resolve {_where(source, endpoint)} to a commit", permanent=False)
     return info.sha, files
 
 
@@ -334,17 +353,21 @@ def verify(dest: Path, files: Sequence[RemoteFile], progress: Callable[[float], 
         check_name(f.name, dest)
         path = dest / f.name
         if not path.is_file():
-            raise FetchError(f"{f.name} is missing after the download")
+            raise FetchError(f"{f.name} is missing after the download", permanent=False)
         size = path.stat().st_size
         if f.size is not None and size != f.size:
             path.unlink()
-            raise FetchError(f"{f.name} has {size} bytes, the hub says {f.size}; removed it, rerun to fetch it again")
+            raise FetchError(
+                f"{f.name} has {size} bytes, the hub says {f.size}; removed it, rerun to fetch it again",
+                permanent=False,
+            )
         if f.sha256 is not None:
             actual = sha256_file(path)
             if actual != f.sha256:
                 path.unlink()
                 raise FetchError(
-                    f"{f.name} has sha256 {actual}, the hub says {f.sha256}; removed it, rerun to fetch it again"
+                    f"{f.name} has sha256 {actual}, the hub says {f.sha256}; removed it, rerun to fetch it again",
+                    permanent=False,
                 )
         done += f.size or 0
         if progress is not None:
@@ -383,7 +406,10 @@ def _download_resumable(repo: str, revision: str, f: RemoteFile, dest: Path, end
     actual = sha256_file(part)
     if actual != f.sha256:
         part.unlink()
-        raise FetchError(f"{f.name} has sha256 {actual}, the hub says {f.sha256}; removed it, rerun to fetch it again")
+        raise FetchError(
+            f"{f.name} has sha256 {actual}, the hub says {f.sha256}; removed it, rerun to fetch it again",
+            permanent=False,
+        )
     final.parent.mkdir(parents=True, exist_ok=True)
     part.replace(final)
     return True
@@ -472,6 +498,30 @@ def _choose(
         )
     wanted = set(matched) - set(refused)
     return [f for f in listing if f.name in wanted]
+
+
+@dataclasses.dataclass(frozen=True)
+class Survey:
+    """What a fetch of ``source`` would download, and its ``config.json``: enough to size the build."""
+
+    revision: str
+    files: tuple[RemoteFile, ...]
+    config: dict[str, Any] | None
+
+
+def survey(source: settings.HuggingFaceSource, scratch: Path, *, env: dict[str, str] | None = None) -> Survey:
+    """List the pinned commit, choose the files as ``fetch`` would, and read ``config.json`` into
+    ``scratch``; no weights move. The operator's sizing Job runs this before the first build, so a
+    claim, a memory request or a deadline that cannot work is found out before any download."""
+    endpoint = endpoint_for(source, env)
+    revision, listing = remote_files(source, env=env)
+    scratch.mkdir(parents=True, exist_ok=True)
+    chosen = _choose(source, endpoint, listing, scratch)
+    try:
+        config = _config(source, revision, chosen, scratch, endpoint, env)
+    except Exception as exc:
+        raise _translate(exc, source, endpoint) from None
+    return Survey(revision, tuple(chosen), config)
 
 
 def fetch(

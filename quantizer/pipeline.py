@@ -66,7 +66,15 @@ _UNQUANTIZED_CODES = {
 
 
 class BuildError(Exception):
-    """A failure with a reason the user can act on (the report carries the message)."""
+    """A failure with a reason the user can act on (the report carries the message).
+
+    ``permanent`` unless said otherwise: a missing local path, a corrupt source or a recipe the
+    model cannot take are met again by a rerun. A llama.cpp tool that crashed is not (it may have
+    met memory pressure on a busy node): those pass ``permanent=False``."""
+
+    def __init__(self, message: str, *, permanent: bool = True) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 DiskFullError = space.NoSpaceError
@@ -75,6 +83,24 @@ DiskFullError = space.NoSpaceError
 
 class CannotPlanError(BuildError):
     """``prepare`` could not make what a plan needs; the message says why."""
+
+
+PERMANENT_ERRORS: tuple[type[Exception], ...] = (settings.SpecError, recipes.RecipeError, space.NoSpaceError)
+"""Failures a rerun of the same spec meets again, whatever their message: a refused spec or recipe,
+and a claim too small (a full disk stays full; the free-space check refuses the rerun at once)."""
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True when rerunning the build cannot succeed until the user changes something: the quantizer
+    then exits with ``report.ExitCode.PERMANENT`` and the Job does not retry. Everything not known
+    to be permanent (network, hub 5xx, API errors, a crashed tool, a bug) keeps the Job's retries."""
+    if isinstance(exc, PERMANENT_ERRORS):
+        return True
+    if isinstance(exc, OSError):
+        return exc.errno in space.FULL_ERRNOS
+    if isinstance(exc, (BuildError, fetch.FetchError)):
+        return exc.permanent
+    return False
 
 
 def source_key(spec: settings.BuildSpec) -> str:
@@ -182,6 +208,8 @@ class BuildRunner:
         self.report = report.BuildReport(status=report.BuildStatus.FAILED, quantizer_version=settings.QUANTIZER_VERSION)
         self._current: str | None = None
         self._variant: tuple[str, int] | None = None
+        self.permanent = False
+        """Set by ``run`` when the build failed for a reason a rerun meets again (``is_permanent``)."""
 
     # ------------------------------------------------------------ plumbing
 
@@ -221,8 +249,10 @@ class BuildRunner:
             self._run()
             self.report.status = report.BuildStatus.SUCCEEDED
         except _expected_errors() as exc:
+            self.permanent = is_permanent(exc)
             self._fail(str(exc))
         except OSError as exc:
+            self.permanent = is_permanent(exc)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 folder = Path(exc.filename).parent if exc.filename else self.layout.root
                 what = f"step {self._current or 'start'}"
@@ -418,7 +448,7 @@ class BuildRunner:
                     progress=p,
                 )
             except imatrix.ImatrixError as exc:
-                raise BuildError(f"calibration failed: {exc}") from None
+                raise BuildError(f"calibration failed: {exc}", permanent=False) from None
 
         self._step("calibrate", steps.StepKind.CALIBRATE, inputs, (out,), run)
         return out
@@ -511,7 +541,9 @@ class BuildRunner:
             try:
                 quantize.quantize(base, staged, job, data, progress=p)
             except quantize.QuantizeError as exc:
-                raise BuildError(f"variants[{self._variant_index()}] ({variant.name}): {exc}") from None
+                raise BuildError(
+                    f"variants[{self._variant_index()}] ({variant.name}): {exc}", permanent=False
+                ) from None
 
         try:
             self._step(

@@ -152,6 +152,10 @@ class ConfigMapSink:
             self._last = text
             self._send({"progress": text})
 
+    def final(self, data: dict[str, str]) -> bool:
+        """A last write that must arrive (a result): tried like the report."""
+        return self._send(data, self.REPORT_ATTEMPTS)
+
     def report(self, build: report_mod.BuildReport) -> None:
         progress = "done" if build.status is report_mod.BuildStatus.SUCCEEDED else f"failed: {build.reason}"
         if not self._send({"progress": progress, "report": build.to_json()}, self.REPORT_ATTEMPTS):

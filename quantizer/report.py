@@ -31,6 +31,29 @@ class BuildStatus(enum.StrEnum):
     FAILED = "Failed"
 
 
+class ExitCode(enum.IntEnum):
+    """The quantizer's exit status, the contract with the build Job's ``podFailurePolicy``.
+
+    The Job re-runs a failed pod up to ``backoffLimit`` times. That helps a build that met the
+    network, a hub 5xx or the API server at a bad moment (``FAILED``), and only burns time and
+    pods for one that a rerun meets again: a full claim, a spec or source the quantizer refuses,
+    a repository that does not exist. Those end with ``PERMANENT``, and the Job fails at once
+    (``build_manifests``). ``USAGE`` (bad command line or spec) is as permanent.
+    """
+
+    OK = 0
+    FAILED = 1
+    """Failed for a reason a rerun may not meet again: the Job retries."""
+    USAGE = 2
+    """Bad command line or build spec (argparse also exits 2): a rerun fails the same way."""
+    PERMANENT = 3
+    """Failed for a reason only the user can remove (the report says which): no retry."""
+
+
+NO_RETRY_EXIT_CODES = (ExitCode.USAGE, ExitCode.PERMANENT)
+"""Exit codes after which the build Job fails without running another pod."""
+
+
 class FileEntry(_Model):
     """One published file; a split GGUF has one entry per shard."""
 
@@ -113,13 +136,18 @@ class SizingSummary(_Model):
     deadline_seconds: int
     base_bytes: int
     variant_bytes: dict[str, int] = {}
+    gpus: int = 0
+    """GPUs the estimate assumed for calibration and evaluation."""
+    gpu_product: str | None = None
+    """Their product (``nvidia.com/gpu.product``), when the operator planned them on a node pool."""
 
     @classmethod
-    def from_sizing(cls, s: Any) -> SizingSummary:
+    def from_sizing(cls, s: Any, gpu_product: str | None = None) -> SizingSummary:
         """From a ``sizing.Sizing`` (typed loosely: the report module stays free of imports)."""
         return cls(
             claim_bytes=s.claim_bytes, memory_bytes=s.memory_bytes, cpus=s.cpus,
             deadline_seconds=s.deadline_seconds, base_bytes=s.base_bytes, variant_bytes=dict(s.variant_bytes),
+            gpus=s.gpus, gpu_product=gpu_product,
         )  # fmt: skip
 
 
@@ -135,3 +163,22 @@ class BuildReport(_Model):
     variants: list[VariantReport] = []
     sizing: SizingSummary | None = None
     """Set when the fetch step sized the build from the hub's listing."""
+
+
+class ListedFile(_Model):
+    name: str
+    size_bytes: int
+
+
+class SourceListing(_Model):
+    """What ``kquant-quantize size`` found in the source repository before any download: the files
+    a build would fetch with their sizes, and the numbers of ``config.json`` that size a model
+    (``sizing.trim_config``). The operator sizes every build Job of the model from it."""
+
+    status: BuildStatus
+    reason: str | None = None
+    """Why the repository could not be listed, in words a user can act on."""
+    quantizer_version: str
+    revision: str | None = None
+    files: list[ListedFile] = []
+    config: dict[str, Any] | None = None

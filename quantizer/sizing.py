@@ -213,6 +213,36 @@ class Architecture:
         return max(sizes)
 
 
+CONFIG_KEYS = frozenset({
+    "model_type", "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "n_routed_experts",
+    "num_local_experts", "num_experts", "num_experts_per_tok", "n_shared_experts", "moe_intermediate_size",
+    "first_k_dense_replace", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+    "v_head_dim", "num_nextn_predict_layers", "torch_dtype", "dtype",
+})
+"""The ``config.json`` keys the sizing reads (``Architecture.from_config``, ``source_bytes_per_weight``)."""
+
+
+def trim_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Only the numbers that size a model, as scalars: what the sizing Job hands the operator.
+
+    A repository's config.json is the author's text (it can be large, and nests what it likes);
+    the operator parses no more of it than the rules need, and a ConfigMap stays small."""
+    def scalars(part: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in part.items()
+                if k in CONFIG_KEYS and (v is None or isinstance(v, (bool, int, float, str)))
+                and (not isinstance(v, str) or len(v) <= 64)}  # fmt: skip
+
+    out = scalars(config)
+    text = config.get("text_config")
+    if isinstance(text, Mapping):
+        out["text_config"] = scalars(text)
+    quant = config.get("quantization_config")
+    if isinstance(quant, Mapping) and isinstance(quant.get("quant_method"), str):
+        out["quantization_config"] = {"quant_method": str(quant["quant_method"])[:32]}
+    return out
+
+
 def source_bytes_per_weight(config: Mapping[str, Any]) -> float:
     """Bytes per weight of the safetensors: FP8 (``quantization_config.quant_method: fp8``) is one."""
     quant = config.get("quantization_config") or {}

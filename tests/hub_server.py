@@ -85,16 +85,20 @@ def _describe(path: Path) -> HubFile:
 
 
 class FakeHub:
-    """Start with ``with FakeHub() as hub:``; ``hub.url`` is the endpoint."""
+    """Start with ``with FakeHub() as hub:``; ``hub.url`` is the endpoint.
 
-    def __init__(self) -> None:
+    ``host`` is loopback unless pods in their own network namespaces must reach it (the real
+    node's pods: its address, ``realnode.NODE_IP``, which exists only on this machine).
+    """
+
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.repos: dict[str, HubRepo] = {}
         self.requests: list[Request] = []
         self._failures: dict[str, list[int]] = {}
         self._corrupt: set[str] = set()
         self._outages: dict[str, int] = {}
         self._lock = threading.Lock()
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = http.server.ThreadingHTTPServer((host, 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 

@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 
-from localcluster import agent, cluster, controlplane
+from localcluster import agent, cluster, controlplane, relay
 
 DEFAULT_ROOT = cluster.CACHE / "cluster"
 
@@ -42,7 +42,9 @@ def main() -> None:
     parser.add_argument("--real-node", action="store_true",
                         help="up: also start a real node (containerd, runc, kubelet, kube-proxy) that pulls "
                              "kquant's images from the local registry (make images)")
-    parser.add_argument("command", choices=["up", "down", "env", "status", "agent", "bin-dir"])
+    parser.add_argument("--listen", help="relay: HOST:PORT to listen on (the real node's address)")
+    parser.add_argument("--to", help="relay: HOST:PORT to forward to (the API server on loopback)")
+    parser.add_argument("command", choices=["up", "down", "env", "status", "agent", "bin-dir", "relay"])
     args = parser.parse_args()
     paths = controlplane.ClusterPaths(args.root.resolve())
     if args.command == "up":
@@ -56,6 +58,11 @@ def main() -> None:
         print("running" if controlplane.running(paths) else "stopped")
     elif args.command == "bin-dir":
         print(cluster.build_binaries())
+    elif args.command == "relay":
+        if not (args.listen and args.to):
+            parser.error("relay needs --listen HOST:PORT and --to HOST:PORT")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+        relay.run(args.listen, args.to)
     else:
         run_agent(paths)
 

@@ -14,18 +14,34 @@ import ipaddress
 import itertools
 import json
 import logging
+import os
 import pathlib
+import subprocess
 import threading
 from typing import Any
 
 from kubernetes import client, watch
 
-from localcluster import images, nodes, podrunner, sandbox
+from localcluster import images, kubeletlogs, nodes, podrunner, sandbox
 
 log = logging.getLogger("localcluster.agent")
 LEASE_NAMESPACE = "kube-node-lease"
 STORAGE_CLASS = "local"
+SIZED_STORAGE_CLASS = "local-sized"
+"""Volumes that hold exactly what their claim asks (a tmpfs of that size, so needs root): a write
+past it fails with ENOSPC, as on a real disk. ``local`` volumes are folders on the host's disk."""
 PROVISIONER = "kquant.dev/local-agent"
+
+
+_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A storage quantity (``512Mi``, ``2Gi``, ``1G``, ``1000``) in bytes."""
+    for suffix, factor in _SUFFIXES.items():
+        if quantity.endswith(suffix):
+            return int(float(quantity[: -len(suffix)]) * factor)
+    return int(quantity)
 
 
 class PodAddresses:
@@ -60,6 +76,31 @@ class NodeAgent:
         self.addresses = PodAddresses(workloads)
         self.runners: dict[str, podrunner.PodRunner] = {}
         self.stopping = threading.Event()
+        self.logs: kubeletlogs.LogServer | None = None
+        """The nodes' container-log endpoint (pods/log); None where this machine has no address
+        but loopback, which the API server refuses to proxy to."""
+
+    def serve_logs(self) -> None:
+        address = kubeletlogs.host_address()
+        if address is None:
+            log.warning("no non-loopback address: pods/log will not work on the simulated nodes")
+            return
+        try:
+            server = kubeletlogs.LogServer(address, self.ca_file.parent, self.log_path)
+            server.start()
+        except (OSError, RuntimeError) as exc:  # openssl or the bind failed: logs stay unavailable
+            log.warning("container-log endpoint not started: %s", exc)
+            return
+        self.logs = server
+
+    def log_path(self, namespace: str, pod: str, container: str) -> pathlib.Path | None:
+        """The log file of a container of a pod this agent runs (the newest runner of that name)."""
+        for runner in reversed(list(self.runners.values())):
+            meta = runner.pod["metadata"]
+            if meta["namespace"] == namespace and meta["name"] == pod:
+                path: pathlib.Path = runner.box.root / "logs" / f"{container}.log"
+                return path
+        return None
 
     # -- nodes -----------------------------------------------------------------------------
 
@@ -89,9 +130,9 @@ class NodeAgent:
                 condition("DiskPressure", "False", "KubeletHasNoDiskPressure"),
                 condition("PIDPressure", "False", "KubeletHasSufficientPID"),
             ],
-            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"},
+            "addresses": [{"type": "InternalIP", "address": self.logs.address if self.logs else "127.0.0.1"},
                           {"type": "Hostname", "address": spec.name}],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self.logs.port if self.logs else 0}},
             "nodeInfo": {"kubeletVersion": "v0.0.0-kquant-local-agent", "operatingSystem": "linux",
                          "architecture": "amd64", "containerRuntimeVersion": "local://processes",
                          "kernelVersion": "", "osImage": "", "kubeProxyVersion": "",
@@ -128,15 +169,15 @@ class NodeAgent:
 
     def ensure_storage_class(self) -> None:
         storage = client.StorageV1Api(self.api)
-        body = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
-                "metadata": {"name": STORAGE_CLASS,
-                             "annotations": {"storageclass.kubernetes.io/is-default-class": "true"}},
-                "provisioner": PROVISIONER, "volumeBindingMode": "Immediate", "reclaimPolicy": "Delete"}
-        try:
-            storage.create_storage_class(body)
-        except client.ApiException as exc:
-            if exc.status != 409:
-                raise
+        for name, default in ((STORAGE_CLASS, "true"), (SIZED_STORAGE_CLASS, "false")):
+            body = {"apiVersion": "storage.k8s.io/v1", "kind": "StorageClass",
+                    "metadata": {"name": name, "annotations": {"storageclass.kubernetes.io/is-default-class": default}},
+                    "provisioner": PROVISIONER, "volumeBindingMode": "Immediate", "reclaimPolicy": "Delete"}
+            try:
+                storage.create_storage_class(body)
+            except client.ApiException as exc:
+                if exc.status != 409:
+                    raise
 
     def provision_forever(self) -> None:
         """A local-path provisioner: each pending claim of our class gets a PV on a local folder."""
@@ -144,8 +185,9 @@ class NodeAgent:
             try:
                 for claim in self.core.list_persistent_volume_claim_for_all_namespaces().items:
                     if claim.status.phase == "Pending" and not claim.spec.volume_name \
-                            and claim.spec.storage_class_name == STORAGE_CLASS:
+                            and claim.spec.storage_class_name in (STORAGE_CLASS, SIZED_STORAGE_CLASS):
                         self._provision(claim)
+                self._reclaim()
             except client.ApiException as exc:
                 log.warning("provisioning failed: %s", exc.reason)
             except Exception as exc:  # the API server is down or restarting: try again next second
@@ -155,11 +197,20 @@ class NodeAgent:
         meta = claim.metadata
         folder = self.workloads / "volumes" / meta.namespace / meta.name
         folder.mkdir(parents=True, exist_ok=True)
+        sized = claim.spec.storage_class_name == SIZED_STORAGE_CLASS
+        if sized and not os.path.ismount(folder):
+            size = str(claim.spec.resources.requests["storage"])
+            subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={quantity_bytes(size)}", "tmpfs",
+                            str(folder)], check=True, capture_output=True, timeout=30)
+        # World-writable like a local-path provisioner's folders (after any mount, so it is the
+        # mounted folder that opens up): a hostPath volume gets no fsGroup ownership change, and the
+        # real node's pods run as a non-root user (the images' 65532).
+        folder.chmod(0o777)
         body: dict[str, Any] = {"apiVersion": "v1", "kind": "PersistentVolume",
                 "metadata": {"name": f"pvc-{meta.uid}",
                              "annotations": {"pv.kubernetes.io/provisioned-by": PROVISIONER}},
                 "spec": {"capacity": {"storage": claim.spec.resources.requests["storage"]},
-                         "accessModes": claim.spec.access_modes, "storageClassName": STORAGE_CLASS,
+                         "accessModes": claim.spec.access_modes, "storageClassName": claim.spec.storage_class_name,
                          "persistentVolumeReclaimPolicy": "Delete", "hostPath": {"path": str(folder)},
                          "claimRef": {"namespace": meta.namespace, "name": meta.name, "uid": meta.uid}}}
         try:
@@ -168,6 +219,21 @@ class NodeAgent:
         except client.ApiException as exc:
             if exc.status != 409:
                 raise
+
+    def _reclaim(self) -> None:
+        """The Delete reclaim policy for sized volumes: a released one is unmounted (its memory
+        freed) and removed. Plain folders stay, as before, for a look after a test."""
+        for volume in self.core.list_persistent_volume().items:
+            if volume.spec.storage_class_name != SIZED_STORAGE_CLASS or volume.status.phase != "Released":
+                continue
+            folder = volume.spec.host_path.path
+            if os.path.ismount(folder):
+                subprocess.run(["umount", "-l", folder], check=False, capture_output=True, timeout=30)
+            try:
+                self.core.delete_persistent_volume(volume.metadata.name)
+            except client.ApiException as exc:
+                if exc.status != 404:
+                    raise
 
     # -- pods ------------------------------------------------------------------------------
 
@@ -227,18 +293,29 @@ class NodeAgent:
         self._admit(pod)
 
     def watch_pods_forever(self) -> None:
+        """List, then watch from the list's version; on any end of the stream, list again.
+
+        The list is inside the ``try`` as much as the watch: an API server that is down refuses
+        the re-list with a connection error (not an ``ApiException``), and a list outside the
+        ``try`` ended this thread, so no pod was run again for the rest of the cluster's life
+        while the heartbeat kept every node Ready."""
         deleting: set[str] = set()
         while not self.stopping.is_set():
-            listing = self.core.list_pod_for_all_namespaces(_preload_content=False)
-            data = json.loads(listing.data)
-            for pod in data["items"]:
-                self._dispatch("ADDED", pod, deleting)
-            version = data["metadata"]["resourceVersion"]
-            stream = watch.Watch()
             try:
+                listing = self.core.list_pod_for_all_namespaces(_preload_content=False, _request_timeout=30)
+                data = json.loads(listing.data)
+                for pod in data["items"]:
+                    self._dispatch("ADDED", pod, deleting)
+                self._forget_missing({pod["metadata"]["uid"] for pod in data["items"]})
+                version = data["metadata"]["resourceVersion"]
+                stream = watch.Watch()
+                # The read timeout ends a watch whose server vanished without closing the socket
+                # (a cut connection): bookmarks arrive about once a minute, so 90 s of silence
+                # means the stream is dead, not idle.
                 for event in stream.stream(self.core.list_pod_for_all_namespaces,
                                            resource_version=version, timeout_seconds=300,
-                                           allow_watch_bookmarks=True, _preload_content=False):
+                                           allow_watch_bookmarks=True, _preload_content=False,
+                                           _request_timeout=(10, 90)):
                     if self.stopping.is_set():
                         break
                     if event["type"] in ("BOOKMARK", "ERROR"):
@@ -248,9 +325,19 @@ class NodeAgent:
                     self._dispatch(event["type"], event["raw_object"], deleting)
             except client.ApiException as exc:
                 log.info("pod watch restarts: %s", exc.reason)
-            except Exception:
-                log.exception("pod watch failed; re-listing")
                 self.stopping.wait(1.0)
+            except Exception as exc:  # refused, reset or timed out: the API server is down or restarting
+                log.warning("pod watch failed (%s); listing again", type(exc).__name__)
+                self.stopping.wait(1.0)
+
+    def _forget_missing(self, listed: set[str]) -> None:
+        """Stop the runners of pods the list no longer has: a pod deleted while the watch was
+        down (the API server restarting, the connection cut) sends no DELETED event, and its
+        processes would run on unseen, as a kubelet's orphans would without its own resync."""
+        for uid in [uid for uid in self.runners if uid not in listed]:
+            runner = self.runners.pop(uid)
+            log.info("pod %s: gone from the API server while the watch was down; stopping it", runner.key)
+            runner.stop(0.0)
 
     def _dispatch(self, kind: str, pod: dict[str, Any], deleting: set[str]) -> None:
         uid = pod["metadata"]["uid"]
@@ -266,6 +353,8 @@ class NodeAgent:
 
     def shutdown(self) -> None:
         self.stopping.set()
+        if self.logs is not None:
+            self.logs.stop()
         for runner in list(self.runners.values()):
             runner.stop(5.0)
         for runner in list(self.runners.values()):
@@ -274,6 +363,7 @@ class NodeAgent:
 
 def serve(api: client.ApiClient, workloads: pathlib.Path, server: str, ca_file: pathlib.Path) -> NodeAgent:
     agent = NodeAgent(api, workloads, server, ca_file)
+    agent.serve_logs()
     agent.register_nodes()
     agent.ensure_storage_class()
     threading.Thread(target=agent.provision_forever, daemon=True, name="provisioner").start()

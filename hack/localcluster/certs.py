@@ -6,6 +6,11 @@ import dataclasses
 import pathlib
 import subprocess
 
+# The Services' ClusterIP range and the first address in it, the ``kubernetes`` Service's, which
+# in-cluster clients dial (KUBERNETES_SERVICE_HOST): the serving certificate must name it.
+SERVICE_RANGE = "10.0.0.0/24"
+SERVICE_IP = "10.0.0.1"
+
 
 @dataclasses.dataclass(frozen=True)
 class Pki:
@@ -50,22 +55,31 @@ def _openssl(*args: str, cwd: pathlib.Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def ensure_pki(folder: pathlib.Path) -> Pki:
-    """Create a CA, an API server certificate for loopback, and the service-account key pair.
+def ensure_pki(folder: pathlib.Path, server_ips: tuple[str, ...] = ("127.0.0.1", SERVICE_IP)) -> Pki:
+    """Create a CA, an API server certificate for ``server_ips``, and the service-account key pair.
 
-    Existing files are kept, so a restarted cluster keeps trusting the tokens it issued.
+    Existing files are kept, so a restarted cluster keeps trusting the tokens it issued (a cluster
+    folder is made for one kind of cluster: with or without a real node).
     """
     folder.mkdir(parents=True, exist_ok=True)
     pki = Pki(folder)
     if not pki.ca_cert.exists():
+        # Key usage and key identifiers as a real cluster's CA has them: Python 3.13's ssl verifies
+        # strictly (VERIFY_X509_STRICT) and refuses a CA without keyUsage, which the quantizer
+        # image's in-cluster client (Python 3.13 on Debian 13) met on the real node.
         _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
-                 "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=kquant-local-ca", cwd=folder)
+                 "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=kquant-local-ca",
+                 "-addext", "basicConstraints=critical,CA:TRUE",
+                 "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+                 "-addext", "subjectKeyIdentifier=hash", cwd=folder)
     if not pki.server_cert.exists():
         ext = folder / "apiserver.ext"
+        ips = ",".join(f"IP:{ip}" for ip in dict.fromkeys(server_ips))
         ext.write_text(
-            "subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes,"
+            f"subjectAltName={ips},DNS:localhost,DNS:kubernetes,"
             "DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
-            "extendedKeyUsage=serverAuth\n"
+            "extendedKeyUsage=serverAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+            "subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n"
         )
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver.key",
                  "-out", "apiserver.csr", "-subj", "/CN=kube-apiserver", cwd=folder)
@@ -75,7 +89,9 @@ def ensure_pki(folder: pathlib.Path) -> Pki:
     if not pki.kubelet_client_cert.exists():
         # The API server's identity towards kubelets (logs, exec): a client certificate in
         # system:masters, which a real node's kubelet authorises through SubjectAccessReview.
-        (folder / "kubelet-client.ext").write_text("extendedKeyUsage=clientAuth\n")
+        (folder / "kubelet-client.ext").write_text(
+            "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+            "authorityKeyIdentifier=keyid\n")
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver-kubelet-client.key",
                  "-out", "apiserver-kubelet-client.csr",
                  "-subj", "/O=system:masters/CN=kube-apiserver-kubelet-client", cwd=folder)

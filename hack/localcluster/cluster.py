@@ -57,7 +57,10 @@ def up(paths: controlplane.ClusterPaths, bin_dir: pathlib.Path | None = None,
     ``real_node`` adds a node run by a real kubelet with containerd (realnode.py) beside the
     simulated ones; it needs root and Debian's container packages (realnode.unavailable_reason).
     """
-    state = controlplane.start(paths, bin_dir or build_binaries())
+    # With a real node, the `kubernetes` Service points at the node's address (realnode's relay),
+    # so in-cluster clients in its pods reach the API server through the ClusterIP.
+    state = controlplane.start(paths, bin_dir or build_binaries(),
+                               advertise_address=realnode.NODE_IP if real_node else "127.0.0.1")
     argv = [sys.executable, "-P", "-m", "localcluster", "--root", str(paths.root), "agent"]
     with (paths.logs / "agent.log").open("ab") as log:
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -72,3 +75,13 @@ def up(paths: controlplane.ClusterPaths, bin_dir: pathlib.Path | None = None,
 def down(paths: controlplane.ClusterPaths) -> None:
     realnode.stop(paths)
     controlplane.stop_all(paths)
+    unmount_volumes(paths)
+
+
+def unmount_volumes(paths: controlplane.ClusterPaths) -> None:
+    """Unmount the sized volumes (tmpfs, agent.SIZED_STORAGE_CLASS) still under the cluster's
+    folder: their memory is freed and the folder can be removed."""
+    root = str(paths.root.resolve()) + "/"
+    mounted = [line.split()[1] for line in pathlib.Path("/proc/mounts").read_text().splitlines()]
+    for point in sorted((m for m in mounted if m.startswith(root)), reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True, timeout=30)

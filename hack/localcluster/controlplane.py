@@ -76,13 +76,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_process(paths: ClusterPaths, name: str, argv: list[str]) -> None:
+def start_process(paths: ClusterPaths, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
     """Start one detached process of the cluster, its log and pid file named after it."""
     paths.logs.mkdir(parents=True, exist_ok=True)
     paths.pids.mkdir(parents=True, exist_ok=True)
     log = (paths.logs / f"{name}.log").open("ab")
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     (paths.pids / f"{name}.pid").write_text(str(proc.pid))
 
 
@@ -120,8 +120,8 @@ def stop_all(paths: ClusterPaths, timeout: float = 15.0) -> None:
     A real node's own teardown (its pods, mounts) is realnode.stop, which cluster.down runs first;
     the names here also catch its daemons when that was skipped.
     """
-    order = ["agent", "kube-proxy", "kubelet", "containerd", "kube-scheduler", "kube-controller-manager",
-             "kube-apiserver", "etcd"]
+    order = ["agent", "kube-proxy", "kubelet", "containerd", "apiserver-relay", "kube-scheduler",
+             "kube-controller-manager", "kube-apiserver", "etcd"]
     for name in order:
         stop_process(paths, name, timeout)
 
@@ -159,9 +159,15 @@ def _wait_ready(state: ClusterState, ca_file: pathlib.Path, paths: ClusterPaths,
     raise RuntimeError(f"kube-apiserver not ready after {timeout:.0f}s: {last_error}\n{log_tail}")
 
 
-def start(paths: ClusterPaths, bin_dir: pathlib.Path, timeout: float = 90.0) -> ClusterState:
-    """Start the control plane and wait until the API server answers /readyz."""
-    pki = certs.ensure_pki(paths.pki)
+def start(paths: ClusterPaths, bin_dir: pathlib.Path, timeout: float = 90.0,
+          advertise_address: str = "127.0.0.1") -> ClusterState:
+    """Start the control plane and wait until the API server answers /readyz.
+
+    The API server listens on loopback only. ``advertise_address`` is what the ``kubernetes``
+    Service's endpoint says: loopback for simulated nodes (their pods are host processes), the real
+    node's address when one runs (its pods reach the API server there, through realnode's relay).
+    """
+    pki = certs.ensure_pki(paths.pki, server_ips=("127.0.0.1", certs.SERVICE_IP, advertise_address))
     token = os.urandom(16).hex()
     (paths.pki / ADMIN_TOKEN_FILE).write_text(f'{token},admin,admin,"system:masters"\n')
     state = ClusterState(api_port=free_port(), etcd_port=free_port(), token=token)
@@ -177,14 +183,14 @@ def start(paths: ClusterPaths, bin_dir: pathlib.Path, timeout: float = 90.0) -> 
     start_process(paths, "kube-apiserver", [
         str(bin_dir / "kube-apiserver"),
         "--etcd-servers", etcd_url, "--bind-address", "127.0.0.1",
-        "--secure-port", str(state.api_port), "--advertise-address", "127.0.0.1",
+        "--secure-port", str(state.api_port), "--advertise-address", advertise_address,
         "--tls-cert-file", str(pki.server_cert), "--tls-private-key-file", str(pki.server_key),
         "--client-ca-file", str(pki.ca_cert),
         "--token-auth-file", str(paths.pki / ADMIN_TOKEN_FILE),
         "--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
         "--service-account-key-file", str(pki.sa_pub),
         "--service-account-signing-key-file", str(pki.sa_key),
-        "--service-cluster-ip-range", "10.0.0.0/24",
+        "--service-cluster-ip-range", certs.SERVICE_RANGE,
         # A real node (realnode.py) is reached at its InternalIP for logs, exec and port-forward,
         # with a client certificate its kubelet trusts; simulated nodes have no address at all.
         "--kubelet-preferred-address-types", "InternalIP",
@@ -203,7 +209,9 @@ def start(paths: ClusterPaths, bin_dir: pathlib.Path, timeout: float = 90.0) -> 
         "--root-ca-file", str(pki.ca_cert), "--use-service-account-credentials=true",
         "--leader-elect=false", "--secure-port=0", "--allocate-node-cidrs=false",
         "--cluster-signing-cert-file", str(pki.ca_cert), "--cluster-signing-key-file", str(pki.ca_key),
-        "--concurrent-gc-syncs=5", "--v=1",
+        # KQUANT_CONTROLLER_MANAGER_V raises the log level (4: the garbage collector's monitor
+        # resyncs after discovery; bench/fault_convergence.py reads them).
+        "--concurrent-gc-syncs=5", f"--v={os.environ.get('KQUANT_CONTROLLER_MANAGER_V', '1')}",
     ])
     start_process(paths, "kube-scheduler", [
         str(bin_dir / "kube-scheduler"), "--kubeconfig", str(paths.kubeconfig),

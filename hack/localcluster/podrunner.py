@@ -22,7 +22,7 @@ from typing import Any
 
 from kubernetes import client
 
-from localcluster import images, probes, sandbox
+from localcluster import gpus, images, probes, sandbox
 
 log = logging.getLogger("localcluster.pod")
 TICK = 0.25
@@ -99,6 +99,7 @@ class PodRunner(threading.Thread):
         """The status last patched, before timestamps: what the next report compares with."""
         self._last_reported: dict[str, Any] = {}
         self.finished = threading.Event()
+        self.devices: gpus.Devices | None = None
 
     @property
     def key(self) -> str:
@@ -125,13 +126,14 @@ class PodRunner(threading.Thread):
             log.exception("pod %s: runner failed", self.key)
         finally:
             self._kill_all()
+            if self.devices is not None:
+                self.devices.stop()
             # A killed pod ends in a terminal phase, as the kubelet reports it: the API server
             # removes a bound pod at once (grace period 0) only when it is no longer running.
             self.phase = self._phase()
             if self.phase not in ("Succeeded", "Failed"):
                 self.phase = "Failed"
-            with contextlib.suppress(Exception):
-                self._report()
+            self._report_final()
             self.finished.set()
 
     def stop(self, grace: float | None) -> None:
@@ -140,6 +142,10 @@ class PodRunner(threading.Thread):
         self.stopping.set()
 
     def _prepare(self) -> None:
+        count = gpus.requested(self.pod)
+        if count:
+            self.devices = gpus.Devices(count, self.box.root / "logs")
+            self.box.device_env["LLAMA_ARG_RPC"] = ",".join(self.devices.endpoints)
         while not self.stopping.is_set():
             try:
                 self.box.prepare_volumes()
@@ -148,6 +154,9 @@ class PodRunner(threading.Thread):
                 for run in self.init_runs + self.runs:
                     run.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
                 self._report()
+                self.stopping.wait(2.0)
+            except Exception as exc:  # the API server is down (a volume's ConfigMap or token unread): wait
+                log.warning("pod %s: volumes not ready yet: %s", self.key, type(exc).__name__)
                 self.stopping.wait(2.0)
 
     # -- containers ------------------------------------------------------------------------
@@ -161,6 +170,10 @@ class PodRunner(threading.Thread):
             return False
         except images.UnknownImageError as exc:
             run.state = {"waiting": {"reason": "ErrImageNeverPull", "message": str(exc)}}
+            return False
+        except Exception as exc:  # an env ConfigMap unread while the API server is down: try again
+            run.state = {"waiting": {"reason": "ContainerCreating", "message": type(exc).__name__}}
+            run.retry_at = time.monotonic() + 2.0
             return False
         proc = run.process
         logfile = proc.log.open("ab")
@@ -314,7 +327,20 @@ class PodRunner(threading.Thread):
         return [cond("PodReadyToStartContainers", True), cond("Initialized", self.initialized),
                 cond("ContainersReady", ready), cond("Ready", ready)]
 
-    def _report(self) -> None:
+    def _report_final(self) -> None:
+        """The terminal phase must reach the API server, as the kubelet's status manager keeps
+        retrying it: a pod whose final write met a restarting API server stayed Running for
+        ever, and its Job never finished. Gives up when the pod is gone or after ten minutes."""
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            try:
+                if self._report():
+                    return
+            except Exception as exc:  # the API server is down: try again
+                log.warning("pod %s: final status not written yet: %s", self.key, type(exc).__name__)
+            time.sleep(1.0)
+
+    def _report(self) -> bool:
         """Patch the pod's status when it changed. A condition keeps its lastTransitionTime until
         its status flips, as the kubelet does: a fresh timestamp on every tick would make every
         pod write its status four times a second and flood the API server and every pod watcher."""
@@ -329,7 +355,7 @@ class PodRunner(threading.Thread):
         if self.init_runs:
             status["initContainerStatuses"] = [r.status() for r in self.init_runs]
         if status == self._last_status:
-            return
+            return True
         reported = copy.deepcopy(status)
         before = {c["type"]: c for c in self._last_reported.get("conditions", [])}
         now = now_rfc3339()
@@ -339,10 +365,17 @@ class PodRunner(threading.Thread):
             condition["lastTransitionTime"] = old["lastTransitionTime"] if same and old else now
         meta = self.pod["metadata"]
         try:
-            self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {"status": reported})
+            self.core.patch_namespaced_pod_status(meta["name"], meta["namespace"], {"status": reported},
+                                                  _request_timeout=30)
             self._last_status, self._last_reported = copy.deepcopy(status), reported
         except client.ApiException as exc:
             if exc.status == 404:
                 self.stopping.set()
-            else:
-                log.warning("pod %s: status patch failed: %s", self.key, exc.reason)
+                return True  # nothing left to report to
+            log.warning("pod %s: status patch failed: %s", self.key, exc.reason)
+            return False
+        except Exception as exc:  # refused or reset: the API server is down; the processes run
+            # on and the next tick writes the status again, as a kubelet does.
+            log.warning("pod %s: status patch failed: %s", self.key, type(exc).__name__)
+            return False
+        return True

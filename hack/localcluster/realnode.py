@@ -33,7 +33,9 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
+import sys
 import tarfile
 import time
 
@@ -146,7 +148,11 @@ def write_containerd_config(node: RealNodePaths) -> None:
         "name": "kquant",
         "plugins": [
             {"type": "bridge", "bridge": BRIDGE, "isGateway": True, "ipMasq": False, "hairpinMode": True,
+             # Routes to this machine's networks only, no default route: a pod can reach other
+             # pods, the node (the API server relay, the test hub) and Service ClusterIPs, and any
+             # other destination is unreachable before the FORWARD fence is even asked.
              "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET}]],
+                      "routes": [{"dst": LOCAL_NETWORK}, {"dst": certs.SERVICE_RANGE}],
                       "dataDir": str(node.root / "ipam")}},
             {"type": "portmap", "capabilities": {"portMappings": True}},
         ],
@@ -241,6 +247,24 @@ def _wait_for(check: object, what: str, log: pathlib.Path, timeout: float = 60.0
     raise RuntimeError(f"{what} not ready after {timeout:.0f}s; see {log}\n{tail}")
 
 
+def start_relay(paths: controlplane.ClusterPaths) -> None:
+    """The API server on NODE_IP (same port), relayed to loopback: the `kubernetes` Service's
+    endpoint (controlplane.start advertises NODE_IP), so pods' in-cluster clients reach it."""
+    port = controlplane.load_state(paths).api_port
+    hack = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(hack), PYTHONSAFEPATH="1")
+    controlplane.start_process(paths, "apiserver-relay", [
+        sys.executable, "-P", "-m", "localcluster", "--root", str(paths.root), "relay",
+        "--listen", f"{NODE_IP}:{port}", "--to", f"127.0.0.1:{port}"], env=env)
+
+    def answers() -> bool:
+        with contextlib.suppress(OSError), socket.create_connection((NODE_IP, port), timeout=1):
+            return True
+        return False
+
+    _wait_for(answers, f"the API server relay on {NODE_IP}:{port}", paths.logs / "apiserver-relay.log", timeout=20)
+
+
 def _kubelet_config(paths: controlplane.ClusterPaths, node: RealNodePaths, pki: certs.Pki) -> pathlib.Path:
     config = {
         "apiVersion": "kubelet.config.k8s.io/v1beta1",
@@ -285,6 +309,7 @@ def start(paths: controlplane.ClusterPaths, node_bin: pathlib.Path) -> None:
     node.root.mkdir(parents=True, exist_ok=True)
     pki = certs.ensure_pki(paths.pki)
     ensure_network()
+    start_relay(paths)
     write_containerd_config(node)
     controlplane.start_process(paths, "containerd", [CONTAINERD, "--config", str(node.containerd_config)])
     ctr = [CTR, "--address", str(node.containerd_socket), "--namespace", "k8s.io"]
@@ -338,6 +363,7 @@ def _drain(paths: controlplane.ClusterPaths, timeout: float) -> None:
     The kubelet's own teardown is what calls CNI DEL (veth, netns, address) for each sandbox; a
     force delete (grace 0) would only remove the API objects and leave those behind.
     """
+    import urllib3  # the client's transport: a refused connection is its error, not an OSError
     from kubernetes import client, config  # the control plane's client; only needed here
 
     if not paths.kubeconfig.exists():
@@ -351,7 +377,7 @@ def _drain(paths: controlplane.ClusterPaths, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while core.list_pod_for_all_namespaces(field_selector=selector).items and time.monotonic() < deadline:
             time.sleep(0.5)
-    except (OSError, client.ApiException):
+    except (OSError, urllib3.exceptions.HTTPError, client.ApiException):
         return  # the API server is gone already: the containers are killed below regardless
 
 
@@ -381,6 +407,7 @@ def stop(paths: controlplane.ClusterPaths, timeout: float = 30.0) -> None:
         for container in _run(*ctr, "containers", "ls", "-q", check=False).stdout.split():
             _run(*ctr, "containers", "delete", container, check=False)
     controlplane.stop_process(paths, "containerd", timeout)
+    controlplane.stop_process(paths, "apiserver-relay", timeout)
     # Volumes the kubelet mounted (projected tokens, emptyDirs) and the overlay mounts.
     with contextlib.suppress(OSError):
         mounts = [line.split()[1] for line in pathlib.Path("/proc/mounts").read_text().splitlines()]

@@ -61,6 +61,9 @@ class Sandbox:
     server: str
     ca_file: pathlib.Path
     volumes: dict[str, pathlib.Path] = dataclasses.field(default_factory=dict)
+    device_env: dict[str, str] = dataclasses.field(default_factory=dict)
+    """What the simulated device plugin adds to every container (``gpus.Devices``); the pod's own
+    variables win."""
 
     @property
     def namespace(self) -> str:
@@ -184,6 +187,7 @@ class Sandbox:
             "PYTHONSAFEPATH": "1",
         }
         (self.root / "home").mkdir(exist_ok=True)
+        env.update(self.device_env)
         env.update({k: _rewrite(v, mounts, self.pod_ip) for k, v in defined.items()})
         kubeconfig = self._kubeconfig(mounts)
         if kubeconfig:

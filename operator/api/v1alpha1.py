@@ -227,6 +227,8 @@ class ConditionType(enum.StrEnum):
     QUANTIZED = "Quantized"
     EVALUATED = "Evaluated"
     SERVING = "Serving"
+    PLAN_VERIFIED = "PlanVerified"
+    """llama-server allocated what the planner predicted and offloaded the planned layers."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,11 +297,81 @@ GpuLayers = Annotated[
     ),
 ]
 
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY = rf"^({DNS_SUBDOMAIN[1:-1]}/)?{_LABEL_NAME}$"
+"""The API server's rule for a label key (a qualified name): an optional DNS-subdomain prefix of
+at most 253 characters and ``/``, then a name of at most 63 letters, digits, ``-``, ``_`` and
+``.`` that starts and ends with a letter or digit."""
+LABEL_VALUE = rf"^({_LABEL_NAME})?$"
+"""The API server's rule for a label value: empty, or a name as in ``LABEL_KEY``."""
+MAX_LABEL_PREFIX = 253
+_LABEL_KEY_OK = f"k.matches(r'{LABEL_KEY}') && (!k.contains('/') || k.indexOf('/') <= {MAX_LABEL_PREFIX})"
+_LABEL_KEY_FIX = ("use an optional DNS-subdomain prefix and '/', then at most 63 letters, digits, '-', '_' or '.', "
+                  "starting and ending with a letter or digit (for example nvidia.com/gpu.product)")
+_LABEL_VALUE_FIX = ("use at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit, "
+                    "or leave it empty")
+_LABEL_KEY_CEL = f"k.size() <= {MAX_LABEL_PREFIX + 1 + 63} && {_LABEL_KEY_OK}"
+_LABEL_VALUE_CEL = f"self[k].matches(r'{LABEL_VALUE}')"
+_LABEL_MAP_RULES = _cel_list(
+    # The map's keys have no maxLength of their own (a structural schema cannot give one), so the
+    # key rule bounds its cost by the size check before the regex: a key over 317 characters
+    # (253 + 1 + 63) fails without being matched. The messages are CEL strings in double quotes:
+    # the fixes quote characters with single quotes.
+    _cel(
+        f"self.all(k, {_LABEL_KEY_CEL})",
+        f"every key must be a label key the API server accepts: {_LABEL_KEY_FIX}",
+        message_expression=f"\"key '\" + self.filter(k, !({_LABEL_KEY_CEL}))[0] + "
+        f"\"' is not a label key the API server accepts: {_LABEL_KEY_FIX}\"",
+    ),
+    _cel(
+        f"self.all(k, {_LABEL_VALUE_CEL})",
+        f"every value must be a label value the API server accepts: {_LABEL_VALUE_FIX}",
+        message_expression=f"self.filter(k, !{_LABEL_VALUE_CEL}).map(k, \"the value '\" + self[k] + \"' of \" + k)[0]"
+        f" + \" is not a label value the API server accepts: {_LABEL_VALUE_FIX}\"",
+    ),
+)
+
+
+def _label_map(value: dict[str, str]) -> dict[str, str]:
+    """The CEL rules of ``LabelMap`` for the operator, which reads objects the API server never checked."""
+    for key, item in value.items():
+        prefix_ok = "/" not in key or key.index("/") <= MAX_LABEL_PREFIX
+        if not re.fullmatch(LABEL_KEY[1:-1], key) or not prefix_ok:
+            raise ValueError(f"key {key!r} is not a label key the API server accepts: {_LABEL_KEY_FIX}")
+        if not re.fullmatch(LABEL_VALUE[1:-1], item):
+            raise ValueError(f"the value {item!r} of {key} is not a label value the API server accepts: "
+                             f"{_LABEL_VALUE_FIX}")
+    return value
+
+
 LabelMap = Annotated[
     dict[str, Annotated[str, pydantic.StringConstraints(max_length=63)]],
-    pydantic.Field(max_length=32),
+    pydantic.Field(max_length=32, json_schema_extra=_LABEL_MAP_RULES),
+    pydantic.AfterValidator(_label_map),
 ]
 
+
+
+def _image_has_no_whitespace(value: str) -> str:
+    if re.search(r"\s", value):
+        raise ValueError(f"{value!r} is not an image reference: it holds whitespace; write the image as "
+                         "registry/name:tag or registry/name@sha256:digest, without spaces")
+    return value
+
+
+ImageRef = Annotated[
+    str,
+    pydantic.StringConstraints(min_length=1, max_length=512),
+    # The API server refuses an image with whitespace around it in the child pod (and the kubelet
+    # one with whitespace inside, as InvalidImageName), so the spec refuses both at admission.
+    pydantic.Field(json_schema_extra=_cel_list(_cel(
+        "!self.matches(r'\\s')",
+        "must not hold whitespace: write the image as registry/name:tag or registry/name@sha256:digest",
+        message_expression="\"'\" + self + \"' is not an image reference: it holds whitespace; write the image "
+        "as registry/name:tag or registry/name@sha256:digest, without spaces\"",
+    ))),
+    pydantic.AfterValidator(_image_has_no_whitespace),
+]
 
 class SecretKeyRef(_Model):
     """A key of a Secret in the QuantizedModel's namespace."""
@@ -909,8 +981,8 @@ class Storage(_Model):
 class PodSettings(_Model):
     """Scheduling and resources shared by the quantizer Job and the serving Deployment."""
 
-    image: str | None = pydantic.Field(
-        default=None, min_length=1, max_length=512, description="Container image; see each section's default."
+    image: ImageRef | None = pydantic.Field(
+        default=None, description="Container image; see each section's default."
     )
     gpus: int = pydantic.Field(
         default=1, ge=0, le=16, description="NVIDIA GPUs (`nvidia.com/gpu`) per pod. Defaults to 1."
@@ -929,10 +1001,8 @@ class PodSettings(_Model):
 class Quantizer(PodSettings):
     """The quantizer Job that downloads, converts, calibrates, quantizes and evaluates."""
 
-    image: str | None = pydantic.Field(
+    image: ImageRef | None = pydantic.Field(
         default=None,
-        min_length=1,
-        max_length=512,
         description="Quantizer image. Defaults to the operator's KQUANT_QUANTIZER_IMAGE (Helm value quantizerImage).",
     )
     backoff_limit: int = pydantic.Field(
@@ -990,10 +1060,8 @@ class Serving(PodSettings):
         description="Name of the variant to serve; must be one of spec.variants and must pass its gate.",
     )
     replicas: int = pydantic.Field(default=1, ge=0, le=64, description="Server replicas. Defaults to 1.")
-    image: str | None = pydantic.Field(
+    image: ImageRef | None = pydantic.Field(
         default=None,
-        min_length=1,
-        max_length=512,
         description="llama-server image. Defaults to the operator's KQUANT_SERVER_IMAGE (Helm value "
         f"serverImage), normally `{DEFAULT_SERVER_IMAGE}`.",
     )
@@ -1252,6 +1320,52 @@ class VariantStatus(_Model):
     )
 
 
+class DevicePlanCheck(_Model):
+    """One device of a served pod: the planner's bytes against what llama-server allocated."""
+
+    device: str = pydantic.Field(max_length=64, description="`GPU0`, `GPU1` ... in the plan's order, or `Host`.")
+    name: str | None = pydantic.Field(
+        default=None, max_length=256,
+        description="What llama.cpp called the device, such as `CUDA0 (NVIDIA H100 80GB HBM3)`; empty when it "
+        "found no such device.",
+    )  # fmt: skip
+    predicted_bytes: int = pydantic.Field(ge=0, description="Weights, KV cache and compute buffer the plan predicts.")
+    measured_bytes: int | None = pydantic.Field(
+        default=None, ge=0, description="The same buffers as llama-server's startup log reports them."
+    )
+    error_ratio: float | None = pydantic.Field(
+        default=None, description="(measured - predicted) / predicted: positive when llama.cpp allocated more."
+    )
+    judged: bool | None = pydantic.Field(
+        default=None,
+        description="Whether the device counts for PlanVerified (the host only when the model is served on CPU: "
+        "with a GPU plan it holds the memory-mapped file, page cache rather than an allocation).",
+    )  # fmt: skip
+
+
+class PlanCheck(_Model):
+    """The plan against one Ready server pod's startup log (read once per pod)."""
+
+    pod: str | None = pydantic.Field(default=None, max_length=253, description="The server pod whose log was read.")
+    pod_uid: str | None = pydantic.Field(default=None, max_length=64, description="Its uid: each pod is read once.")
+    node: str | None = pydantic.Field(default=None, max_length=253, description="The node the pod runs on.")
+    gpu_product: str | None = pydantic.Field(
+        default=None, max_length=256, description="The node's `nvidia.com/gpu.product` label, if any."
+    )
+    planned_layers: int | None = pydantic.Field(default=None, ge=0, description="Layers the plan puts on GPUs.")
+    offloaded_layers: int | None = pydantic.Field(
+        default=None, ge=0, description="Layers llama.cpp put on GPUs (0 when it found no GPU)."
+    )
+    total_layers: int | None = pydantic.Field(default=None, ge=0, description="Layers, counting the output layer.")
+    devices: list[DevicePlanCheck] | None = pydantic.Field(
+        default=None, max_length=17, description="Per device; measured fields once the pod is Ready."
+    )
+    verified: bool | None = pydantic.Field(
+        default=None, description="Every judged device within tolerance and every planned layer offloaded."
+    )
+    message: str | None = pydantic.Field(default=None, max_length=4096, description="The verdict with the numbers.")
+
+
 class ServingStatus(_Model):
     """What is served and why it was planned that way."""
 
@@ -1278,6 +1392,9 @@ class ServingStatus(_Model):
         default=None, max_length=8192, description="Why the planner chose this placement."
     )
     ready_replicas: int | None = pydantic.Field(default=None, ge=0, description="Ready server replicas.")
+    plan_check: PlanCheck | None = pydantic.Field(
+        default=None, description="The prediction per device and, once a server pod is Ready, what it allocated."
+    )
 
 
 class QuantizedModelStatus(_Model):
@@ -1470,6 +1587,7 @@ __all__ = [
     "GGUFSource",
     "GpuLayers",
     "HuggingFaceSource",
+    "ImageRef",
     "LabelMap",
     "ObjectMeta",
     "PVCStorage",

@@ -24,11 +24,11 @@ import pathlib
 from typing import Any
 
 import pydantic
-from kquant.operator import builds, serving
+from kquant.operator import build_gpus, builds, serving
 from kquant.operator.api import v1alpha1 as api
 from kquant.operator.commands import common, shapes
 from kquant.operator.planner import plan
-from kquant.quantizer import gguf_facts, recipes, settings, sizing
+from kquant.quantizer import gguf_facts, recipes, sizing, units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +43,8 @@ class Comparison:
     fewest: plan.OffloadPlan | None
     """The fewest GPUs of this size (up to ``plan.MAX_GPUS``) that hold everything: what the
     operator requests from a node pool of such GPUs. None with a fixed ``gpuLayers``."""
+    margin: str = ""
+    """Which per-GPU margin the plan used and where it came from."""
 
 
 def facts_from_json(data: Any, variant: str) -> gguf_facts.ModelFacts:
@@ -89,12 +91,31 @@ def load_facts(
     return found, f"estimate: {how}"
 
 
+def margin_line(settings: plan.PlannerSettings) -> str:
+    """The per-GPU overhead the plan reserves, term by term, and where the learned part came from."""
+    parts = f"CUDA context {units.gib(settings.cuda_context_bytes)} + margin {units.gib(settings.margin_bytes)}"
+    if settings.learned_margin_bytes:
+        return f"per GPU: {parts} (planner defaults) + {settings.margin_note}"
+    return (f"per GPU: {parts} (planner defaults); no learned margin (--margins FILE --gpu-product NAME adds "
+            f"what served pods of that GPU showed)")
+
+
+def load_margins(path: pathlib.Path) -> dict[str, str]:
+    """The margins ConfigMap's data from a file (``kubectl get configmap ... -o yaml``)."""
+    docs = common.read_documents(path)
+    found = [d for d in docs if isinstance(d, dict) and d.get("kind") == "ConfigMap"]
+    if len(found) != 1 or not isinstance(found[0].get("data") or {}, dict):
+        raise common.CommandError(f"{path} holds {len(found)} ConfigMaps, but --margins needs exactly one")
+    return {str(k): str(v) for k, v in (found[0].get("data") or {}).items()}
+
+
 def compare(
     qm: api.QuantizedModel, variant: api.Variant, facts: gguf_facts.ModelFacts, facts_source: str,
-    gpu_bytes: int, gpus: int | None = None,
+    gpu_bytes: int, gpus: int | None = None, settings: plan.PlannerSettings | None = None,
 ) -> Comparison:  # fmt: skip
     """Plan ``variant`` with the planner and with the seed formula on ``gpus`` GPUs of ``gpu_bytes``."""
     spec = qm.spec.serving or api.Serving(variant=variant.name)
+    settings = settings or plan.PlannerSettings()
     count = spec.gpus if gpus is None else gpus
     if count < 0:
         raise common.CommandError(f"--gpus is {count}, but it must not be negative")
@@ -102,13 +123,14 @@ def compare(
     ctx = serving.context_settings(spec)
     memory_per_gpu = (gpu_bytes,) * count
     try:
-        auto = plan.plan(plan.PlanRequest(facts, ctx, memory_per_gpu, forced))
+        auto = plan.plan(plan.PlanRequest(facts, ctx, memory_per_gpu, forced, settings=settings))
         seed = plan.plan(plan.PlanRequest(facts, ctx, memory_per_gpu,
                                           settings=plan.PlannerSettings(planner=plan.PlannerKind.SEED)))
-        fewest = None if forced is not None else plan.fewest_gpus(facts, ctx, gpu_bytes, plan.MAX_GPUS)
+        fewest = None if forced is not None else plan.fewest_gpus(facts, ctx, gpu_bytes, plan.MAX_GPUS,
+                                                                  settings)
     except ValueError as exc:
         raise common.CommandError(f"{qm.ref}: {exc}") from None
-    return Comparison(variant.name, facts, facts_source, auto, seed, fewest)
+    return Comparison(variant.name, facts, facts_source, auto, seed, fewest, margin_line(settings))
 
 
 def pick_variant(qm: api.QuantizedModel, name: str | None) -> api.Variant:
@@ -126,8 +148,11 @@ def pick_variant(qm: api.QuantizedModel, name: str | None) -> api.Variant:
         raise common.CommandError(f"--variant is {wanted!r}, but spec.variants has only {names}") from None
 
 
-def build_sizing(qm: api.QuantizedModel, files: pathlib.Path, config: pathlib.Path | None) -> sizing.Sizing:
-    """What the builds of every variant of ``qm`` need, from a saved hub listing and config.json."""
+def build_sizing(qm: api.QuantizedModel, files: pathlib.Path, config: pathlib.Path | None,
+                 gpu_bytes: int | None = None) -> tuple[sizing.Sizing, build_gpus.BuildGPUs]:
+    """What the builds of every variant of ``qm`` need, from a saved hub listing and config.json, and
+    the build pod's GPUs: planned on nodes of up to ``plan.MAX_GPUS`` GPUs of ``gpu_bytes`` (the
+    ``--gpu`` size) unless the spec sets ``spec.quantizer.gpus``."""
     try:
         listing = sizing.listing_from_json(json.loads(files.read_text(encoding="utf-8")))
         parsed = json.loads(config.read_text(encoding="utf-8")) if config is not None else None
@@ -135,15 +160,7 @@ def build_sizing(qm: api.QuantizedModel, files: pathlib.Path, config: pathlib.Pa
         raise common.CommandError(f"cannot read the hub listing: {exc}") from None
     if parsed is not None and not isinstance(parsed, dict):
         raise common.CommandError(f"{config} is not a config.json object")
-    built = [v for v in qm.spec.variants if v.recipe is not api.Recipe.PASSTHROUGH]
-    specs = [builds.base_spec(qm, v) for v in built]
-    first = specs[0] if specs else None
+    pools = [build_gpus.Pool(None, gpu_bytes, plan.MAX_GPUS)] if gpu_bytes else []
+    gpus = build_gpus.planned(qm, parsed, pools)
     chosen = sizing.select(listing, qm.spec.source.hub.allow_patterns)
-    quantizer = qm.spec.quantizer or api.Quantizer()
-    return sizing.size_build(
-        chosen, parsed, [s.variants[0] for s in specs],
-        calibration=first.calibration if first else settings.Calibration(),
-        evaluation=first.evaluation if first else settings.Evaluation(),
-        shard_bytes=first.max_shard_bytes if first else settings.DEFAULT_SHARD_BYTES,
-        cpus=builds.cpu_count(quantizer), gpus=quantizer.gpus,
-    )  # fmt: skip
+    return builds.size_builds(qm, chosen, parsed, gpus=gpus.count), gpus

@@ -105,7 +105,8 @@ def plan_view(c: plan_cmd.Comparison) -> RenderableType:
     why = Text("kquant: " + c.auto.explanation.replace("; ", "\n  "))
     seed = Text("seed:   " + c.seed.explanation.replace("; ", "\n  "), style="dim")
     args = Text("llama-server " + " ".join(c.auto.server_args()), style="bold")
-    return Group(head, table, why, seed, args, fewest_line(c.fewest))
+    margin = Text(f"margin {c.margin}" if c.margin else "")
+    return Group(head, table, why, seed, args, fewest_line(c.fewest), margin)
 
 
 def fewest_line(p: plan.OffloadPlan | None) -> Text:

@@ -64,6 +64,10 @@ class ContextSettings:
     """``-ub``: tokens per compute step; the compute buffer is sized for this many."""
     swa_full: bool = False
     """``--swa-full``: SWA layers keep the full context."""
+    outputs: int | None = None
+    """Rows of logits the compute graph is reserved for. llama-server asks for one per slot
+    (``n_outputs_max = -np``: it samples one token per sequence), so its output layer's buffer is
+    a few rows; None is a whole ubatch, what ``llama-fit-params`` and ``llama-cli`` reserve."""
 
     def __post_init__(self) -> None:
         if self.context < 1:
@@ -72,6 +76,8 @@ class ContextSettings:
             raise ValueError(f"parallel is {self.parallel}, but it must be at least 1")
         if self.ubatch < 1:
             raise ValueError(f"ubatch is {self.ubatch}, but it must be at least 1")
+        if self.outputs is not None and self.outputs < 1:
+            raise ValueError(f"outputs is {self.outputs}, but it must be at least 1 (or None: a whole ubatch)")
         quantized_v = constants.TENSOR_TYPES[self.cache_type_v.tensor_type].block_size > 1
         if quantized_v and not self.flash_attention:
             raise ValueError(
@@ -274,7 +280,7 @@ def device_compute(
     e = facts.embedding_length
     row = e * u * F32
     masks = _mask_bytes(facts, settings, u)
-    logits = (facts.vocab_size + e) * u * F32  # output norm and the logits for every token
+    logits = (facts.vocab_size + e) * _outputs(settings) * F32  # output norm and the logits per output row
     rows = 3 if has_output or pipelined else 2
     body = max((_block_bytes(facts, settings, il, u, rows) for il in layers), default=0)
     if has_output and layers and facts.is_mla:
@@ -293,6 +299,12 @@ def device_compute(
 
 def _ubatch(settings: ContextSettings) -> int:
     return min(settings.ubatch, pad(settings.context, 256))
+
+
+def _outputs(settings: ContextSettings) -> int:
+    """Output rows of the reserved graph: the last block keeps only those before the output norm."""
+    u = _ubatch(settings)
+    return u if settings.outputs is None else min(settings.outputs, u)
 
 
 def _block_bytes(facts: gguf_facts.ModelFacts, settings: ContextSettings, il: int, u: int, rows: int) -> int:
@@ -348,7 +360,7 @@ def compute_bytes(
     if cpu_layers:
         host = max(host, masks + max(_block_bytes(facts, settings, il, u, 4) for il in cpu_layers))
     if layer_device[n_layer] == CPU:
-        host = max(host, (facts.vocab_size + 2 * e) * u * F32)
+        host = max(host, (facts.vocab_size + 2 * e) * _outputs(settings) * F32)
     moe_on_cpu = [il for il in range(min(n_cpu_moe, n_layer)) if facts.layer_expert_bytes[il]]
     if moe_on_cpu:
         # Experts in host memory run their matrix products on the CPU, one split at a time: the

@@ -45,6 +45,11 @@ class PlannerSettings:
     """Per GPU: CUDA context, cuBLAS workspace and kernels (100-560 MiB measured, more on big GPUs)."""
     margin_bytes: int = 512 * MiB
     """Per GPU: headroom for fragmentation and what the model misses."""
+    learned_margin_bytes: int = 0
+    """Per GPU: the largest excess over the prediction that served pods of this GPU product showed
+    (``margins``); added to the margin."""
+    margin_note: str = ""
+    """Where the learned margin came from, for the explanation (empty: none learned)."""
     reduce_context: bool = False
     """May shrink the context (halving, down to ``min_context``) to reach full offload."""
     min_context: int = 2048
@@ -55,7 +60,7 @@ class PlannerSettings:
 
     @property
     def overhead_bytes(self) -> int:
-        return self.cuda_context_bytes + self.margin_bytes
+        return self.cuda_context_bytes + self.margin_bytes + self.learned_margin_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -501,7 +506,8 @@ def _make_plan(request: PlanRequest, placement: memory.Placement, *, fits: bool,
         explanation="",
         pipeline_parallel=bd.pipelined,
     )
-    return dataclasses.replace(plan_, explanation=explain(plan_, why))
+    note = f"; {settings.margin_note}" if settings.margin_note else ""
+    return dataclasses.replace(plan_, explanation=explain(plan_, why) + note)
 
 
 def explain(p: OffloadPlan, why: str) -> str:

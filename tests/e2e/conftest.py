@@ -1,4 +1,5 @@
-"""Fixtures for end-to-end tests: the CRD, a running operator, and a hub that serves SmolLM2."""
+"""Fixtures for end-to-end tests: a running operator under the chart's rights (the hub that serves
+SmolLM2 is in tests/conftest.py, shared with tests/faults)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,8 @@ from collections.abc import Iterator
 import pytest
 from e2e_helpers import OperatorProcess, chart_operator_kubeconfig, log_trouble
 from fixtures import cluster_client
-from hub_server import FakeHub
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="session")
@@ -36,12 +35,3 @@ def operator(cluster: cluster_client.Cluster, crd: None, operator_kubeconfig: pa
     # PATCHes did, 41 times in three minutes, before the resync left kopf's timer).
     trouble = log_trouble(process.log)
     assert not trouble, "the operator's log shows refused calls or tracebacks:\n" + "\n".join(trouble[:20])
-
-
-@pytest.fixture(scope="session")
-def smollm2_hub() -> Iterator[FakeHub]:
-    from fixtures import smollm2
-
-    with FakeHub() as hub:
-        hub.add_repo(SMOLLM2_REPO, smollm2.hf_dir())
-        yield hub

@@ -100,7 +100,10 @@ def test_failures_are_reported_and_nothing_bad_is_served(
     core.create_namespaced_secret(namespace, {"metadata": {"name": "hf-token"},
                                               "data": {"token": base64.b64encode(b"hf_test").decode()}})
     _wait_condition(cluster, namespace, "gated", "Quantized", "Building", timeout=120)
-    [job] = batch.list_namespaced_job(namespace, label_selector="kquant.dev/model=gated").items
+    # (Building starts with the sizing Job; the build Job follows once the listing is read.)
+    [job] = cluster_client.wait_for(
+        lambda: batch.list_namespaced_job(namespace, label_selector="kquant.dev/model=gated,!kquant.dev/step").items,
+        timeout=120, what="the gated build Job")
     env = job.spec.template.spec.containers[0].env
     token = next(e for e in env if e.name == "HF_TOKEN")
     assert token.value is None and token.value_from.secret_key_ref.name == "hf-token"

@@ -65,7 +65,9 @@ def _report(digest: str) -> str:
 
 
 def _jobs(batch: client.BatchV1Api, namespace: str, model: str) -> list[Any]:
-    return [j for j in batch.list_namespaced_job(namespace, label_selector=f"kquant.dev/model={model}").items
+    """The model's build Jobs (not its sizing Job, labelled kquant.dev/step=size)."""
+    selector = f"kquant.dev/model={model},!kquant.dev/step"
+    return [j for j in batch.list_namespaced_job(namespace, label_selector=selector).items
             if not j.metadata.deletion_timestamp]
 
 
@@ -89,7 +91,7 @@ def test_no_finalizer_no_forbidden_and_deletable_while_the_operator_is_down(
     custom, core, batch, apps = (client.CustomObjectsApi(api), client.CoreV1Api(api), client.BatchV1Api(api),
                                  client.AppsV1Api(api))
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _model("life"))
-    [job] = cluster_client.wait_for(lambda: _jobs(batch, namespace, "life"), timeout=60, what="the build Job")
+    [job] = cluster_client.wait_for(lambda: _jobs(batch, namespace, "life"), timeout=120, what="the build Job")
     core.patch_namespaced_config_map(job.metadata.name, namespace, {"data": {
         "progress": "done", "report": _report(job.metadata.labels["kquant.dev/digest"])}})
     cluster_client.wait_for(lambda: apps.list_namespaced_deployment(namespace, label_selector="kquant.dev/model=life")
@@ -124,7 +126,7 @@ def test_no_finalizer_no_forbidden_and_deletable_while_the_operator_is_down(
 
 
 def _services(core: client.CoreV1Api, namespace: str, model: str) -> list[Any]:
-    return core.list_namespaced_service(namespace, label_selector=f"kquant.dev/model={model}").items
+    return core.list_namespaced_service(namespace, label_selector=f"kquant.dev/model={model},!kquant.dev/step").items
 
 
 def _exists(custom: client.CustomObjectsApi, namespace: str, name: str) -> bool:
@@ -176,7 +178,7 @@ def test_a_missing_calibration_configmap_is_named_and_the_build_starts_once_it_e
     assert not _jobs(batch, namespace, "calib"), "no pod left in ContainerCreating"
     core.create_namespaced_config_map(namespace, {"metadata": {"name": "calib-text"},
                                                   "data": {"text.txt": "some calibration text"}})
-    cluster_client.wait_for(lambda: _jobs(batch, namespace, "calib"), timeout=60,
+    cluster_client.wait_for(lambda: _jobs(batch, namespace, "calib"), timeout=120,
                             what="the build to start once the ConfigMap exists")
     _reason(cluster, namespace, "calib", "Quantized", "Building", timeout=30)
     assert log_trouble(chart_operator.log) == []
@@ -187,7 +189,7 @@ def test_a_build_whose_digest_left_the_spec_is_cancelled(
     api = cluster.api_client()
     custom, core, batch = client.CustomObjectsApi(api), client.CoreV1Api(api), client.BatchV1Api(api)
     custom.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, _model("edit"))
-    [old] = cluster_client.wait_for(lambda: _jobs(batch, namespace, "edit"), timeout=60, what="the first build Job")
+    [old] = cluster_client.wait_for(lambda: _jobs(batch, namespace, "edit"), timeout=120, what="the first build Job")
     # The variant's type changes mid-build: a new digest, a new build; the old one must not run on.
     custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, "edit",
                                           {"spec": {"variants": [{"name": "q8", "type": "Q6_K"}]}})

@@ -21,6 +21,8 @@ from kubernetes import client
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 REPO = pathlib.Path(__file__).resolve().parents[2]
+BUILD_JOBS = "!kquant.dev/step"
+"""Build Jobs only: the sizing Job (label kquant.dev/step=size) runs before the first build."""
 PAUSE = "registry.k8s.io/pause:3.10"
 
 
@@ -72,9 +74,11 @@ def test_one_replica_acts_and_the_other_takes_over(cluster: cluster_client.Clust
         time.sleep(5)  # peers find each other; the lower priority pauses
         custom.create_namespaced_custom_object("kquant.dev", "v1alpha1", namespace, "quantizedmodels", _model())
         [job] = cluster_client.wait_for(
-            lambda: batch.list_namespaced_job(namespace).items, timeout=60, what="the build Job")
+            lambda: batch.list_namespaced_job(namespace, label_selector=BUILD_JOBS).items, timeout=90,
+            what="the build Job")
         time.sleep(5)
-        assert len(batch.list_namespaced_job(namespace).items) == 1, "two replicas made two Jobs"
+        jobs = batch.list_namespaced_job(namespace, label_selector=BUILD_JOBS).items
+        assert len(jobs) == 1, "two replicas made two Jobs"
         assert "started build" in first.log.read_text() and "started build" not in second.log.read_text()
 
         first.stop()  # SIGTERM: kopf leaves the peering, the other replica resumes at once
@@ -86,7 +90,7 @@ def test_one_replica_acts_and_the_other_takes_over(cluster: cluster_client.Clust
             timeout=90, what="the second replica to roll out the served variant")
         cluster_client.wait_for(lambda: "rolling out q8" in second.log.read_text(), timeout=10,
                                 what="the second replica's log to say it rolled out")
-        assert len(batch.list_namespaced_job(namespace).items) == 1
+        assert len(batch.list_namespaced_job(namespace, label_selector=BUILD_JOBS).items) == 1
     finally:
         first.stop()
         second.stop()

@@ -24,6 +24,8 @@ from localcluster import services
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]
 REPO = pathlib.Path(__file__).resolve().parents[2]
+BUILD_JOBS = "!kquant.dev/step"
+"""Build Jobs only: the sizing Job (label kquant.dev/step=size) runs before the first build."""
 
 
 def smollm2_manifest(hub: FakeHub) -> dict[str, Any]:
@@ -96,8 +98,9 @@ def test_build_serve_and_promote(cluster: cluster_client.Cluster, namespace: str
     # (Killed once the status shows the build: a kill between an Event and the status write that
     # follows it would make the restarted operator say the same thing again.)
     cluster_client.wait_for(
-        lambda: batch.list_namespaced_job(namespace).items and qm_status(cluster, namespace, "smollm2")
-        .get("progress", "").startswith("q8 1/2"), what="the first build Job and its progress in status")
+        lambda: batch.list_namespaced_job(namespace, label_selector=BUILD_JOBS).items
+        and qm_status(cluster, namespace, "smollm2").get("progress", "").startswith("q8 1/2"),
+        what="the first build Job and its progress in status")
     operator.kill()
     time.sleep(2)
     operator.start()
@@ -111,7 +114,7 @@ def test_build_serve_and_promote(cluster: cluster_client.Cluster, namespace: str
         assert variant["gatePassed"] is True
     assert variants["q4km"]["sizeBytes"] < variants["q8"]["sizeBytes"]
     assert status["observedGeneration"] == 1 and status["phase"] == "Ready"
-    jobs = batch.list_namespaced_job(namespace).items
+    jobs = batch.list_namespaced_job(namespace, label_selector=BUILD_JOBS).items
     assert len(jobs) == 2  # one per variant, no duplicates
     _assert_only_variants_left(core, namespace)
     _assert_each_event_once(core, namespace)
@@ -135,4 +138,4 @@ def test_build_serve_and_promote(cluster: cluster_client.Cluster, namespace: str
     [new_pod] = _server_pods(core, namespace)
     assert _chat(core, namespace, "Say hello.")["model"] == "smollm2-q8"
     assert new_pod.metadata.labels["kquant.dev/variant"] == "q8"
-    assert len(batch.list_namespaced_job(namespace).items) == 2  # promotion rebuilt nothing
+    assert len(batch.list_namespaced_job(namespace, label_selector=BUILD_JOBS).items) == 2  # promotion rebuilt nothing

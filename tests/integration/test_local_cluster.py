@@ -194,3 +194,41 @@ def test_deleting_a_running_pod_stops_its_process_gracefully(cluster: cluster_cl
 
     cluster_client.wait_for(gone, timeout=30, what="the deleted pod to disappear")
     assert marker.read_text().strip() == "got TERM"
+
+
+def test_pod_logs_are_served_through_the_api(cluster: cluster_client.Cluster, namespace: str) -> None:
+    """pods/log on a simulated node: the API server proxies to the agent's container-log endpoint
+    (the operator's plan check reads llama-server's startup log this way)."""
+    api = cluster.api_client()
+    core = client.CoreV1Api(api)
+    script = "for i in 1 2 3 4 5; do echo line $i; done; sleep 30"
+    utils.create_from_dict(api, _shell_pod("talker", script, nodeSelector={"kubernetes.io/hostname": "cpu-only"}),
+                           namespace=namespace)
+
+    def log_so_far() -> str:
+        # Before its container starts the pod has no log: the API answers 400, or an empty body.
+        try:
+            return core.read_namespaced_pod_log("talker", namespace, container="main") or ""
+        except client.ApiException:
+            return ""
+
+    cluster_client.wait_for(lambda: "line 5" in log_so_far(), what="the pod's log through the API")
+    assert core.read_namespaced_pod_log("talker", namespace, tail_lines=2) == "line 4\nline 5\n"
+    assert core.read_namespaced_pod_log("talker", namespace, limit_bytes=6) == "line 1"
+    with pytest.raises(client.ApiException):
+        core.read_namespaced_pod_log("no-such-pod", namespace)
+
+
+def test_provisioned_volume_is_writable_by_non_root_pods(cluster: cluster_client.Cluster, namespace: str) -> None:
+    """The local class's hostPath folders are world-writable, as a local-path provisioner makes
+    them: hostPath gets no fsGroup change, and the real node's pods run as uid 65532."""
+    core = client.CoreV1Api(cluster.api_client())
+    core.create_namespaced_persistent_volume_claim(namespace, {
+        "metadata": {"name": "data"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "storageClassName": "local",
+                 "resources": {"requests": {"storage": "1Gi"}}}})
+    claim = cluster_client.wait_for(
+        lambda: (c := core.read_namespaced_persistent_volume_claim("data", namespace)).status.phase == "Bound" and c,
+        timeout=60, what="the claim to be bound")
+    folder = pathlib.Path(core.read_persistent_volume(claim.spec.volume_name).spec.host_path.path)
+    assert folder.stat().st_mode & 0o777 == 0o777, oct(folder.stat().st_mode)

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import yaml
+from fixtures import listings
 from kquant.operator import artifacts, builds, findings, kube, observed, reconcile, server_manifests
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import report
@@ -46,7 +47,9 @@ def _condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
 
 
 def _pass(kube_client: kube.Kube, body: dict[str, Any], children: observed.Children | None = None) -> None:
-    reconcile.reconcile(kube_client, body, children or observed.Children(), reconcile.ClusterView([], []))
+    """A real pass; the model's sizing Job has listed SmolLM2 already (test_sizing_job covers it)."""
+    seen = listings.with_sizing(body, children or observed.Children())
+    reconcile.reconcile(kube_client, body, seen, reconcile.ClusterView([], []))
 
 
 def _events(api_client: client.ApiClient, namespace: str, name: str) -> list[Any]:

@@ -30,6 +30,7 @@ import pytest
 from fixtures import cluster_client, gguf_split, smollm2
 from hub_server import FakeHub
 from kquant.quantizer import fetch, settings, shards, space
+from kquant.quantizer.report import ExitCode
 from kubernetes import client
 
 REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -241,7 +242,7 @@ def test_bad_source(env: Env, source: dict[str, Any], reason: str) -> None:
     root = env.tmp / "bad-source"
     spec = env.spec(root, source={"huggingface": {"endpoint": env.hub.url, **source}})
     run = env.run(spec)
-    assert run.rc == 1 and "Traceback" not in run.out
+    assert run.rc == ExitCode.PERMANENT and "Traceback" not in run.out
     assert run.report["status"] == "Failed" and run.report["failedStep"] == "fetch"
     assert reason in run.report["reason"], run.report["reason"]
     assert reason in run.out
@@ -259,7 +260,7 @@ def test_budget_no_mix_can_meet(env: Env, first: tuple[Run, Path]) -> None:
     root = env.tmp / "budget"
     spec = env.spec(root, variants=[{"name": "tiny", "type": "Q4_K_M", "recipe": "dynamic", "targetSizeGiB": 0.01}])
     run = env.run(spec)
-    assert run.rc == 1 and "Traceback" not in run.out, run.out[-2000:]
+    assert run.rc == ExitCode.PERMANENT and "Traceback" not in run.out, run.out[-2000:]
     assert run.report["failedStep"] == "plan-tiny"
     assert "variants[0] (tiny)" in run.report["reason"] and "GiB" in run.report["reason"]
     assert_nothing_final(root)
@@ -306,7 +307,7 @@ def fill_when(trigger: Callable[[], bool], disk: Path) -> threading.Thread:
 def test_full_disk(env: Env, first: tuple[Run, Path], small_disk: Path) -> None:
     spec = env.spec(small_disk, variants=[{"name": "q8", "type": "Q8_0"}], storageClaim="m-storage")
     run = env.run(spec)
-    assert run.rc == 1 and "Traceback" not in run.out, run.out[-2000:]
+    assert run.rc == ExitCode.PERMANENT and "Traceback" not in run.out, run.out[-2000:]
     assert run.report["failedStep"] == "plan-q8" or run.report["failedStep"].startswith("quantize")
     reason = run.report["reason"]
     assert "storage claim m-storage" in reason and "GiB free, but variant q8 needs about 0.1" in reason, reason
@@ -321,7 +322,7 @@ def test_claim_too_small_is_refused_before_the_download(env: Env, small_disk: Pa
     del spec["workDir"]  # intermediates on the 40 MB disk too
     mark = len(env.hub.requests)
     run = env.run(spec)
-    assert run.rc == 1 and "Traceback" not in run.out, run.out[-2000:]
+    assert run.rc == ExitCode.PERMANENT and "Traceback" not in run.out, run.out[-2000:]
     assert run.report["failedStep"] == "fetch"
     reason = run.report["reason"]
     assert "but this build (download 0.25 GiB, 16-bit GGUF 0.25 GiB" in reason, reason
@@ -354,7 +355,8 @@ def test_full_disk_during_conversion(env: Env, tmp_path: Path) -> None:
         fill_when(lambda: any(disk.rglob(".base-f16.partial/*.gguf")), disk)
         run = env.run(spec)
         # the converter's own traceback is logged; kquant's report and last words have none
-        assert run.rc == 1 and "Traceback" not in run.out.split("kquant-quantize: build failed")[-1], run.out[-2000:]
+        assert run.rc == ExitCode.PERMANENT, run.out[-2000:]
+        assert "Traceback" not in run.out.split("kquant-quantize: build failed")[-1], run.out[-2000:]
         assert run.report["failedStep"] == "convert"
         reason = run.report["reason"]
         assert "is full while writing the f16 GGUF" in reason and "it needs about 0.25 GiB" in reason, reason
@@ -364,7 +366,7 @@ def test_full_disk_during_conversion(env: Env, tmp_path: Path) -> None:
 def test_conversion_that_cannot_fit_is_refused(env: Env, small_disk: Path, tmp_path: Path) -> None:
     spec = env.spec(tmp_path / "store", source={"local": {"path": str(smollm2.hf_dir())}}, workDir=str(small_disk))
     run = env.run(spec)
-    assert run.rc == 1 and "Traceback" not in run.out, run.out[-2000:]
+    assert run.rc == ExitCode.PERMANENT and "Traceback" not in run.out, run.out[-2000:]
     assert run.report["failedStep"] == "convert"
     # 0.25 GiB of f16 weights (read from the safetensors headers) and the 2% margin
     assert re.search(r"has 0\.0\d GiB free, but the f16 GGUF \(convert\) needs about 0\.2\d GiB", run.report["reason"])
@@ -410,7 +412,8 @@ def test_split_gguf_from_the_hub(env: Env, tmp_path: Path) -> None:
     env.hub.add_repo("test/split-broken", folder)
     source["huggingface"]["repo"] = "test/split-broken"
     broken = env.run(env.spec(tmp_path / "store2", source=source, variants=[{"name": "orig", "type": "Q4_1"}]))
-    assert broken.rc == 1 and "missing shard(s) SmolLM2-Q4_1-00002-of-00002.gguf" in broken.report["reason"]
+    assert broken.rc == ExitCode.PERMANENT
+    assert "missing shard(s) SmolLM2-Q4_1-00002-of-00002.gguf" in broken.report["reason"]
 
 
 def _ask_llama_server(model: Path, question: str) -> str:
@@ -489,7 +492,7 @@ def test_corrupt_gguf_source(env: Env, tmp_path: Path, damage: str) -> None:
         bad.write_bytes(b"GGUF" + os.urandom(4096))
     root = tmp_path / "store"
     run = env.run(env.spec(root, source={"local": {"path": str(bad)}}, variants=[{"name": "v", "type": "Q4_1"}]))
-    assert run.rc == 1 and "Traceback" not in run.out, run.out[-2000:]
+    assert run.rc == ExitCode.PERMANENT and "Traceback" not in run.out, run.out[-2000:]
     assert "bad.gguf is corrupt or truncated" in run.report["reason"]
     assert_nothing_final(root)
 
@@ -504,7 +507,7 @@ def test_report_lands_in_the_configmap(env: Env, cluster: cluster_client.Cluster
         resultConfigMap={"name": "build", "namespace": namespace},
     )
     run = env.run(spec)
-    assert run.rc == 1
+    assert run.rc == ExitCode.PERMANENT
     data = api.read_namespaced_config_map("build", namespace).data
     assert data["progress"].startswith("failed: source.huggingface.repo 'nobody/missing'")
     assert json.loads(data["report"])["status"] == "Failed"

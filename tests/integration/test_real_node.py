@@ -14,40 +14,32 @@ from __future__ import annotations
 
 import os
 import pathlib
-import subprocess
 import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
 
 import pytest
-from fixtures import cluster_client
+from fixtures import cluster_client, node_images
 from kubernetes import client
 from kubernetes.stream import stream
 from localcluster import cluster as localcluster
 from localcluster import controlplane, realnode
 
 # The first test's setup builds the operator image when the cache is cold (about 5 minutes here).
-pytestmark = [pytest.mark.integration, pytest.mark.realnode, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.integration, pytest.mark.realnode, pytest.mark.timeout(1500),
+              node_images.NEEDS_CONTAINER_RUNTIME]
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 IMAGE_NAME = "kquant"
 
-_reason = realnode.unavailable_reason()
-if _reason is not None:
-    pytestmark.append(pytest.mark.skip(reason=f"this machine cannot run a container runtime: {_reason}"))
 
-
-def _operator_image() -> str:
-    tags = subprocess.run(["bash", str(REPO / "images/build.sh"), "tags"], check=True,
-                          capture_output=True, text=True).stdout.split()
-    return next(t for t in tags if t.rsplit(":", 1)[0].endswith(f"/{IMAGE_NAME}"))
 
 
 @pytest.fixture(scope="module")
 def real_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[client.ApiClient]:
     # The image, built and pushed to the local registry (cached: nothing is rebuilt when unchanged).
-    subprocess.run(["bash", str(REPO / "images/build.sh"), "cpu", IMAGE_NAME], check=True)
+    node_images.build(IMAGE_NAME)
     paths = controlplane.ClusterPaths(tmp_path_factory.mktemp("realcluster"))
     localcluster.up(paths, localcluster.build_binaries(), real_node=True)
     try:
@@ -118,7 +110,7 @@ def _wait_phase(core: client.CoreV1Api, namespace: str, name: str, phases: set[s
 
 def test_restricted_pod_logs_exec_service(real_cluster: client.ApiClient, restricted_namespace: str) -> None:
     core = client.CoreV1Api(real_cluster)
-    image = _operator_image()
+    image = node_images.reference(IMAGE_NAME)
     server = ("import http.server, os, sys\n"
               "print(f'kquant on a real node: uid={os.getuid()} gid={os.getgid()}', flush=True)\n"
               "open('/tmp/index.html', 'w').write('served from ' + os.uname().nodename)\n"
@@ -170,11 +162,35 @@ def test_restricted_pod_logs_exec_service(real_cluster: client.ApiClient, restri
     assert answered() == "served from web"
 
 
+def test_in_cluster_client_reaches_api_server(real_cluster: client.ApiClient, restricted_namespace: str) -> None:
+    """A pod's in-cluster client (the operator's and the quantizer Job's way in) reaches the API
+    server: the `kubernetes` Service's ClusterIP from the environment, kube-proxy to the node's
+    address, the relay to loopback; TLS verified against the mounted CA, the projected token
+    authenticated as the pod's ServiceAccount."""
+    core = client.CoreV1Api(real_cluster)
+    whoami = ("import os\n"
+              "from kubernetes import client, config\n"
+              "config.load_incluster_config()\n"
+              "print('service', os.environ['KUBERNETES_SERVICE_HOST'], os.environ['KUBERNETES_SERVICE_PORT'])\n"
+              "review = client.AuthenticationV1Api().create_self_subject_review(\n"
+              "    client.V1SelfSubjectReview(metadata=client.V1ObjectMeta()))\n"
+              "print('user', review.status.user_info.username, flush=True)\n")
+    pod = _restricted_pod("whoami", node_images.reference(IMAGE_NAME), ["python3.11", "-c", whoami], "128Mi")
+    pod.spec.automount_service_account_token = True
+    core.create_namespaced_pod(restricted_namespace, pod)
+    done = _wait_phase(core, restricted_namespace, "whoami", {"Succeeded", "Failed"})
+    log = core.read_namespaced_pod_log("whoami", restricted_namespace)
+    assert done.status.phase == "Succeeded", log
+    kubernetes_service = core.read_namespaced_service("kubernetes", "default")
+    assert f"service {kubernetes_service.spec.cluster_ip} 443" in log, log
+    assert f"user system:serviceaccount:{restricted_namespace}:default" in log, log
+
+
 def test_memory_limit_kills(real_cluster: client.ApiClient, restricted_namespace: str) -> None:
     core = client.CoreV1Api(real_cluster)
     hog = "import time\nprint('allocating', flush=True)\nb = bytearray(256 << 20)\nprint('survived', flush=True)\n"
     core.create_namespaced_pod(restricted_namespace, _restricted_pod(
-        "hog", _operator_image(), ["python3.11", "-c", hog], "48Mi"))
+        "hog", node_images.reference(IMAGE_NAME), ["python3.11", "-c", hog], "48Mi"))
     pod = _wait_phase(core, restricted_namespace, "hog", {"Failed", "Succeeded"})
     terminated = pod.status.container_statuses[0].state.terminated
     assert pod.status.phase == "Failed", pod.status

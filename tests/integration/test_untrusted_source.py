@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 from fixtures import cluster_client, fake_tokens, hf_models, smollm2
 from hub_server import FakeHub
+from kquant.quantizer.report import ExitCode
 from kubernetes import client
 
 TOKEN = fake_tokens.hub_token()
@@ -130,7 +131,7 @@ def test_hub_file_names_that_escape_the_folder_are_refused(tiny_llama: Path, tmp
         hub.add_repo("attacker/names", tiny_llama, extra_names=("../../escaped.json",))
         run = run_cli(tmp_path, spec_for(hub, "attacker/names", tmp_path), token=None)
         downloads = [r.path for r in hub.requests if "/resolve/" in r.path]
-    assert run.rc == 1 and run.report["failedStep"] == "fetch", run.out[-3000:]
+    assert run.rc == ExitCode.PERMANENT and run.report["failedStep"] == "fetch", run.out[-3000:]
     assert "'../../escaped.json', which has '..'" in run.report["reason"]
     assert downloads == [], "nothing may be downloaded from a hub that lists such a name"
     assert not list(tmp_path.rglob("escaped.json"))
@@ -145,7 +146,7 @@ def test_pickled_weights_are_not_fetched_and_the_error_names_the_switch(tmp_path
         hub.add_repo("old/pickles", folder)
         run = run_cli(tmp_path, spec_for(hub, "old/pickles", tmp_path), token=None)
         downloads = [r.path for r in hub.requests if "/resolve/" in r.path]
-    assert run.rc == 1 and run.report["failedStep"] == "fetch", run.out[-3000:]
+    assert run.rc == ExitCode.PERMANENT and run.report["failedStep"] == "fetch", run.out[-3000:]
     assert "only as pickles (pytorch_model.bin)" in run.report["reason"]
     assert "source.huggingface.allowPickles" in run.report["reason"]
     assert not any(p.endswith("pytorch_model.bin") for p in downloads)
@@ -178,7 +179,7 @@ def test_token_never_reaches_what_a_user_reads(
         run = run_cli(tmp_path, spec)
         sent = {r.authorization for r in hub.requests}
     assert f"Bearer {TOKEN}" in sent  # the stripped token did reach the hub, and nothing else did
-    assert run.rc == 1 and run.report["failedStep"] == "fetch", run.out[-3000:]
+    assert run.rc == ExitCode.FAILED and run.report["failedStep"] == "fetch", run.out[-3000:]
     data = api.read_namespaced_config_map("build", namespace).data
     assert data["progress"].startswith("failed: ")
     assert_no_token(run.out, json.dumps(run.report), json.dumps(data))

@@ -150,3 +150,23 @@ def test_gguf_bytes_from_safetensors_shapes() -> None:
     ]
     assert sizing.gguf_bytes_from_shapes(shapes, settings.ConvertType.BF16) == 4096 * 1024 * 2 + 1024 * 4
     assert sizing.gguf_bytes_from_shapes(shapes, settings.ConvertType.F32) == 4096 * 1024 * 4 + 1024 * 4
+
+
+@pytest.mark.parametrize("model", ["deepseek-r1", "llama-3.1-405b", "llama-3.1-70b"])
+def test_the_sizing_jobs_trimmed_config_sizes_the_same(model: str) -> None:
+    """The sizing Job hands the operator only the numbers the rules read (``trim_config``); the
+    sizing from them is the sizing from the whole config.json."""
+    config = json.loads((EXAMPLES / model / "config.json").read_text())
+    files = sizing.listing_from_json(json.loads((EXAMPLES / model / "files.json").read_text()))
+    trimmed = sizing.trim_config(config)
+    assert set(trimmed) - {"quantization_config", "text_config"} <= sizing.CONFIG_KEYS
+    variants = [settings.VariantSpec(name="q4km", type="Q4_K_M")]
+    assert sizing.size_build(files, trimmed, variants) == sizing.size_build(files, config, variants)
+
+
+def test_trim_config_keeps_scalars_only() -> None:
+    hostile = {"hidden_size": 64, "num_hidden_layers": {"nested": "x" * 10_000}, "vocab_size": "y" * 1000,
+               "auto_map": {"AutoModel": "evil.Model"}, "quantization_config": {"quant_method": "fp8", "big": [1] * 99},
+               "text_config": {"num_attention_heads": 4, "extra": 1}}
+    assert sizing.trim_config(hostile) == {"hidden_size": 64, "quantization_config": {"quant_method": "fp8"},
+                                           "text_config": {"num_attention_heads": 4}}

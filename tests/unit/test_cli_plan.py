@@ -134,4 +134,5 @@ def test_context_settings_follow_the_serving_spec() -> None:
     qm = _qm(DEEPSEEK_GGUF)
     assert qm.spec.serving is not None
     ctx = serving.context_settings(qm.spec.serving)
-    assert ctx == memory.ContextSettings(8192, cache_type_k=api.CacheType.Q4_0)
+    # llama-server reserves one logits row per slot (--parallel), not a whole ubatch
+    assert ctx == memory.ContextSettings(8192, cache_type_k=api.CacheType.Q4_0, outputs=qm.spec.serving.parallel)

@@ -24,9 +24,10 @@ def test_plan_prints_the_build_sizing() -> None:
     result = runner.invoke(cli.app, args)
     assert result.exit_code == 0, result.output
     qm = api.QuantizedModel.model_validate(yaml.safe_load(R1.read_text()))
-    expected = plan_cmd.build_sizing(qm, R1_HUB / "files.json", R1_HUB / "config.json")
+    expected, gpus = plan_cmd.build_sizing(qm, R1_HUB / "files.json", R1_HUB / "config.json", 80 * 2**30)
     for line in expected.lines():
         assert line in result.output
+    assert gpus.from_spec and "build GPUs          1 GPU(s), as spec.quantizer.gpus says" in result.output
     # the manifest's 16 CPUs are the threads; the serving plan follows the sizing
     assert "cpu request         16 (threads 16)" in result.output
     assert "llama-server" in result.output.split("activeDeadline")[1]
@@ -49,3 +50,27 @@ def test_plan_json_carries_the_build() -> None:
 def test_hub_config_without_files_is_refused() -> None:
     result = runner.invoke(cli.app, ["plan", str(R1), "--gpu", "80GiB", "--hub-config", str(R1_HUB / "config.json")])
     assert result.exit_code == 1 and "--hub-config needs --hub-files" in result.output
+
+
+def test_plan_prints_the_build_gpus_the_planner_picks(tmp_path: pathlib.Path) -> None:
+    """Without spec.quantizer.gpus the build pod's GPUs are planned: R1's 16-bit reference (1250 GiB)
+    cannot fit 8 x 80 GiB, so all 8 for a partial offload; its Q8_0 reference neither; 70B fits 2."""
+    body = yaml.safe_load(R1.read_text())
+    del body["spec"]["quantizer"]["gpus"]
+    manifest = tmp_path / "r1.yaml"
+    manifest.write_text(yaml.safe_dump(body))
+    args = ["plan", str(manifest), "--gpu", "80GiB", "--hub-files", str(R1_HUB / "files.json"),
+            "--hub-config", str(R1_HUB / "config.json")]  # fmt: skip
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 0, result.output
+    planned = "build GPUs          8 x GPU (80 GiB each) for calibration and evaluation: a partial offload"
+    assert planned in result.output
+    qm = api.QuantizedModel.model_validate(body)
+    found, gpus = plan_cmd.build_sizing(qm, R1_HUB / "files.json", R1_HUB / "config.json", 80 * 2**30)
+    assert found.gpus == gpus.count == 8 and not gpus.full_offload
+    assert 1200 * 2**30 < gpus.reference_bytes < 1300 * 2**30
+    l70 = REPO / "examples/sizing/llama-3.1-70b"
+    _, gpus = plan_cmd.build_sizing(qm, l70 / "files.json", l70 / "config.json", 80 * 2**30)
+    assert gpus.count == 2 and gpus.full_offload
+    _, none = plan_cmd.build_sizing(qm, l70 / "files.json", l70 / "config.json", None)
+    assert none.count == 0

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 from kquant.operator import build_manifests, builds, manifests
 from kquant.operator.api import v1alpha1 as api
+from kquant.quantizer import report as quantizer_report
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -150,3 +151,19 @@ def test_only_the_last_build_of_a_model_that_keeps_no_intermediates_removes_them
     configmap = build_manifests.objects(drop, last)[0]
     assert json.loads(configmap["data"][builds.SPEC_KEY])["removeIntermediates"] is True
     assert _digests(body) == _digests(_body()), "keeping intermediates or not makes the same files"
+
+
+def test_a_permanent_quantizer_exit_fails_the_job_at_once_an_eviction_is_ignored() -> None:
+    """The Job retries exit 1 (network, hub 5xx) up to backoffLimit, ignores evictions, and fails at
+    once on the codes the quantizer uses for what a rerun meets again (claim full, spec refused)."""
+    qm = api.QuantizedModel.model_validate(_body())
+    job = build_manifests.objects(qm, builds.plan_builds(qm, "ml")[0])[-1]
+    ignore, fail = job["spec"]["podFailurePolicy"]["rules"]
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+    assert fail["action"] == "FailJob"
+    codes = fail["onExitCodes"]
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    assert codes["operator"] == "In" and codes["containerName"] == container["name"]
+    assert sorted(codes["values"]) == [quantizer_report.ExitCode.USAGE, quantizer_report.ExitCode.PERMANENT]
+    assert quantizer_report.ExitCode.FAILED not in codes["values"] and 0 not in codes["values"]
+    assert job["spec"]["template"]["spec"]["restartPolicy"] == "Never"  # onExitCodes needs it

@@ -18,8 +18,8 @@ def _spec(limits: dict[str, str], node: str | None = "gpu-1", init: dict[str, st
 
 
 def test_a_running_pod_with_gpus_is_kept_reduced_to_its_resources() -> None:
-    pod = capacity.gpu_pod("p", _spec({"nvidia.com/gpu": "2", "cpu": "4"}), {"phase": "Running"})
-    assert pod == {"metadata": {"name": "p"},
+    pod = capacity.gpu_pod("p", _spec({"nvidia.com/gpu": "2", "cpu": "4"}), {"phase": "Running"}, "ml")
+    assert pod == {"metadata": {"name": "p", "namespace": "ml"},
                    "spec": {"nodeName": "gpu-1", "initContainers": [],
                             "containers": [{"resources": {"limits": {"nvidia.com/gpu": "2", "cpu": "4"}}}]},
                    "status": {"phase": "Running"}}

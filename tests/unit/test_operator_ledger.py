@@ -47,3 +47,19 @@ def test_an_unconfirmed_write_expires_and_other_models_are_untouched() -> None:
     book.wrote("u1", ledger.Written("14", {"phase": "Ready"}))
     book.forget("u1")
     assert book.newest(body) is body
+
+
+def test_a_write_recorded_after_its_model_was_forgotten_does_not_stay_for_ever() -> None:
+    """A pass that wrote just before its model's deletion records its write after the DELETED
+    event forgot the model: the entry is never read again, and the next write sweeps it."""
+    clock = Clock()
+    book = ledger.StatusLedger(max_age=60, clock=clock)
+    book.forget("gone")
+    book.wrote("gone", ledger.Written("5", {"phase": "Serving"}))
+    clock.now = 30
+    book.wrote("u1", ledger.Written("12", {"phase": "Downloading"}))
+    assert len(book) == 2, "within max_age both count"
+    clock.now = 61
+    book.wrote("u2", ledger.Written("13", {"phase": "Pending"}))
+    assert len(book) == 2, "the gone model's entry is swept, u1's (31 s old) stays"
+    assert book.newest(_body("10", "Pending"))["status"] == {"phase": "Downloading"}

@@ -31,3 +31,25 @@ def test_the_metrics_port_comes_from_the_chart_environment() -> None:
     assert config.OperatorConfig.from_environment({"KQUANT_METRICS_PORT": "9090"}).metrics_port == 9090
     assert config.OperatorConfig.from_environment({}).metrics_port is None
 
+
+
+def test_plan_checks_of_the_watched_models_are_gauges() -> None:
+    """Read from the models at scrape time: a model that goes takes its series with it."""
+    check = {"plannedLayers": 31, "offloadedLayers": 20, "totalLayers": 31, "gpuProduct": "NVIDIA-L4",
+             "verified": False, "devices": [
+                 {"device": "GPU0", "predictedBytes": 1000, "measuredBytes": 1200, "errorRatio": 0.2},
+                 {"device": "Host", "predictedBytes": 500}]}
+    served = {"metadata": {"namespace": "ml", "name": "a"}, "status": {"serving": {"planCheck": check}}}
+    bodies = [served, {"metadata": {"namespace": "ml", "name": "b"}, "status": {}}]
+    m = metrics.Metrics()
+    m.track(queue_depth=lambda: 0, models=lambda: len(bodies), bodies=lambda: bodies)
+    text = m.exposition()
+    gpu = 'device="GPU0",gpu_product="NVIDIA-L4",model="a",namespace="ml"'
+    assert f"kquant_plan_predicted_bytes{{{gpu}}} 1000.0" in text
+    assert f"kquant_plan_measured_bytes{{{gpu}}} 1200.0" in text
+    assert f"kquant_plan_error_ratio{{{gpu}}} 0.2" in text
+    assert 'kquant_plan_layers{kind="offloaded",model="a",namespace="ml"} 20.0' in text
+    assert 'kquant_plan_verified{model="a",namespace="ml"} 0.0' in text
+    assert 'model="b"' not in text
+    bodies.pop(0)
+    assert 'model="a"' not in m.exposition()

@@ -12,8 +12,9 @@ import pathlib
 from typing import Any
 
 import yaml
+from fixtures import listings
 from fixtures.gguf_models import Shape, shape_facts
-from kquant.operator import builds, config, findings, manifests, observed, reconcile
+from kquant.operator import builds, config, findings, manifests, observed, reconcile, server_manifests
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import report
 
@@ -29,13 +30,20 @@ class Recorder:
     settings = config.DEFAULTS
 
     def __init__(self, foreign: set[tuple[str, str]] | None = None, refuse: dict[str, str] | None = None,
-                 config_maps: dict[str, list[str]] | None = None) -> None:
+                 config_maps: dict[str, list[str]] | None = None, logs: dict[str, str] | None = None,
+                 margins: dict[str, str] | None = None) -> None:
+        self.logs = logs or {}
+        self.margins = margins or {}
+        self.recorded: list[tuple[str, int]] = []
+        self.log_reads: list[str] = []
         self.foreign = foreign or set()
         self.refuse = refuse or {}
         self.config_maps = config_maps or {}
         self.made: dict[tuple[str, str], manifests.Manifest] = {}
         self.statuses: list[dict[str, Any]] = []
         self.events: list[tuple[str, str, str]] = []
+        self.event_names: set[str] = set()
+        self.deleted_models: set[str] = set()
         self.deleted: list[tuple[str, str]] = []
 
     def _check(self, manifest: manifests.Manifest) -> tuple[str, str]:
@@ -61,7 +69,12 @@ class Recorder:
         self.statuses.append(status)
         return str(len(self.statuses))
 
-    def event(self, qm: api.QuantizedModel, kind: str, reason: str, message: str) -> None:
+    def event(self, qm: api.QuantizedModel, kind: str, reason: str, message: str, once: str | None = None) -> None:
+        # As the API server does with a fixed Event name: a second create of it is refused.
+        if once is not None and once in self.event_names:
+            return
+        if once is not None:
+            self.event_names.add(once)
         self.events.append((kind, reason, message))
 
     def delete(self, manifest: manifests.Manifest) -> bool:
@@ -70,6 +83,19 @@ class Recorder:
 
     def config_map_keys(self, namespace: str, name: str) -> list[str] | None:
         return self.config_maps.get(name)
+
+    def model_exists(self, namespace: str, name: str, uid: str) -> bool:
+        return uid not in self.deleted_models
+
+    def pod_log(self, namespace: str, name: str, container: str) -> str | None:
+        self.log_reads.append(name)
+        return self.logs.get(name)
+
+    def plan_margins(self) -> tuple[dict[str, str], str]:
+        return self.margins, "ConfigMap kquant-system/kquant-margins"
+
+    def record_margin(self, product: str, excess: int) -> None:
+        self.recorded.append((product, excess))
 
     def warnings(self) -> set[str]:
         return {reason for kind, reason, _ in self.events if kind == "Warning"}
@@ -94,8 +120,9 @@ def _condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
 
 def _pass(recorder: Recorder, body: dict[str, Any], children: observed.Children | None = None,
           nodes: list[dict[str, Any]] | None = None) -> reconcile.Result:
+    """One pass; the model's sizing Job has listed SmolLM2 already (``test_operator_sizing`` covers it)."""
     view = reconcile.ClusterView(nodes=nodes or [], pods=[])
-    return reconcile.reconcile(recorder, body, children or observed.Children(), view)
+    return reconcile.reconcile(recorder, body, listings.with_sizing(body, children or observed.Children()), view)
 
 
 def _owned(body: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -193,7 +220,9 @@ def test_a_failed_build_carries_the_quantizers_reason() -> None:
                                 reason="revision 'no-such-branch' not found")
     configmap = observed.build_configmap({"metadata": _owned(body, name=build.name),
                                           "data": {"report": failed.to_json()}})
-    children = observed.Children.collect(configmaps=[configmap], jobs=[_job(body, build.name)],
+    ended = _job(body, build.name, conditions=[{"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
+                                                "message": "container quantizer exited with 3"}])
+    children = observed.Children.collect(configmaps=[configmap], jobs=[ended],
                                          claims=["smollm2-storage"], owner="uid-1")
     recorder = Recorder()
     result = _pass(recorder, body, children)
@@ -202,6 +231,24 @@ def test_a_failed_build_carries_the_quantizers_reason() -> None:
     assert quantized["reason"] == Reason.BUILD_FAILED and "no-such-branch" in quantized["message"]
     assert result.written.status["phase"] == "Failed"
     assert Reason.BUILD_FAILED in recorder.warnings()
+
+
+def test_a_failed_try_whose_job_retries_is_still_running() -> None:
+    """The quantizer exited 1 (the hub answered 503) and the Job runs its next pod: not a failure yet."""
+    body = _body()
+    build = _build(body)
+    failed = report.BuildReport(status=report.BuildStatus.FAILED, quantizer_version="0",
+                                reason="the hub answered 503 Service Unavailable")
+    configmap = observed.build_configmap({"metadata": _owned(body, name=build.name),
+                                          "data": {"report": failed.to_json()}})
+    children = observed.Children.collect(configmaps=[configmap], jobs=[_job(body, build.name, active=1, failed=1)],
+                                         claims=["smollm2-storage"], owner="uid-1")
+    recorder = Recorder()
+    result = _pass(recorder, body, children)
+    assert result.written is not None
+    assert result.written.status["phase"] != "Failed"
+    assert "retrying after: the hub answered 503" in result.written.status["progress"]
+    assert Reason.BUILD_FAILED not in recorder.warnings()
 
 
 def test_a_job_that_completed_without_a_report_fails_with_its_own_reason() -> None:
@@ -320,6 +367,44 @@ def test_a_value_the_api_server_refuses_names_the_field_once() -> None:
     assert _pass(again, stored).written is None and again.events == []
 
 
+
+
+def test_no_build_starts_for_a_model_the_api_server_no_longer_has() -> None:
+    """The index still holds a model being deleted: its pass must not make a Job that the
+    garbage collector would have to find later."""
+    recorder = Recorder()
+    recorder.deleted_models.add("uid-1")
+    result = _pass(recorder, _body())
+    assert not any(kind == "Job" for kind, _ in recorder.made), recorder.made
+    assert result.written is not None and result.written.status["variants"][0]["message"] == "Queued"
+
+def test_a_pass_repeated_after_its_status_write_was_lost_posts_no_event_twice() -> None:
+    """The operator killed between a pass's Events and its status write: the next pass sees the
+    old status, makes the same changes and posts the same Events, which must not be new ones."""
+    body = _body()
+    build = _build(body)
+    first = _pass(recorder := Recorder(), body)
+    assert first.written is not None
+    stored = {**body, "status": first.written.status}
+    recorder.events.clear()
+    done = _pass(recorder, stored, _built(body, build))  # the build finishes: Ready and more change
+    assert recorder.events, "the finished build is announced"
+    announced = list(recorder.events)
+    again = _pass(recorder, stored, _built(body, build))  # killed before the write: the same pass again
+    assert again.written is not None and done.written is not None
+    assert recorder.events == announced, "the repeated pass posted its Events a second time"
+    # The same change made again later (the state it leaves began at another time) is a new Event.
+    later = {**stored, "status": {**stored["status"], "conditions": [
+        {**c, "lastTransitionTime": "2030-01-01T00:00:00Z"} for c in stored["status"]["conditions"]]}}
+    change = api.Condition.model_validate(done.written.status["conditions"][0])
+
+    def name_of(model_body: dict[str, Any]) -> str:
+        qm = api.QuantizedModel.model_validate(model_body)
+        assert qm.status is not None and qm.status.conditions
+        return reconcile.transition_id(qm, change, qm.status.conditions[0])
+
+    assert name_of(stored) == name_of(stored) != name_of(later)
+
 def test_children_that_carry_the_models_labels_but_not_its_uid_are_ignored() -> None:
     body = _body()
     build = _build(body)
@@ -404,3 +489,126 @@ def test_the_argo_cd_health_check_knows_every_reason_that_needs_a_person() -> No
     named = {word.split("=")[0].strip() for word in table.split("{", 1)[1].split(",") if "=" in word}
     assert named == {reason.value for reason in findings.STALLED_REASONS}
     assert findings.STALLED_REASONS <= findings.WARNING_REASONS
+
+
+# -- the plan checked against the served pod's startup log --------------------------------------
+
+SERVER_LOGS = REPO / "tests" / "fixtures" / "server_logs"
+
+
+def _smollm2_facts() -> dict[str, Any]:
+    """The facts of the GGUF the fixture logs were written with (saved beside them by capture.py)."""
+    data: dict[str, Any] = json.loads((SERVER_LOGS / "smollm2-facts.json").read_text())
+    return data
+
+
+def _served(body: dict[str, Any], recorder: Recorder, log_name: str | None,
+            ready: bool = True) -> tuple[reconcile.Result, observed.Children]:
+    """Roll out, then a pass that sees the Deployment rolled out and its pod (Ready or not)."""
+    build = _build(body)
+    facts = _smollm2_facts()
+    children = _built(body, build, facts=facts)
+    first = _pass(recorder, body, children, nodes=[_gpu_node(24)])
+    assert first.written is not None
+    deployment = recorder.made[("Deployment", "smollm2-server")]
+    stored = {**deployment, "metadata": {**deployment["metadata"], "generation": 1,
+                                         "ownerReferences": [{"uid": body["metadata"]["uid"]}]},
+              "status": {"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1, "availableReplicas": 1,
+                         "readyReplicas": 1}}
+    digest = deployment["spec"]["template"]["metadata"]["labels"][manifests.DIGEST_LABEL]
+    pod = observed.server_pod({"metadata": {"name": "smollm2-server-abc-xyz", "uid": "pod-1",
+                                            "labels": {manifests.DIGEST_LABEL: digest}},
+                               "spec": {"nodeName": "gpu"},
+                               "status": {"conditions": [{"type": "Ready", "status": str(ready)}]}},
+                              manifests.DIGEST_LABEL)
+    if log_name is not None:
+        recorder.logs[pod.name] = (SERVER_LOGS / f"{log_name}.log").read_text()
+    children = dataclasses.replace(
+        children, deployments={"smollm2-server": observed.server_deployment(
+            stored, manifests.VARIANT_LABEL, server_manifests.HASH_ANNOTATION)}, server_pods=(pod,))
+    body = {**body, "status": first.written.status}
+    return _pass(recorder, body, children, nodes=[_gpu_node(24)]), children
+
+
+def _plan_body(context: int = 2048) -> dict[str, Any]:
+    body = _body()
+    body["spec"]["serving"].update({"gpus": 1, "gpuLayers": "auto", "contextSize": context, "parallel": 1})
+    return body
+
+
+def test_the_served_pods_log_verifies_the_plan_once() -> None:
+    recorder = Recorder()
+    result, children = _served(_plan_body(), recorder, "rpc1-full")
+    assert result.written is not None
+    verified = _condition(result.written.status, "PlanVerified")
+    assert (verified["status"], verified["reason"]) == ("True", Reason.PLAN_HELD), verified["message"]
+    check = result.written.status["serving"]["planCheck"]
+    assert (check["podUid"], check["gpuProduct"], check["plannedLayers"], check["offloadedLayers"]) == \
+        ("pod-1", "T4", 31, 31)
+    gpu = check["devices"][0]
+    assert gpu["device"] == "GPU0" and gpu["name"].startswith("RPC0 (127.0.0.1:")
+    assert abs(gpu["errorRatio"]) < 0.01, gpu  # the memory model matches llama-server on this device
+    assert recorder.log_reads == ["smollm2-server-abc-xyz"]
+    # the next pass finds the pod's uid in status and reads nothing
+    again = _pass(recorder, {**_plan_body(), "status": result.written.status}, children, nodes=[_gpu_node(24)])
+    assert recorder.log_reads == ["smollm2-server-abc-xyz"] and again.written is None
+
+
+def test_fewer_layers_offloaded_than_planned_is_a_warning() -> None:
+    """The log of a server that put 20 of the planned 31 layers on the GPU: the silent CPU fallback."""
+    recorder = Recorder()
+    result, _ = _served(_plan_body(), recorder, "rpc1-partial")
+    assert result.written is not None
+    verified = _condition(result.written.status, "PlanVerified")
+    assert (verified["status"], verified["reason"]) == ("False", Reason.FEWER_LAYERS_OFFLOADED)
+    assert "offloaded 20 of the 31 planned layers" in verified["message"]
+    assert Reason.FEWER_LAYERS_OFFLOADED in recorder.warnings()
+    assert _condition(result.written.status, "Ready")["status"] == "True", "it still serves"
+
+
+def test_a_cpu_only_server_on_a_gpu_plan_offloaded_nothing() -> None:
+    recorder = Recorder()
+    result, _ = _served(_plan_body(), recorder, "cpu")
+    assert result.written is not None
+    verified = _condition(result.written.status, "PlanVerified")
+    assert verified["reason"] == Reason.FEWER_LAYERS_OFFLOADED and "offloaded 0 of the 31" in verified["message"]
+
+
+def test_more_memory_than_predicted_names_the_device_and_the_numbers() -> None:
+    """A plan made for 1024 cells against a server that allocated 2048: the KV cache is twice the prediction."""
+    recorder = Recorder()
+    result, _ = _served(_plan_body(context=1024), recorder, "rpc1-full")
+    assert result.written is not None
+    verified = _condition(result.written.status, "PlanVerified")
+    assert (verified["status"], verified["reason"]) == ("False", Reason.MEMORY_ABOVE_PLAN)
+    assert "GPU0 allocated" in verified["message"] and "more than the" in verified["message"]
+    assert Reason.MEMORY_ABOVE_PLAN in recorder.warnings()
+    gpu = result.written.status["serving"]["planCheck"]["devices"][0]
+    assert gpu["measuredBytes"] > gpu["predictedBytes"] and gpu["errorRatio"] > 0.05
+    # the excess is kept for the node's GPU product, for the plans that follow
+    assert recorder.recorded == [("T4", gpu["measuredBytes"] - gpu["predictedBytes"])]
+
+
+def test_a_learned_margin_enters_the_plan_and_its_explanation() -> None:
+    body = _plan_body()
+    build = _build(body)
+    children = _built(body, build, facts=_smollm2_facts())
+    plain = _pass(Recorder(), body, children, nodes=[_gpu_node(24)])
+    learned = _pass(Recorder(margins={"T4": str(300 * 1024 * 1024)}), body, children, nodes=[_gpu_node(24)])
+    assert plain.written is not None and learned.written is not None
+    assert "learned margin" not in plain.written.status["serving"]["explanation"]
+    assert ("learned margin 0.29 GiB for T4 from ConfigMap kquant-system/kquant-margins"
+            in learned.written.status["serving"]["explanation"])
+    assert "CUDA context and margin 1.29 GiB" in learned.written.status["serving"]["explanation"]
+
+
+def test_no_check_before_ready_or_without_a_readable_log() -> None:
+    recorder = Recorder()
+    result, _ = _served(_plan_body(), recorder, "rpc1-full", ready=False)
+    assert recorder.log_reads == []
+    recorder = Recorder()
+    result, _ = _served(_plan_body(), recorder, None)
+    assert recorder.log_reads == ["smollm2-server-abc-xyz"]
+    assert result.written is not None
+    assert not any(c["type"] == "PlanVerified" for c in result.written.status["conditions"])
+    assert result.written.status["serving"]["planCheck"]["devices"][0]["predictedBytes"] > 0

@@ -84,18 +84,64 @@ def test_server_arguments_follow_the_spec_and_the_plan() -> None:
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     assert served.gpu_layers == 9 and served.node_gpu_bytes == 24 * GiB
     assert served.endpoint == "http://smollm2.ml.svc.cluster.local:8080/v1"
+    # the level that logs the buffers the plan is checked against, and no prompts
+    assert args[args.index("--log-verbosity") + 1] == "4"
+    # the prediction per device, recorded at rollout, before any pod ran
+    check = served.plan_check
+    assert check is not None and check.devices is not None and check.verified is None
+    assert [d.device for d in check.devices] == ["GPU0", "Host"]
+    assert check.devices[0].predicted_bytes == served.predicted_gpu_bytes and check.planned_layers == 9
+
+
+def test_a_users_own_log_verbosity_is_kept() -> None:
+    qm = _qm(extraArgs=["-lv", "2"])
+    args = server_manifests.server_args(qm, "/m.gguf", None)
+    assert "--log-verbosity" not in args and args[-2:] == ["-lv", "2"]
+
+
+def _gpu_pod(name: str, node: str, namespace: str = "ml", gpus: int = 1) -> dict[str, Any]:
+    return {"metadata": {"name": name, "namespace": namespace}, "spec": {"nodeName": node, "containers": [
+        {"resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}]}, "status": {"phase": "Running"}}
 
 
 def test_rolling_update_only_where_a_second_pod_fits() -> None:
+    """The model's own server holds the small GPU: the new rollout may take it back (Recreate),
+    so the small pool stays the choice, but there is no room for a surge pod beside it."""
     qm = _qm()
-    busy_pod = {"metadata": {"name": "x"}, "spec": {"nodeName": "small", "containers": [
-        {"resources": {"limits": {"nvidia.com/gpu": "1"}}}]}, "status": {"phase": "Running"}}
+    own_pod = _gpu_pod("smollm2-server-abc", "small")
     free = serving.candidates(qm, shape_facts(Shape()), NODES, [])
-    busy = serving.candidates(qm, shape_facts(Shape()), NODES, [busy_pod])
+    busy = serving.candidates(qm, shape_facts(Shape()), NODES, [own_pod], own=["smollm2-server-abc"])
     assert serving.surge_fits(serving.choose(free), free)
     chosen = serving.choose(busy)
     assert chosen is not None and chosen.node == "small"
     assert not serving.surge_fits(chosen, busy)
+
+
+def test_a_pool_whose_gpus_another_server_holds_is_skipped() -> None:
+    """Seen in bench/plan_check_latency.py: a second GPU model sent to the full 1-GPU node stayed
+    Pending. Another model's pod (same name in another namespace, too) does not count as ours."""
+    qm = _qm()
+    others = [_gpu_pod("other-server-xyz", "small", namespace="team-b"),
+              _gpu_pod("smollm2-server-abc", "small", namespace="team-b")]
+    found = serving.candidates(qm, shape_facts(Shape()), NODES, others, own=["smollm2-server-abc"])
+    small = next(c for c in found if c.node == "small")
+    assert (small.pool.free, small.free, small.has_room) == (0, 0, False)
+    chosen = serving.choose(found)
+    assert chosen is not None and chosen.node == "big" and chosen.has_room
+
+
+def test_a_model_that_fits_only_taken_gpus_waits_and_says_why() -> None:
+    qm = _qm()
+    taken = [_gpu_pod("a", "small", namespace="team-b"), _gpu_pod("b", "big", namespace="team-c")]
+    facts = shape_facts(Shape())
+    found = serving.candidates(qm, facts, NODES, taken)
+    assert [c.node for c in found] == ["small", "big"] and all(c.offload.fits for c in found)
+    assert serving.choose(found) is None
+    verdict = serving.no_fit(qm, found, facts)
+    assert verdict.reason is findings.Reason.GPUS_BUSY
+    assert verdict.reason.waits_for_capacity and not verdict.reason.stalled and verdict.reason.warning
+    assert "fits 2 GPU pool(s), but none has 1 free GPU(s) now" in verdict.message
+    assert "small (RTX-4090: 0 of 1 free)" in verdict.message and "big (A100-80GB: 0 of 1 free)" in verdict.message
 
 
 def _state(variant: str, phase: findings.BuildPhase, gate: bool = True) -> findings.BuildState:

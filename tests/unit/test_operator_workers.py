@@ -33,7 +33,10 @@ class RecordingClient:
         self.calls.append(("patch_status", f"{namespace}/{name}"))
         return "7"
 
-    def event(self, qm: object, kind: str, reason: str, message: str) -> None:
+    def model_exists(self, namespace: str, name: str, uid: str) -> bool:
+        return True
+
+    def event(self, qm: object, kind: str, reason: str, message: str, once: str | None = None) -> None:
         self.calls.append(("event", reason))
 
     def close(self) -> None:
@@ -45,7 +48,8 @@ def _indexes(body: dict[str, Any], waiting: bool = False) -> dict[str, Any]:
         body = {**body, "status": {"conditions": [{"type": "Serving", "status": "False", "reason": "DoesNotFit"}]}}
     empty: dict[Any, list[Any]] = {}
     return {"models": {KEY: [body]}, "build_configmaps": empty, "build_jobs": empty, "build_pods": empty,
-            "server_deployments": empty, "storage_claims": empty, "cluster_nodes": empty, "gpu_pods": empty}
+            "server_deployments": empty, "storage_claims": empty, "cluster_nodes": empty, "gpu_pods": empty,
+            "server_pods": empty}
 
 
 def _body() -> dict[str, Any]:
@@ -67,7 +71,9 @@ def test_a_queued_model_gets_one_pass_and_its_write_is_remembered() -> None:
         await pool.stop()
         assert ("create", "Job") in client.calls and client.calls[-1][0] in ("patch_status", "event")
         written = pool.ledger.newest(_body())
-        assert written["status"]["phase"] == "Downloading", "the pass's own write, before the watch shows it"
+        # The first pass makes the sizing Job (no listing yet): the model waits for it, Pending.
+        assert written["status"]["phase"] == "Pending", "the pass's own write, before the watch shows it"
+        assert "sizing: listing the source" in written["status"]["progress"], written["status"]
 
     asyncio.run(scenario())
     assert client.closed
@@ -90,6 +96,31 @@ def test_snapshot_skips_a_model_being_deleted_and_capacity_wakes_only_the_waitin
 
     asyncio.run(scenario())
 
+
+
+def test_held_counts_each_store_and_falls_back_once_the_model_is_forgotten() -> None:
+    client = RecordingClient()
+
+    async def scenario() -> None:
+        pool = workers.WorkerPool.start(client, _indexes(_body()))  # type: ignore[arg-type]
+        pool.queue.add(KEY)
+        for _ in range(200):
+            if ("patch_status", "ml/smollm2") in client.calls and not pool.queue.held():
+                break
+            await asyncio.sleep(0.01)
+        held = pool.held()
+        assert held["index/models"] == 1 and held["index/build_jobs"] == 0
+        assert held["workqueue"] == 0, "a finished pass leaves nothing queued"
+        assert held["ledger"] == 1, "the pass's status write until the watch shows it"
+        pool.ledger.forget("1234")  # the model's DELETED event
+        pool.queue.forget(KEY)
+        pool.indexes = _indexes(_body()) | {"models": {}}
+        assert sum(pool.held().values()) == 0
+        pool.metrics.held_objects(pool.held())
+        assert 'kquant_held_objects{store="ledger"} 0.0' in pool.metrics.exposition()
+        await pool.stop()
+
+    asyncio.run(scenario())
 
 def test_outranked_follows_kopfs_pausing_rule() -> None:
     now = datetime.datetime(2026, 1, 1, 12, 0, tzinfo=datetime.UTC)

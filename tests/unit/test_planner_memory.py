@@ -222,3 +222,17 @@ def test_cuda_op_offload_copies_host_experts_too() -> None:
     cuda = memory.breakdown(moe, settings, placement, memory.Backend.CUDA)
     # one whole expert tensor (all experts of ffn_up, say) passes through the GPU's compute buffer
     assert cuda.devices[0].compute - rpc.devices[0].compute == moe.layer_max_tensor_bytes[0]
+
+
+def test_llama_server_reserves_one_logits_row_per_slot() -> None:
+    """llama-server sets n_outputs_max to --parallel: the output GPU's buffer holds a few logits rows,
+    not a ubatch of them (SmolLM2 on an RPC device: 14.38 MiB measured, tests/fixtures/server_logs)."""
+    full = memory.Placement(9)
+    batch = memory.breakdown(TINY, memory.ContextSettings(4096), full, RPC)
+    server = memory.breakdown(TINY, memory.ContextSettings(4096, parallel=2, outputs=2), full, RPC)
+    logits_rows = (TINY.vocab_size + TINY.embedding_length) * memory.F32
+    assert batch.devices[0].compute == max(batch.devices[0].compute, 512 * logits_rows)
+    assert server.devices[0].compute < batch.devices[0].compute
+    assert server.devices[0].compute >= 2 * logits_rows
+    with pytest.raises(ValueError, match="outputs is 0"):
+        memory.ContextSettings(4096, outputs=0)

@@ -14,7 +14,7 @@ import pathlib
 import tarfile
 import tomllib
 
-from localcluster import controlplane, realnode
+from localcluster import certs, controlplane, realnode
 
 
 def test_pause_archive_is_a_valid_oci_layout(tmp_path: pathlib.Path) -> None:
@@ -59,3 +59,5 @@ def test_containerd_config_and_registry_hosts(tmp_path: pathlib.Path) -> None:
     conflist = json.loads((pathlib.Path(cri["cni"]["conf_dir"]) / "10-kquant.conflist").read_text())
     bridge = conflist["plugins"][0]
     assert bridge["ipMasq"] is False and bridge["ipam"]["ranges"] == [[{"subnet": realnode.POD_SUBNET}]]
+    # Pods route to this machine's networks and the Services (the API server's ClusterIP), no further.
+    assert bridge["ipam"]["routes"] == [{"dst": realnode.LOCAL_NETWORK}, {"dst": certs.SERVICE_RANGE}]

@@ -142,10 +142,15 @@ is removed (their pods go by garbage collection).
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
   verbs: [get, create, delete]
-# Quantizer and server pods: read their state, why they wait and exit reasons (no exec, no logs).
+# Quantizer and server pods: read their state, why they wait and exit reasons (no exec).
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
+# A server pod's startup log, read once when it turns Ready: what llama.cpp allocated per device,
+# checked against the plan (status.serving.planCheck, the PlanVerified condition).
+- apiGroups: [""]
+  resources: [pods/log]
+  verbs: [get]
 {{- if .Values.policy.hubTokenLabel }}
 # policy.hubTokenLabel: whether the Secret named in tokenSecretRef carries kquant.dev/hub-token.
 # The operator asks for its metadata only (PartialObjectMetadata), never lists or watches Secrets.
