@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 
 import pytest
 import yaml
 from fixtures import cluster_client
+from hub_server import FakeHub
 from kubernetes import client
 from localcluster import cluster as localcluster
 from localcluster import controlplane
@@ -77,3 +81,44 @@ def crd(cluster: cluster_client.Cluster) -> None:
         return True
 
     cluster_client.wait_for(served, timeout=60, what="quantizedmodels to be served")
+
+
+SMOLLM2_REPO = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+@pytest.fixture(scope="session")
+def smollm2_hub() -> Iterator[FakeHub]:
+    """A local hub serving the SmolLM2 fixture model, for builds that run the real quantizer."""
+    from fixtures import smollm2
+
+    with FakeHub() as hub:
+        hub.add_repo(SMOLLM2_REPO, smollm2.hf_dir())
+        yield hub
+
+
+STRAY_THREAD_GRACE = 10.0
+"""Seconds a test's non-daemon thread gets to end after the last test before the run exits."""
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """A non-daemon thread a test left running would hold the interpreter open after pytest's
+    summary line, until CI's deadline: name it and exit with pytest's own status instead."""
+    deadline = time.monotonic() + STRAY_THREAD_GRACE
+    while (stray := _stray_threads()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if not stray:
+        return
+    names = ", ".join(t.name for t in stray)
+    print(f"\nnon-daemon threads still running after the tests: {names}; exiting without waiting",
+          file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(int(getattr(config, "_kquant_exitstatus", 1)))
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config._kquant_exitstatus = exitstatus  # type: ignore[attr-defined]
+
+
+def _stray_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate()
+            if t.is_alive() and not t.daemon and t is not threading.main_thread()]

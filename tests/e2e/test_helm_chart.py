@@ -78,10 +78,15 @@ def test_lint_is_clean(helm: Helm) -> None:
 def test_template_defaults(helm: Helm) -> None:
     docs = _render(helm)
     assert sorted(d["kind"] for d in docs) == [
-        "ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount",
-        "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicy",
+        "ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "Deployment", "Role", "RoleBinding",
+        "ServiceAccount", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicy",
         "ValidatingAdmissionPolicyBinding", "ValidatingAdmissionPolicyBinding",
     ]  # fmt: skip
+    # the learned margins (templates/plan-margins.yaml): created empty, the operator may get and patch it only
+    margins = _one(docs, "ConfigMap")
+    assert margins["metadata"]["name"] == "rel-kquant-margins" and "data" not in margins
+    assert _one(docs, "Role")["rules"] == [{"apiGroups": [""], "resources": ["configmaps"],
+                                            "resourceNames": ["rel-kquant-margins"], "verbs": ["get", "patch"]}]
     pod = _one(docs, "Deployment")["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["image"] == "ghcr.io/kquant-dev/kquant:0.1.0"
@@ -108,6 +113,8 @@ def test_template_defaults(helm: Helm) -> None:
     assert json.loads(env["KQUANT_ALLOWED_QUANTIZER_IMAGES"]) == ["ghcr.io/kquant-dev/quantizer:0.1.0"]
     assert json.loads(env["KQUANT_ALLOWED_SERVER_IMAGES"]) == ["ghcr.io/kquant-dev/llama-server:0.1.0-cuda"]
     assert env["KQUANT_HUB_TOKEN_LABEL_REQUIRED"] == "true"
+    assert env["KQUANT_MARGINS_CONFIGMAP"] == "rel-kquant-margins"
+    assert ("", "pods/log") in rules, "a server pod's startup log checks the plan"
     assert not [d for d in docs if d["kind"] == "NetworkPolicy"]
 
 
@@ -136,7 +143,7 @@ def test_template_policy_and_network_policy(helm: Helm) -> None:
 
 def test_template_watch_namespaces_uses_roles(helm: Helm) -> None:
     docs = _render(helm, "watchNamespaces={ml,dev}", "peering.priority=7")
-    roles = [d for d in docs if d["kind"] == "Role"]
+    roles = [d for d in docs if d["kind"] == "Role" and d["metadata"]["name"].endswith("-operator")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["dev", "ml"]
     assert ("kquant.dev", "quantizedmodels") in _rules(roles[0])
     cluster_rules = _rules(_one(docs, "ClusterRole"))
@@ -236,41 +243,48 @@ def test_install_and_uninstall(cluster: Any, namespace: str, helm: Helm) -> None
     core = client.CoreV1Api(api_client)
     apps = client.AppsV1Api(api_client)
     custom = client.CustomObjectsApi(api_client)
+    name, account = f"{release}-kquant-operator", f"{release}-kquant"
+    selector = f"app.kubernetes.io/instance={release}"
     # A cluster-wide peering object named after the release, so parallel installs do not meet.
     helm("install", release, str(CHART), "--namespace", namespace,
          "--set", f"peering.name={release}", "--set", f"healthPort={_free_port()}")  # fmt: skip
+    # The chart's admission policies are cluster-wide: a release left behind would refuse every
+    # later test's model (a local hub endpoint), so it is uninstalled whatever happens here.
+    try:
+        for crd in CRDS:
+            cluster_client.wait_for(functools.partial(_established, ext, crd), timeout=60, what=f"{crd} Established")
+        role = rbac.read_cluster_role(name)
+        assert any("quantizedmodels/status" in (r.resources or []) for r in role.rules or [])
+        binding = rbac.read_cluster_role_binding(name)
+        assert [(s.kind, s.name, s.namespace) for s in binding.subjects or []] == [("ServiceAccount", account, namespace)]
+        core.read_namespaced_service_account(account, namespace)
+        custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", release)
 
-    for crd in CRDS:
-        cluster_client.wait_for(functools.partial(_established, ext, crd), timeout=60, what=f"{crd} Established")
-    name = f"{release}-kquant-operator"
-    role = rbac.read_cluster_role(name)
-    assert any("quantizedmodels/status" in (r.resources or []) for r in role.rules or [])
-    binding = rbac.read_cluster_role_binding(name)
-    account = f"{release}-kquant"
-    assert [(s.kind, s.name, s.namespace) for s in binding.subjects or []] == [("ServiceAccount", account, namespace)]
-    core.read_namespaced_service_account(account, namespace)
-    custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", release)
+        # Least privilege, as the API server's authorizer sees the operator's ServiceAccount.
+        auth = client.AuthorizationV1Api(api_client)
+        user = f"system:serviceaccount:{namespace}:{account}"
+        assert _can(auth, user, "patch", "quantizedmodels", "kquant.dev", subresource="status")
+        assert not _can(auth, user, "patch", "quantizedmodels", "kquant.dev"), "the spec is the user's"
+        assert _can(auth, user, "create", "jobs", "batch")
+        assert _can(auth, user, "list", "nodes", namespace="")
+        assert not _can(auth, user, "list", "secrets") and not _can(auth, user, "watch", "secrets")
+        assert _can(auth, user, "delete", "jobs", "batch"), "a superseded build is cancelled"
+        assert not _can(auth, user, "delete", "persistentvolumeclaims"), "the weights outlive a spec edit"
+        assert not _can(auth, user, "delete", "nodes", namespace="")
+        assert not _can(auth, user, "create", "pods", subresource="exec")
+        assert _can(auth, user, "get", "pods", subresource="log"), "a server pod's log checks the plan"
+        assert not _can(auth, user, "delete", "pods")
 
-    # Least privilege, as the API server's authorizer sees the operator's ServiceAccount.
-    auth = client.AuthorizationV1Api(api_client)
-    user = f"system:serviceaccount:{namespace}:{account}"
-    assert _can(auth, user, "patch", "quantizedmodels", "kquant.dev", subresource="status")
-    assert not _can(auth, user, "patch", "quantizedmodels", "kquant.dev"), "the spec is the user's"
-    assert _can(auth, user, "create", "jobs", "batch")
-    assert _can(auth, user, "list", "nodes", namespace="")
-    assert not _can(auth, user, "list", "secrets") and not _can(auth, user, "watch", "secrets")
-    assert _can(auth, user, "delete", "jobs", "batch"), "a superseded build is cancelled"
-    assert not _can(auth, user, "delete", "persistentvolumeclaims"), "the weights outlive a spec edit"
-    assert not _can(auth, user, "delete", "nodes", namespace="")
-    assert not _can(auth, user, "create", "pods", subresource="exec")
-
-    # The operator itself: kopf's /healthz answers once it runs, under the chart's RBAC.
-    selector = f"app.kubernetes.io/instance={release}"
-    cluster_client.wait_for(lambda: _pod_ready(core, namespace, selector), timeout=180, what="operator pod Ready")
-    deployment = apps.read_namespaced_deployment(name, namespace)
-    assert deployment.status and deployment.status.ready_replicas == 1
-
-    helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s")
+        # The operator itself: kopf's /healthz answers once it runs, under the chart's RBAC.
+        try:
+            cluster_client.wait_for(lambda: _pod_ready(core, namespace, selector), timeout=180,
+                                    what="operator pod Ready")
+        except AssertionError as error:
+            raise AssertionError(f"{error}: {_pods_left(core, namespace, selector)}") from None
+        deployment = apps.read_namespaced_deployment(name, namespace)
+        assert deployment.status and deployment.status.ready_replicas == 1
+    finally:
+        helm("uninstall", release, "--namespace", namespace, "--wait", "--timeout", "120s", "--ignore-not-found")
 
     assert not _exists(lambda: rbac.read_cluster_role(name))
     assert not _exists(lambda: rbac.read_cluster_role_binding(name))

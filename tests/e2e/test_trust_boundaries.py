@@ -152,12 +152,14 @@ def platform(cluster: cluster_client.Cluster, crd: None,
         cluster_client.wait_for(lambda: platform.core.list_namespaced_service_account(
             platform.tenant, field_selector="metadata.name=default").items, what="default ServiceAccount")
         custom.create_namespaced_custom_object("kquant.dev", "v1alpha1", platform.tenant, "quantizedmodels", legacy)
-        platform.make_tenant()
-        platform.install()
         try:
+            platform.make_tenant()
+            platform.install()
             yield platform
         finally:
-            platform.helm("uninstall", platform.release, "--namespace", platform.system, "--wait")
+            # Its admission policies are cluster-wide: never leave them to refuse later tests' models.
+            platform.helm("uninstall", platform.release, "--namespace", platform.system, "--wait",
+                          "--ignore-not-found")
             for name in (platform.tenant, platform.system):
                 platform.core.delete_namespace(name)
 

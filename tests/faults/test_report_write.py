@@ -32,7 +32,7 @@ def test_the_report_reaches_its_configmap_across_an_api_server_restart(
         time.sleep(DOWN_SECONDS)
         control_plane.start(cluster, "kube-apiserver", argv)
 
-    restarter = threading.Thread(target=come_back)
+    restarter = threading.Thread(target=come_back, daemon=True)
     restarter.start()
     started = time.monotonic()
     sink.report(report.BuildReport(status=report.BuildStatus.SUCCEEDED, quantizer_version="0"))
