@@ -235,6 +235,20 @@ def _pods_left(core: client.CoreV1Api, namespace: str, selector: str) -> list[st
     ]
 
 
+def _check_least_privilege(auth: client.AuthorizationV1Api, user: str) -> None:
+    assert _can(auth, user, "patch", "quantizedmodels", "kquant.dev", subresource="status")
+    assert not _can(auth, user, "patch", "quantizedmodels", "kquant.dev"), "the spec is the user's"
+    assert _can(auth, user, "create", "jobs", "batch")
+    assert _can(auth, user, "list", "nodes", namespace="")
+    assert not _can(auth, user, "list", "secrets") and not _can(auth, user, "watch", "secrets")
+    assert _can(auth, user, "delete", "jobs", "batch"), "a superseded build is cancelled"
+    assert not _can(auth, user, "delete", "persistentvolumeclaims"), "the weights outlive a spec edit"
+    assert not _can(auth, user, "delete", "nodes", namespace="")
+    assert not _can(auth, user, "create", "pods", subresource="exec")
+    assert _can(auth, user, "get", "pods", subresource="log"), "a server pod's log checks the plan"
+    assert not _can(auth, user, "delete", "pods")
+
+
 def test_install_and_uninstall(cluster: Any, namespace: str, helm: Helm) -> None:
     release = f"kq-{namespace[-6:]}"
     api_client = cluster.api_client()
@@ -256,24 +270,13 @@ def test_install_and_uninstall(cluster: Any, namespace: str, helm: Helm) -> None
         role = rbac.read_cluster_role(name)
         assert any("quantizedmodels/status" in (r.resources or []) for r in role.rules or [])
         binding = rbac.read_cluster_role_binding(name)
-        assert [(s.kind, s.name, s.namespace) for s in binding.subjects or []] == [("ServiceAccount", account, namespace)]
+        subjects = [(s.kind, s.name, s.namespace) for s in binding.subjects or []]
+        assert subjects == [("ServiceAccount", account, namespace)]
         core.read_namespaced_service_account(account, namespace)
         custom.get_cluster_custom_object("kopf.dev", "v1", "clusterkopfpeerings", release)
 
         # Least privilege, as the API server's authorizer sees the operator's ServiceAccount.
-        auth = client.AuthorizationV1Api(api_client)
-        user = f"system:serviceaccount:{namespace}:{account}"
-        assert _can(auth, user, "patch", "quantizedmodels", "kquant.dev", subresource="status")
-        assert not _can(auth, user, "patch", "quantizedmodels", "kquant.dev"), "the spec is the user's"
-        assert _can(auth, user, "create", "jobs", "batch")
-        assert _can(auth, user, "list", "nodes", namespace="")
-        assert not _can(auth, user, "list", "secrets") and not _can(auth, user, "watch", "secrets")
-        assert _can(auth, user, "delete", "jobs", "batch"), "a superseded build is cancelled"
-        assert not _can(auth, user, "delete", "persistentvolumeclaims"), "the weights outlive a spec edit"
-        assert not _can(auth, user, "delete", "nodes", namespace="")
-        assert not _can(auth, user, "create", "pods", subresource="exec")
-        assert _can(auth, user, "get", "pods", subresource="log"), "a server pod's log checks the plan"
-        assert not _can(auth, user, "delete", "pods")
+        _check_least_privilege(client.AuthorizationV1Api(api_client), f"system:serviceaccount:{namespace}:{account}")
 
         # The operator itself: kopf's /healthz answers once it runs, under the chart's RBAC.
         try:
