@@ -33,8 +33,7 @@ from kquant.quantizer import fetch, redact, settings, space
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "MODELSCOPE_API_TOKEN"
-"""Where the ModelScope client looks for a token, and where the build Job puts the Secret's value."""
+TOKEN_ENV = settings.MODELSCOPE_TOKEN_ENV
 CLIENT_DIR = ".kquant-modelscope"
 """The client's own cache and lock files, inside the destination (a repo name cannot start so)."""
 REPO_TYPE = "model"

@@ -34,6 +34,9 @@ MODELSCOPE_ENDPOINT = "https://www.modelscope.cn"
 MODELSCOPE_REVISION = "master"
 """ModelScope's default branch (Hugging Face's is ``main``)."""
 
+MODELSCOPE_TOKEN_ENV = "MODELSCOPE_API_TOKEN"
+"""Where the ModelScope client reads a token: the build Job maps ``tokenSecretRef`` there."""
+
 QUANTIZER_VERSION = "0.1.0"
 """Part of every variant digest: a quantizer change that alters output must bump it."""
 
