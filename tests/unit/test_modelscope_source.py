@@ -12,10 +12,10 @@ from typing import Any
 import modelscope_hub
 import pytest
 import yaml
+from fixtures import fake_tokens
 from kquant.operator import build_manifests, builds, config, policy
 from kquant.operator.api import v1alpha1 as api
 from kquant.quantizer import fetch, fetch_modelscope, pipeline, redact, settings, untrusted
-from fixtures import fake_tokens
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 MODELSCOPE = {"repo": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -166,7 +166,7 @@ def test_the_trust_rules_name_the_modelscope_field(tmp_path: pathlib.Path) -> No
 
 def test_quantizer_spec_takes_exactly_one_source() -> None:
     both = {"huggingface": {"repo": "a/b"}, "modelscope": {"repo": "a/b"}}
-    with pytest.raises(ValueError, match="exactly one of source.huggingface, source.modelscope"):
+    with pytest.raises(ValueError, match=r"exactly one of source\.huggingface, source\.modelscope"):
         settings.Source.model_validate(both)
     source = settings.Source.model_validate({"modelscope": {"repo": "a/b", "endpoint": "http://10.0.0.1:9/"}})
     assert source.modelscope is not None and source.modelscope.url == "http://10.0.0.1:9"
