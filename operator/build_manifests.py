@@ -99,6 +99,10 @@ def _env(qm: api.QuantizedModel, name: str) -> list[dict[str, Any]]:
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
         {"name": "HOME", "value": "/tmp"},
     ]
+    if qm.spec.source.modelscope is not None:
+        # The ModelScope client draws a tqdm bar per file and one per snapshot, on stderr, which is
+        # the pod's log and its termination message; progress reaches status through the ConfigMap.
+        env.append({"name": "TQDM_DISABLE", "value": "1"})
     token = qm.spec.source.hub.token_secret_ref
     if token is not None:
         # Only this pod sees the token, as an env var resolved by the kubelet from the Secret, under

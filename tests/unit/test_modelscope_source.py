@@ -84,6 +84,7 @@ def test_token_reaches_the_build_pod_under_the_modelscope_clients_name() -> None
     env = {e["name"]: e for e in objects["Job"]["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env[settings.MODELSCOPE_TOKEN_ENV]["valueFrom"] == {"secretKeyRef": {"name": "ms-token", "key": "token"}}
     assert "HF_TOKEN" not in env
+    assert env["TQDM_DISABLE"]["value"] == "1"  # no progress bars in the pod's log
     spec_text = objects["ConfigMap"]["data"][builds.SPEC_KEY]
     assert "ms-token" not in spec_text and "token" not in json.loads(spec_text)["source"]["modelscope"]
 
