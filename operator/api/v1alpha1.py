@@ -491,7 +491,8 @@ class _HubSource(_Model):
     endpoint: str | None = pydantic.Field(
         default=None,
         max_length=2048,
-        description="Base URL of the hub API, for a mirror (a ModelScope-style or in-house hub). "
+        description="Base URL of the hub API, for a mirror that speaks the Hugging Face API (for ModelScope "
+        "itself use `spec.source.modelscope`). "
         "Defaults to the quantizer's HF_ENDPOINT, normally https://huggingface.co. Part of the "
         "build digest: a mirror's copy of a repository never shares a build with the hub's.",
         json_schema_extra=_cel_list(
