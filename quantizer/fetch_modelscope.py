@@ -20,7 +20,6 @@ environment variable and no credentials file of its own (an explicit empty token
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import threading
@@ -92,9 +91,14 @@ def is_permanent(exc: BaseException) -> bool:
 
 def _first_cause(exc: BaseException) -> BaseException:
     """A failed multi-file download is reported by its first file's error."""
-    if isinstance(exc, modelscope_hub.FileDownloadError) and exc.failed_files:
-        return next(iter(exc.failed_files.values()))
-    return exc
+    return next(iter(_failed_files(exc).values()), exc)
+
+
+def _failed_files(exc: BaseException) -> dict[str, BaseException]:
+    """The files a multi-file download could not fetch, with each one's error (empty for others)."""
+    if isinstance(exc, modelscope_hub.FileDownloadError):
+        return dict(exc.failed_files)
+    return {}
 
 
 def _missing(api: modelscope_hub.HubApi, source: settings.ModelScopeSource) -> fetch.FetchError:
@@ -122,8 +126,11 @@ def translate(exc: BaseException, source: settings.ModelScopeSource, api: models
     cause = _first_cause(exc)
     where = _where(source)
     translated: fetch.FetchError
-    if space.is_full(cause) or (isinstance(cause, OSError) and cause.errno == errno.EDQUOT):
+    if space.is_full(cause):
         translated = fetch.FetchError(f"No space left on device while downloading {where}; grow storage.pvc.size")
+    elif isinstance(cause, modelscope_hub.NotExistError) and _failed_files(exc):
+        name = next(iter(_failed_files(exc)))
+        translated = fetch.FetchError(f"ModelScope lists {name!r} in {where} but answered 404 for its download")
     elif isinstance(cause, modelscope_hub.NotExistError):
         translated = _missing(api, source)
     elif isinstance(cause, (modelscope_hub.AuthenticationError, modelscope_hub.PermissionDeniedError)):

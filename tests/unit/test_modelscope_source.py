@@ -179,3 +179,13 @@ def test_passthrough_is_refused_for_a_modelscope_source() -> None:
     body["spec"]["variants"] = [{"name": "asis", "recipe": "passthrough"}]
     with pytest.raises(ValueError, match="a huggingface or modelscope source is always quantized"):
         api.validate_body(copy.deepcopy(body))
+
+
+def test_a_listed_file_that_is_not_there_is_named_not_blamed_on_the_repo(tmp_path: pathlib.Path) -> None:
+    source = settings.ModelScopeSource(repo="a/b", endpoint="http://127.0.0.1:9")
+    gone = modelscope_hub.NotExistError("no such file", status_code=404)
+    failed = modelscope_hub.FileDownloadError("1 of 3 failed", failed_files={"model.safetensors": gone}, total=3)
+    reason = fetch_modelscope.translate(failed, source, fetch_modelscope.client(source, tmp_path, {}))
+    assert str(reason) == "ModelScope lists 'model.safetensors' in a/b@master on http://127.0.0.1:9 but answered 404 " \
+                          "for its download"
+    assert reason.permanent
