@@ -6,8 +6,8 @@ runs as the build Job runs it: a subprocess with the token in ``MODELSCOPE_API_T
 goes all the way (fetch, llama.cpp's converter, importance matrix, Q8_0, evaluation); the rest stop
 at the fetch: a repository that does not exist (exit 3, a reason naming the field), a private
 one (the token reaches the hub as a bearer header and nothing else), a dropped connection (the
-client resumes with a Range request), bytes that fail their sha256 (retryable), names that
-escape the folder, and the sizing listing.
+client resumes with a Range request, in the same call and in the Job's next pod), bytes that
+fail their sha256 (retryable), names that escape the folder, and the sizing listing.
 """
 
 from __future__ import annotations
@@ -146,6 +146,41 @@ def test_a_dropped_connection_is_resumed_by_the_client(ms: FakeModelScope, tmp_p
     assert [f.name for f in result.files] == ["config.json", name]
     assert fractions[-1] == 1.0 and max(fractions) <= 1.0
     assert fetch.read_manifest(tmp_path / "dl") == result
+
+
+FETCH_ONCE = """
+import json, pathlib, sys
+from kquant.quantizer import fetch, fetch_modelscope, settings
+source = settings.ModelScopeSource.model_validate_json(sys.argv[1])
+try:
+    fetch_modelscope.fetch_source(source, pathlib.Path(sys.argv[2]), env={})
+except fetch.FetchError as exc:
+    print(json.dumps({"permanent": exc.permanent, "reason": str(exc)}))
+    sys.exit(1)
+"""
+
+
+def test_the_next_pod_resumes_where_a_failed_one_stopped(ms: FakeModelScope, tmp_path: Path) -> None:
+    """A pod whose download broke off (here: the client told to retry nothing) leaves the client's
+    ``.incomplete`` file on the claim; the Job's next pod asks only for the rest, with a Range."""
+    name, cut = "model.safetensors", 96 * 2**20
+    source = settings.ModelScopeSource(repo=REPO, endpoint=ms.url, allow_patterns=("*.safetensors",))
+    dest = tmp_path / "dl"
+    ms.cut(name, after_bytes=cut)
+    env = {**os.environ, "PYTHONSAFEPATH": "1", "TQDM_DISABLE": "1", "MODELSCOPE_DOWNLOAD_MAX_RETRIES": "0"}
+    first = subprocess.run([sys.executable, "-P", "-c", FETCH_ONCE, source.model_dump_json(), str(dest)],
+                           capture_output=True, text=True, env=env, check=False, timeout=300)  # fmt: skip
+    assert first.returncode == 1, first.stdout + first.stderr[-2000:]
+    failure = json.loads(first.stdout.strip().splitlines()[-1])
+    assert failure["permanent"] is False, failure  # the Job runs another pod
+    assert (dest / f"{name}.incomplete").stat().st_size == cut
+    assert not (dest / name).exists() and not (dest / fetch.MANIFEST).exists()
+
+    before = len(ms.downloads(name))
+    fetch_modelscope.fetch_source(source, dest, env={})
+    [resumed] = ms.downloads(name)[before:]
+    assert resumed.range == f"bytes={cut}-"
+    _same_as_fixture(dest, [name])
 
 
 def test_bytes_that_fail_their_sha256_are_not_kept_and_the_failure_is_retryable(
