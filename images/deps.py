@@ -3,7 +3,9 @@
     python3 images/deps.py operator|quantizer|quantizer-cpu PYPROJECT
 
 The operator never imports llama-cpp-python (it plans from GGUF headers, read with ``gguf``), torch
-or safetensors, which are most of the quantizer's size; leaving them out keeps its image small. The
+or safetensors, which are most of the quantizer's size; leaving them out keeps its image small. It
+downloads nothing either, so the ModelScope client (``modelscope``, ``modelscope-hub``) is the
+quantizer's alone. The
 quantizer gets everything, minus llama-cpp-python, which its Dockerfile stage installs without
 compiling llama.cpp a second time, plus the converter's and the importance matrix's own needs
 (transformers and friends, kept in the ``dev`` extra for the tests).
@@ -18,7 +20,7 @@ import re
 import sys
 import tomllib
 
-OPERATOR_SKIPS = {"llama-cpp-python", "torch", "safetensors"}
+OPERATOR_SKIPS = {"llama-cpp-python", "torch", "safetensors", "modelscope", "modelscope-hub"}
 QUANTIZER_SKIPS = {"llama-cpp-python"}
 QUANTIZER_EXTRAS = {"transformers", "accelerate", "sentencepiece"}
 QUANTIZER_CPU_SKIPS = {"llama-cpp-python", "torch", "numpy"}

@@ -15,8 +15,8 @@ from kquant.operator import builds, config, manifests
 from kquant.operator.api import v1alpha1 as api
 from kquant.operator.planner import nodes
 from kquant.quantizer import report as quantizer_report
+from kquant.quantizer import settings, units
 from kquant.quantizer import sizing as sizing_rules
-from kquant.quantizer import units
 
 
 def objects(qm: api.QuantizedModel, build: builds.Build,
@@ -50,6 +50,8 @@ def _result_access(qm: api.QuantizedModel, name: str, meta: dict[str, Any],
     return [configmap, account, role, binding]
 
 
+TOKEN_ENV = {"huggingface": "HF_TOKEN", "gguf": "HF_TOKEN", "modelscope": settings.MODELSCOPE_TOKEN_ENV}
+"""The variable each source's hub client reads its token from (spec.source.<field>.tokenSecretRef)."""
 SIZING_STEP_LABEL = "kquant.dev/step"
 SIZING_RESOURCES = {"requests": {"cpu": "100m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}}
 """The sizing Job lists a repository and reads a few kilobytes: Python and the hub client."""
@@ -97,10 +99,16 @@ def _env(qm: api.QuantizedModel, name: str) -> list[dict[str, Any]]:
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
         {"name": "HOME", "value": "/tmp"},
     ]
+    if qm.spec.source.modelscope is not None:
+        # The ModelScope client draws a tqdm bar per file and one per snapshot, on stderr, which is
+        # the pod's log and its termination message; progress reaches status through the ConfigMap.
+        env.append({"name": "TQDM_DISABLE", "value": "1"})
     token = qm.spec.source.hub.token_secret_ref
     if token is not None:
-        # Only this pod sees the token, as an env var resolved by the kubelet from the Secret.
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
+        # Only this pod sees the token, as an env var resolved by the kubelet from the Secret, under
+        # the name its hub's client reads (the quantizer takes it out of its environment at once).
+        name = TOKEN_ENV[qm.spec.source.kind]
+        env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
     return env
 
 

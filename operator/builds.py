@@ -45,6 +45,13 @@ class Build:
 
 
 def _source(spec: api.QuantizedModelSpec) -> settings.Source:
+    modelscope = spec.source.modelscope
+    if modelscope is not None:
+        return settings.Source(modelscope=settings.ModelScopeSource(
+            repo=modelscope.repo, revision=modelscope.revision, endpoint=modelscope.endpoint,
+            allow_patterns=tuple(modelscope.allow_patterns) if modelscope.allow_patterns else None,
+            allow_code_files=modelscope.allow_code_files, allow_pickles=modelscope.allow_pickles,
+        ))
     hub = spec.source.hub
     patterns = hub.allow_patterns
     if spec.source.gguf is not None and spec.source.gguf.file:

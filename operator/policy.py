@@ -35,10 +35,15 @@ def image_allowed(image: str, allowed: tuple[str, ...]) -> bool:
     return any(image.startswith(entry[:-1]) if entry.endswith("*") else image == entry for entry in allowed)
 
 
-def _hub(qm: api.QuantizedModel) -> tuple[str, api.HuggingFaceSource | api.GGUFSource]:
+def _hub(qm: api.QuantizedModel) -> tuple[str, api.HuggingFaceSource | api.ModelScopeSource | api.GGUFSource]:
     """The source and its field name as the user writes it."""
     source = qm.spec.source
-    return ("huggingface" if source.huggingface else "gguf"), source.hub
+    return source.kind, source.hub
+
+
+def default_endpoint(field: str) -> str:
+    """The hub a source that names no endpoint is fetched from."""
+    return settings.MODELSCOPE_ENDPOINT if field == "modelscope" else settings.DEFAULT_ENDPOINT
 
 
 def _who(qm: api.QuantizedModel) -> str:
@@ -49,7 +54,7 @@ def build_refusals(qm: api.QuantizedModel, policy: config.Policy) -> list[str]:
     """Why the platform refuses to build this model (empty: it may build)."""
     refusals: list[str] = []
     field, hub = _hub(qm)
-    endpoint = hub.endpoint or settings.DEFAULT_ENDPOINT  # what the quantizer fetches from then
+    endpoint = hub.endpoint or default_endpoint(field)  # what the quantizer fetches from then
     if policy.endpoints is not None and not endpoint_allowed(endpoint, policy.endpoints):
         refusals.append(f"{_who(qm)}: spec.source.{field}.endpoint is {endpoint!r}, which is not an allowed hub "
                         f"(allowed: {', '.join(policy.endpoints) or 'none'}); use one of them, or ask the "

@@ -228,7 +228,7 @@ def blocked(qm: api.QuantizedModel, build: builds.Build, reason: str, message: s
     if kind == "secret":
         ref = qm.spec.source.hub.token_secret_ref
         if ref is not None and ref.name == name:
-            field = "huggingface" if qm.spec.source.huggingface else "gguf"
+            field = qm.spec.source.kind
             what = f"Secret {name!r} has no key {key!r}" if key else f"Secret {name!r} does not exist"
             text += (f"; spec.source.{field}.tokenSecretRef names Secret {ref.name!r} (key {ref.key!r}) in namespace "
                      f"{namespace}: {what}; create it with kubectl create secret generic {ref.name} "

@@ -22,7 +22,18 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from kquant.quantizer import fetch, imatrix, pipeline, progress, quantize, redact, report, settings, sizing
+from kquant.quantizer import (
+    fetch,
+    fetch_modelscope,
+    imatrix,
+    pipeline,
+    progress,
+    quantize,
+    redact,
+    report,
+    settings,
+    sizing,
+)
 
 log = logging.getLogger("kquant.quantizer")
 
@@ -90,16 +101,23 @@ def cmd_run(spec: settings.BuildSpec, report_path: Path | None, env: dict[str, s
     return EXIT_OK
 
 
+def _survey(source: settings.Source, scratch: Path, env: dict[str, str]) -> fetch.Survey:
+    """The listing and ``config.json`` of the source's repository, with its hub's client."""
+    if source.modelscope is not None:
+        return fetch_modelscope.survey(source.modelscope, scratch, env=env)
+    assert source.huggingface is not None
+    return fetch.survey(source.huggingface, scratch, env=env)
+
+
 def cmd_size(spec: settings.BuildSpec, report_path: Path | None, env: dict[str, str]) -> int:
     """The sizing Job: the files a build would fetch and the sizing numbers of config.json, into the
     result ConfigMap's ``listing``. Weights never move, and no file is written outside /tmp."""
-    hf = spec.source.huggingface
-    if hf is None:
-        print("kquant-quantize: size needs a source.huggingface repository", file=sys.stderr)
+    if spec.source.repo is None:
+        print("kquant-quantize: size needs a source.huggingface or source.modelscope repository", file=sys.stderr)
         return EXIT_USAGE
     try:
         with tempfile.TemporaryDirectory(prefix="kquant-size-") as scratch:
-            found = fetch.survey(hf, Path(scratch), env=env)
+            found = _survey(spec.source, Path(scratch), env)
     except fetch.FetchError as exc:
         listing = report.SourceListing(status=report.BuildStatus.FAILED, reason=str(exc),
                                        quantizer_version=settings.QUANTIZER_VERSION)  # fmt: skip
@@ -126,7 +144,7 @@ def cmd_size(spec: settings.BuildSpec, report_path: Path | None, env: dict[str, 
     if listing.status is report.BuildStatus.FAILED:
         print(redact.redact(f"kquant-quantize: cannot size the build: {listing.reason}"), file=sys.stderr)
         return EXIT_FAILED
-    log.info("sized %s at %s: %d file(s), %d bytes", hf.repo, listing.revision, len(listing.files),
+    log.info("sized %s at %s: %d file(s), %d bytes", spec.source.repo, listing.revision, len(listing.files),
              sum(f.size_bytes for f in listing.files))
     return EXIT_OK
 
@@ -173,9 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The token leaves the process environment before anything runs: only the fetch step gets
     # it, and no later step or subprocess (the converter) can read it.
     token = fetch.take_token(os.environ)
+    modelscope_token = fetch_modelscope.take_token(os.environ)
     env = dict(os.environ)
     if token:
         env[fetch.TOKEN_ENV] = token
+    if modelscope_token:
+        env[fetch_modelscope.TOKEN_ENV] = modelscope_token
     try:
         spec = settings.load_spec(args.spec)
     except settings.SpecError as exc:

@@ -122,7 +122,16 @@ def endpoint_for(source: settings.HuggingFaceSource, env: dict[str, str] | None 
     return (source.endpoint or environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
 
 
-def refused_kind(name: str, source: settings.HuggingFaceSource) -> str | None:
+HubSource = settings.HuggingFaceSource | settings.ModelScopeSource
+"""A repository on a hub: the trust rules (names, code, pickles, patterns) are the same for both."""
+
+
+def field_of(source: HubSource) -> str:
+    """The spec field that holds ``source`` (``huggingface`` or ``modelscope``), for reasons."""
+    return "modelscope" if isinstance(source, settings.ModelScopeSource) else "huggingface"
+
+
+def refused_kind(name: str, source: HubSource) -> str | None:
     """``"code"`` or ``"pickle"`` when ``name`` is a kind of file the source does not allow, else None."""
     lower = name.lower()
     if lower.endswith(CODE_SUFFIXES) and not source.allow_code_files:
@@ -272,7 +281,7 @@ def _token(env: dict[str, str] | None) -> str | bool:
     return token or False
 
 
-def _where(source: settings.HuggingFaceSource, endpoint: str) -> str:
+def _where(source: HubSource, endpoint: str) -> str:
     return f"{source.repo}@{source.revision} on {endpoint}"
 
 
@@ -423,8 +432,9 @@ def remaining_bytes(dest: Path, files: Sequence[RemoteFile]) -> int:
         final = dest / f.name
         if final.is_file() and final.stat().st_size == size:
             continue
-        part = partial_path(dest, f.name)
-        total += max(size - (part.stat().st_size if part.is_file() else 0), 0)
+        # kquant's own partial file (Hugging Face), or the ModelScope client's ``<name>.incomplete``
+        parts = (partial_path(dest, f.name), final.with_name(final.name + ".incomplete"))
+        total += max(size - max((p.stat().st_size for p in parts if p.is_file()), default=0), 0)
     return total
 
 
@@ -451,7 +461,7 @@ def _config(
 
 
 def _check_selection(
-    source: settings.HuggingFaceSource,
+    source: HubSource,
     endpoint: str,
     listing: Sequence[RemoteFile],
     matched: Sequence[str],
@@ -459,9 +469,10 @@ def _check_selection(
 ) -> None:
     """Fail early, naming the switch, when what is left to fetch cannot be a model."""
     where = _where(source, endpoint)
+    field = field_of(source)
     if not matched:
         raise FetchError(
-            f"source.huggingface.allowPatterns {list(source.allow_patterns or [])} match none of the "
+            f"source.{field}.allowPatterns {list(source.allow_patterns or [])} match none of the "
             f"{len(listing)} files in {where}"
         )
     kept = [n for n in matched if n not in refused]
@@ -470,20 +481,18 @@ def _check_selection(
     if not has_weights and pickled:
         raise FetchError(
             f"{where} ships its weights only as pickles ({', '.join(pickled[:3])}), which can run code "
-            "when loaded; kquant does not fetch them unless source.huggingface.allowPickles is true "
+            f"when loaded; kquant does not fetch them unless source.{field}.allowPickles is true "
             "(or pick a repository with *.safetensors)"
         )
     if not kept:
         raise FetchError(
             f"every file that allowPatterns selects in {where} is code or a pickle "
-            f"({', '.join(sorted(refused)[:5])}); set source.huggingface.allowCodeFiles / allowPickles "
+            f"({', '.join(sorted(refused)[:5])}); set source.{field}.allowCodeFiles / allowPickles "
             "to fetch them"
         )
 
 
-def _choose(
-    source: settings.HuggingFaceSource, endpoint: str, listing: Sequence[RemoteFile], dest: Path
-) -> list[RemoteFile]:
+def choose(source: HubSource, endpoint: str, listing: Sequence[RemoteFile], dest: Path) -> list[RemoteFile]:
     """The files to fetch: every hub name checked, the patterns applied, code and pickles left out."""
     for f in listing:
         check_name(f.name, dest)
@@ -516,7 +525,7 @@ def survey(source: settings.HuggingFaceSource, scratch: Path, *, env: dict[str, 
     endpoint = endpoint_for(source, env)
     revision, listing = remote_files(source, env=env)
     scratch.mkdir(parents=True, exist_ok=True)
-    chosen = _choose(source, endpoint, listing, scratch)
+    chosen = choose(source, endpoint, listing, scratch)
     try:
         config = _config(source, revision, chosen, scratch, endpoint, env)
     except Exception as exc:
@@ -542,7 +551,7 @@ def fetch(
     endpoint = endpoint_for(source, env)
     revision, listing = remote_files(source, env=env)
     dest.mkdir(parents=True, exist_ok=True)
-    chosen = _choose(source, endpoint, listing, dest)
+    chosen = choose(source, endpoint, listing, dest)
     log.info(
         "fetching %d file(s), %d bytes, from %s (commit %s)",
         len(chosen),
@@ -594,8 +603,13 @@ def fetch(
         progress(0.5)
     unchecked = [f for f in chosen if f.name not in verified]
     verify(dest, unchecked, None if progress is None else (lambda f: progress(0.5 + f / 2)))
+    return write_manifest(dest, source.repo, revision, chosen)
+
+
+def write_manifest(dest: Path, repo: str, revision: str, chosen: Sequence[RemoteFile]) -> FetchResult:
+    """Record a verified download: the fetch step's output, read back by ``read_manifest``."""
     manifest: dict[str, Any] = {
-        "repo": source.repo,
+        "repo": repo,
         "revision": revision,
         "files": [dataclasses.asdict(f) for f in chosen],
     }

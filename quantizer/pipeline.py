@@ -31,6 +31,7 @@ from kquant.quantizer import (
     convert,
     evaluate,
     fetch,
+    fetch_modelscope,
     filelock,
     gguf_facts,
     imatrix,
@@ -336,33 +337,42 @@ class BuildRunner:
             if not path.exists():
                 raise BuildError(f"source.local.path {path} does not exist")
             return path, steps.inputs_digest({"local": str(path)})
-        hf = src.huggingface
-        assert hf is not None
+        hub = src.huggingface or src.modelscope
+        assert hub is not None
+        field = fetch.field_of(hub)
         dest = self.layout.download
-        inputs = {"repo": hf.repo, "revision": hf.revision, "allowPatterns": hf.allow_patterns}
+        inputs: dict[str, Any] = {"repo": hub.repo, "revision": hub.revision, "allowPatterns": hub.allow_patterns}
+        if field != "huggingface":
+            inputs["hub"] = field  # the stamps of Hugging Face builds stay as they were
         # Where the files came from, and which kinds were let in: a download from a mirror, or
         # one without pickles, is not the same input (only set when not the default, so the
         # stamps of earlier builds stay valid).
-        inputs.update({k: v for k, v in settings.source_identity(src)["huggingface"].items() if k not in inputs})
+        inputs.update({k: v for k, v in settings.source_identity(src)[field].items() if k not in inputs})
         step = self._step(
-            "fetch",
-            steps.StepKind.FETCH,
-            inputs,
-            (dest / fetch.MANIFEST,),
-            lambda p: _discard(fetch.fetch(hf, dest, env=self.env, progress=p, before_download=self._check_listing)),
-        )
+            "fetch", steps.StepKind.FETCH, inputs, (dest / fetch.MANIFEST,),
+            lambda p: _discard(self._download(dest, p)),
+        )  # fmt: skip
         done = fetch.read_manifest(dest)
         assert done is not None
         self.report.source_revision = done.revision
         return dest, steps.inputs_digest({"fetch": step.digest, "revision": done.revision})
+
+    def _download(self, dest: Path, done: steps.Progress) -> fetch.FetchResult:
+        """The fetch step's work, with the client of the source's hub."""
+        src = self.spec.source
+        if src.modelscope is not None:
+            return fetch_modelscope.fetch_source(
+                src.modelscope, dest, env=self.env, progress=done, before_download=self._check_listing
+            )
+        assert src.huggingface is not None
+        return fetch.fetch(src.huggingface, dest, env=self.env, progress=done, before_download=self._check_listing)
 
     def _check_listing(self, files: list[fetch.RemoteFile], config: dict[str, Any] | None) -> None:
         """Before a byte of weights is fetched: does this build fit the claim? The hub's listing gives
         the download's size, ``config.json`` the rest (``sizing``); the need is what is not on disk yet."""
         dest = self.layout.download
         remaining = fetch.remaining_bytes(dest, files)
-        hf = self.spec.source.huggingface
-        what = f"the download of {len(files)} file(s) of {hf.repo if hf else 'the source'}"
+        what = f"the download of {len(files)} file(s) of {self.spec.source.repo or 'the source'}"
         if config is None:  # a GGUF source: the download is what is known
             check_space(dest, remaining, what, self.spec.storage_claim)
             return

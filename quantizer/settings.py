@@ -28,6 +28,15 @@ from kquant.quantizer import constants, regex_dialect, validation
 DEFAULT_ENDPOINT = "https://huggingface.co"
 """The public hub: the origin a source has when it names no endpoint."""
 
+MODELSCOPE_ENDPOINT = "https://www.modelscope.cn"
+"""ModelScope's public hub: the endpoint of a ``modelscope`` source that names none."""
+
+MODELSCOPE_REVISION = "master"
+"""ModelScope's default branch (Hugging Face's is ``main``)."""
+
+MODELSCOPE_TOKEN_ENV = "MODELSCOPE_API_TOKEN"
+"""Where the ModelScope client reads a token: the build Job maps ``tokenSecretRef`` there."""
+
 QUANTIZER_VERSION = "0.1.0"
 """Part of every variant digest: a quantizer change that alters output must bump it."""
 
@@ -79,6 +88,38 @@ class HuggingFaceSource(_Model):
         return value
 
 
+class ModelScopeSource(_Model):
+    """A repository on ModelScope (or a server that speaks its ``/api/v1`` API), fetched with the
+    ``modelscope`` package's own client: the same trust rules as ``HuggingFaceSource``."""
+
+    repo: str
+    """``owner/name``."""
+    revision: str = MODELSCOPE_REVISION
+    """A branch or tag; ModelScope's file API takes it as written."""
+    allow_patterns: tuple[str, ...] | None = None
+    """Glob patterns of the files to download; all files if unset."""
+    endpoint: str | None = None
+    """ModelScope base URL; https://www.modelscope.cn if unset. The token comes only from the
+    ``MODELSCOPE_API_TOKEN`` environment variable, never from the spec. Always part of the
+    digest (``source_identity``)."""
+    allow_code_files: bool = False
+    """Fetch ``*.py`` and other programs too (they are still never run)."""
+    allow_pickles: bool = False
+    """Fetch pickles (``pytorch_model.bin``, ``*.pt``, ``*.ckpt``): loading one can run code."""
+
+    @pydantic.field_validator("repo")
+    @classmethod
+    def _repo_shape(cls, value: str) -> str:
+        if not _REPO_RE.match(value):
+            raise ValueError(f"repo is {value!r}, but it must look like 'owner/name'")
+        return value
+
+    @property
+    def url(self) -> str:
+        """The endpoint the fetch calls, without a trailing slash."""
+        return (self.endpoint or MODELSCOPE_ENDPOINT).rstrip("/")
+
+
 class LocalSource(_Model):
     """Weights that are already on the storage volume: a Hugging Face folder or GGUF file(s)."""
 
@@ -88,16 +129,23 @@ class LocalSource(_Model):
 
 
 class Source(_Model):
-    """Where the weights come from; exactly one of ``huggingface`` and ``local``."""
+    """Where the weights come from; exactly one of ``huggingface``, ``modelscope`` and ``local``."""
 
     huggingface: HuggingFaceSource | None = None
+    modelscope: ModelScopeSource | None = None
     local: LocalSource | None = None
 
     @pydantic.model_validator(mode="after")
     def _exactly_one(self) -> Self:
-        if (self.huggingface is None) == (self.local is None):
-            raise ValueError("set exactly one of source.huggingface and source.local")
+        if [self.huggingface, self.modelscope, self.local].count(None) != 2:
+            raise ValueError("set exactly one of source.huggingface, source.modelscope and source.local")
         return self
+
+    @property
+    def repo(self) -> str | None:
+        """The hub repository, or None for a local source."""
+        hub = self.huggingface or self.modelscope
+        return hub.repo if hub is not None else None
 
 
 class DatasetKind(enum.StrEnum):
@@ -371,12 +419,21 @@ def source_identity(source: Source) -> dict[str, Any]:
     """What names a source in digests and work-folder keys: repo, revision, patterns, and its
     origin and opt-in switches only when they differ from the defaults (older keys stay valid)."""
     data: dict[str, Any] = source.model_dump(mode="json", by_alias=True)
+    if data.get("modelscope") is None:
+        data.pop("modelscope")  # keys made before ModelScope sources existed stay the same
     hub = data.get("huggingface")
     if source.huggingface is not None and hub is not None:
         hub.pop("endpoint", None)
         where = origin(source.huggingface.endpoint)
         if where is not None:
             hub["origin"] = where
+    if source.modelscope is not None:
+        # ModelScope keys never existed without an origin: it is always named, the default too, so
+        # ``modelscope:owner/name@master`` from two hubs never shares a build.
+        hub = data["modelscope"]
+        hub.pop("endpoint", None)
+        hub["origin"] = origin(source.modelscope.url) or source.modelscope.url
+    if hub is not None:
         for switch in ("allowCodeFiles", "allowPickles"):
             if not hub.get(switch):
                 hub.pop(switch, None)

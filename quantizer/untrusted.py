@@ -39,8 +39,9 @@ OFFLINE_ENV = {
 }
 """Set for every step after the fetch: nothing after it needs the network."""
 
-TOKEN_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN")
-"""Names under which huggingface_hub (old and new) picks up a token; none reaches a later step."""
+TOKEN_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_API_TOKEN", "MODELSCOPE_API_TOKEN")
+"""Names under which huggingface_hub (old and new) and the ModelScope client pick up a token; none
+reaches a later step."""
 
 
 class RemoteCodeError(RuntimeError):

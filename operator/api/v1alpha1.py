@@ -491,7 +491,8 @@ class _HubSource(_Model):
     endpoint: str | None = pydantic.Field(
         default=None,
         max_length=2048,
-        description="Base URL of the hub API, for a mirror (a ModelScope-style or in-house hub). "
+        description="Base URL of the hub API, for a mirror that speaks the Hugging Face API (for ModelScope "
+        "itself use `spec.source.modelscope`). "
         "Defaults to the quantizer's HF_ENDPOINT, normally https://huggingface.co. Part of the "
         "build digest: a mirror's copy of a repository never shares a build with the hub's.",
         json_schema_extra=_cel_list(
@@ -549,19 +550,73 @@ class GGUFSource(_HubSource):
     )
 
 
-_SOURCE_BOTH = "spec.source sets both huggingface and gguf: keep exactly one"
-_SOURCE_NONE = "spec.source sets neither huggingface nor gguf: set exactly one"
+class ModelScopeSource(_HubSource):
+    """A ModelScope repository with weights in 16 or 32 bits (safetensors), fetched with the
+    `modelscope` package's own client, for clusters that reach ModelScope but not the Hugging
+    Face hub. Converted, calibrated and quantized like a `huggingface` source, under the same
+    rules: allowed endpoints, no code files or pickles unless asked for, the token only in the
+    download step."""
+
+    repo: str = pydantic.Field(
+        pattern=HF_REPO,
+        max_length=193,
+        description="Model id on ModelScope, `owner/name`, for example `deepseek-ai/DeepSeek-R1`.",
+    )
+    revision: str = pydantic.Field(
+        default=settings.MODELSCOPE_REVISION,
+        pattern=REVISION,
+        max_length=255,
+        description="Branch or tag. Pin a tag: the build digest includes it, and a moving branch "
+        "would rebuild every variant when it moves. Defaults to `master`, ModelScope's default branch.",
+    )
+    endpoint: str | None = pydantic.Field(
+        default=None,
+        max_length=2048,
+        description="Base URL of the ModelScope API, for a mirror or an in-house copy. Defaults to "
+        "https://www.modelscope.cn. Part of the build digest.",
+        json_schema_extra=_cel_list(
+            _cel(
+                "isURL(self) && url(self).getScheme() in ['http', 'https'] && url(self).getHost() != ''",
+                "must be an http(s) URL such as https://www.modelscope.cn",
+            )
+        ),
+    )
+
+    @pydantic.field_validator("endpoint")
+    @classmethod
+    def _endpoint_is_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/:?#\s]+", value):
+            raise ValueError(f"{value!r} must be an http(s) URL such as https://www.modelscope.cn")
+        return value
+
+
+SOURCE_KINDS = ("huggingface", "modelscope", "gguf")
+"""The fields of spec.source, exactly one of which is set."""
+_SOURCE_NONE = "spec.source sets none of huggingface, modelscope and gguf: set exactly one"
+_SOURCE_KEEP = ": keep exactly one of huggingface, modelscope and gguf"
+_SOURCE_COUNT = " + ".join(f"(has(self.{kind}) ? 1 : 0)" for kind in SOURCE_KINDS)
+_SOURCE_SETS = [[k for i, k in enumerate(SOURCE_KINDS) if mask >> i & 1] for mask in (7, 3, 5, 6)]
+"""The ways to set more than one kind, all three first (a message names the ones that are set)."""
+
+
+def _sources_set_message(kinds: list[str]) -> str:
+    """The message for zero or several source kinds; the CEL rule below builds the same text."""
+    return f"spec.source sets {' and '.join(kinds)}{_SOURCE_KEEP}" if kinds else _SOURCE_NONE
 
 
 class Source(_Model):
-    """Where the weights come from. Exactly one of `huggingface` or `gguf`."""
+    """Where the weights come from. Exactly one of `huggingface`, `modelscope` or `gguf`."""
 
     model_config = pydantic.ConfigDict(
         json_schema_extra=_cel_list(
             _cel(
-                "has(self.huggingface) != has(self.gguf)",
-                "exactly one of spec.source.huggingface or spec.source.gguf must be set",
-                message_expression="has(self.huggingface) ? '" + _SOURCE_BOTH + "' : '" + _SOURCE_NONE + "'",
+                f"{_SOURCE_COUNT} == 1",
+                "exactly one of spec.source.huggingface, spec.source.modelscope or spec.source.gguf must be set",
+                # constant strings only: a built one (filter, join) is over the API server's cost budget
+                message_expression="".join(
+                    " && ".join(f"has(self.{k})" for k in kinds) + f" ? '{_sources_set_message(kinds)}' : "
+                    for kinds in _SOURCE_SETS
+                ) + f"'{_SOURCE_NONE}'",
             )
         )
     )
@@ -569,24 +624,31 @@ class Source(_Model):
     huggingface: HuggingFaceSource | None = pydantic.Field(
         default=None, description="A repository with unquantized weights to convert and quantize."
     )
+    modelscope: ModelScopeSource | None = pydantic.Field(
+        default=None, description="A ModelScope repository with unquantized weights to convert and quantize."
+    )
     gguf: GGUFSource | None = pydantic.Field(
         default=None, description="A repository with GGUF files that are already quantized."
     )
 
     @pydantic.model_validator(mode="after")
     def _exactly_one(self) -> Self:
-        if self.huggingface is not None and self.gguf is not None:
-            raise ValueError(_SOURCE_BOTH)
-        if self.huggingface is None and self.gguf is None:
-            raise ValueError(_SOURCE_NONE)
+        kinds = [kind for kind in SOURCE_KINDS if getattr(self, kind) is not None]
+        if len(kinds) != 1:
+            raise ValueError(_sources_set_message(kinds))
         return self
 
     @property
-    def hub(self) -> HuggingFaceSource | GGUFSource:
+    def hub(self) -> HuggingFaceSource | ModelScopeSource | GGUFSource:
         """The one source that is set."""
-        source = self.huggingface or self.gguf
+        source = self.huggingface or self.modelscope or self.gguf
         assert source is not None  # guaranteed by _exactly_one
         return source
+
+    @property
+    def kind(self) -> str:
+        """The field that is set, as the user writes it (`huggingface`, `modelscope`, `gguf`)."""
+        return next(kind for kind in SOURCE_KINDS if getattr(self, kind) is not None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1163,8 +1225,8 @@ class QuantizedModelSpec(_Model):
                 ".serving.variant",
             ),
             _cel(
-                "!has(self.source.huggingface) || self.variants.all(v, !has(v.recipe) || v.recipe != 'passthrough')",
-                "recipe passthrough needs a gguf source; a huggingface source is always quantized",
+                "has(self.source.gguf) || self.variants.all(v, !has(v.recipe) || v.recipe != 'passthrough')",
+                "recipe passthrough needs a gguf source; a huggingface or modelscope source is always quantized",
                 ".variants",
             ),
             _cel(
@@ -1212,9 +1274,10 @@ class QuantizedModelSpec(_Model):
                 f"{self.serving.variant!r} must name one of spec.variants ({', '.join(names)})",
             )
         passthrough = [v.name for v in self.variants if v.recipe == Recipe.PASSTHROUGH]
-        if passthrough and self.source.huggingface is not None:
+        if passthrough and self.source.gguf is None:
             raise SpecRuleError(
-                "variants", "recipe passthrough needs a gguf source; a huggingface source is always quantized"
+                "variants",
+                "recipe passthrough needs a gguf source; a huggingface or modelscope source is always quantized",
             )
         if self.source.gguf is not None:
             bad = [v.name for v in self.variants if v.recipe != Recipe.PASSTHROUGH and not v.allow_requantize]
@@ -1589,6 +1652,7 @@ __all__ = [
     "HuggingFaceSource",
     "ImageRef",
     "LabelMap",
+    "ModelScopeSource",
     "ObjectMeta",
     "PVCStorage",
     "Phase",

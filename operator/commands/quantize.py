@@ -4,7 +4,8 @@ For a workstation with its own GPU: the same build spec the operator would hand 
 (``builds.base_spec``), with the storage root moved to a local folder, run in-process by the
 quantizer's pipeline. Progress arrives through the pipeline's ``Sink`` protocol; ``RichSink``
 draws one bar per step. A ConfigMap is never involved, and a hub token comes from ``HF_TOKEN`` in
-the environment (huggingface_hub reads it), never from the manifest.
+the environment (huggingface_hub reads it), or ``MODELSCOPE_API_TOKEN`` for a ModelScope source,
+never from the manifest.
 """
 
 from __future__ import annotations

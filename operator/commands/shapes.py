@@ -345,7 +345,7 @@ def estimate(qm: api.QuantizedModel, variant: api.Variant) -> tuple[gguf_facts.M
     """Facts of ``variant`` of ``qm``'s source model from the builtin table, and how they were estimated."""
     shape = find(qm.spec.source.hub.repo)
     types, how = variant_types(
-        shape, variant, has_imatrix=qm.spec.source.huggingface is not None, published_file=published_file(qm.spec)
+        shape, variant, has_imatrix=qm.spec.source.gguf is None, published_file=published_file(qm.spec)
     )
     code = constants.FILE_TYPES[constants.FileType(variant.type)].code if variant.type else None
     return facts(shape, types, code), how

@@ -190,7 +190,21 @@ def test_admission_refuses_what_the_platform_does_not_allow(platform: Platform) 
                          "spec.serving.image is evil.invalid/llama:1, which is not an allowed server image"),
         "db-password-as-hub-token": (_model("a6", platform.hub.url), "may not get"),
         "db-password-as-api-key": (_model("a7", None), "may not get"),
+        # A modelscope source: the same rules on its own fields, and its own default hub.
+        "modelscope-lookalike-hub": (_model("a8", None), "spec.source.modelscope.endpoint is "
+                                     "https://www.modelscope.cn.evil.invalid, which is not an allowed hub"),
+        "modelscope-listed-hub-over-http": (_model("a9", None), "spec.source.modelscope.endpoint is "
+                                            "http://www.modelscope.cn, which is not an allowed hub"),
+        "db-password-as-modelscope-token": (_model("a10", None), "spec.source.modelscope.tokenSecretRef names "
+                                            "Secret db-password, which"),
     }
+    for name, endpoint in (("modelscope-lookalike-hub", "https://www.modelscope.cn.evil.invalid"),
+                           ("modelscope-listed-hub-over-http", "http://www.modelscope.cn"),
+                           ("db-password-as-modelscope-token", platform.hub.url)):
+        source = {"repo": hub, **({"endpoint": endpoint} if endpoint else {})}
+        attacks[name][0]["spec"]["source"] = {"modelscope": source}
+    attacks["db-password-as-modelscope-token"][0]["spec"]["source"]["modelscope"]["tokenSecretRef"] = {
+        "name": "db-password", "key": "password"}
     attacks["db-password-as-hub-token"][0]["spec"]["source"]["huggingface"].update(
         repo=hub, tokenSecretRef={"name": "db-password", "key": "password"})
     attacks["db-password-as-api-key"][0]["spec"]["serving"]["apiKeySecretRef"] = {"name": "db-password"}

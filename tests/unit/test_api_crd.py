@@ -115,7 +115,7 @@ def test_cel_rules_present() -> None:
     text = gen_crds.TARGETS[0].read_text()
     for needle in (
         "self.variants.exists(v, v.name == self.serving.variant)",
-        "has(self.huggingface) != has(self.gguf)",
+        "(has(self.modelscope) ? 1 : 0)",
         "!has(self.token)",
         "type(''.matches(self)) == bool",
         "isQuantity(self)",

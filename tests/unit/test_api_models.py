@@ -22,9 +22,9 @@ def _load(path: pathlib.Path) -> dict[str, Any]:
     return body
 
 
-def test_four_examples_exist() -> None:
+def test_every_example_exists_with_a_readme() -> None:
     assert [p.parent.name for p in EXAMPLES] == [
-        "01-smollm2", "02-deepseek-r1-dynamic", "03-prequantized-gguf", "04-promotion"
+        "01-smollm2", "02-deepseek-r1-dynamic", "03-prequantized-gguf", "04-promotion", "05-deepseek-r1-modelscope",
     ]  # fmt: skip
     for path in EXAMPLES:
         assert (path.parent / "README.md").is_file()

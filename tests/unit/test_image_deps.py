@@ -33,3 +33,10 @@ def test_cpu_quantizer_leaves_torch_to_debian() -> None:
 
 def test_operator_image_has_no_torch() -> None:
     assert not names("operator") & {"torch", "safetensors", "llama-cpp-python"}
+
+
+def test_only_the_quantizer_images_carry_the_modelscope_client() -> None:
+    """The fetch step of a modelscope source runs in the quantizer; the operator downloads nothing."""
+    for image in ("quantizer", "quantizer-cpu"):
+        assert {"modelscope", "modelscope-hub"} <= names(image), image
+    assert not names("operator") & {"modelscope", "modelscope-hub"}

@@ -55,7 +55,7 @@ def test_defaults_and_camel_case() -> None:
         ({"variants": [{"name": "Q4KM", "type": "Q4_K_M"}]}, "name is 'Q4KM'"),
         ({"variants": [{"name": "a", "type": "Q4_0"}, {"name": "a", "type": "Q8_0"}]}, "appears twice"),
         ({"variants": []}, "at least one variant"),
-        ({"source": {}}, "exactly one of source.huggingface and source.local"),
+        ({"source": {}}, "exactly one of source.huggingface, source.modelscope and source.local"),
         ({"source": {"huggingface": {"repo": "no-slash"}}}, "owner/name"),
         (
             {"variants": [{"name": "x", "type": "Q4_0", "overrides": [{"pattern": "(", "type": "Q8_0"}]}]},
