@@ -92,6 +92,9 @@ def variant_spec(variant: api.Variant) -> settings.VariantSpec:
     return settings.VariantSpec(
         name=variant.name,
         type=variant.type,
+        format=variant.format,
+        bnb=None if variant.bnb is None else settings.BnbSettings(
+            double_quant=variant.bnb.double_quant, compute_dtype=variant.bnb.compute_dtype),
         recipe=settings.Recipe(variant.recipe.value) if variant.recipe is not api.Recipe.PASSTHROUGH
         else settings.Recipe.UNIFORM,
         overrides=tuple(settings.TensorOverride(pattern=o.pattern, type=o.type)

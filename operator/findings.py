@@ -40,6 +40,8 @@ class Reason(enum.StrEnum):
     GATE_FAILED = "GateFailed"
     # Serving
     VARIANT_NOT_BUILT = "VariantNotBuilt"
+    NOT_SERVABLE = "NotServable"
+    """The promoted variant is a bnb-nf4/bnb-fp4 folder: llama-server serves GGUF only."""
     NO_MODEL_FACTS = "NoModelFacts"
     DOES_NOT_FIT = "DoesNotFit"
     NO_GPU_NODES = "NoGPUNodes"
