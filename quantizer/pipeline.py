@@ -359,14 +359,14 @@ class BuildRunner:
         A GGUF source or an architecture transformers cannot load without the repository's code
         is refused here, permanently, naming the first bnb variant's ``format``."""
         self.layout.work.mkdir(parents=True, exist_ok=True)
-        index = next(i for i, v in enumerate(self.spec.variants) if v.format.is_bnb)
-        field = f"spec.variants[{index}].format"
+        index, first = next((i, v) for i, v in enumerate(self.spec.variants) if v.format.is_bnb)
+        field = f"spec.variants[{first.spec_index if first.spec_index is not None else index}].format"
         source_dir, fetch_digest = self._fetch()
         fmt = fetch.detect_format(source_dir)
         self.report.source_format = fmt.value
         if fmt is not fetch.SourceFormat.SAFETENSORS:
             raise BuildError(
-                f"{field} is {self.spec.variants[index].format}: bitsandbytes quantizes a 16-bit safetensors "
+                f"{field} is {first.format}: bitsandbytes quantizes a 16-bit safetensors "
                 f"model, but the source is {fmt.value}; use format gguf"
             )
         try:

@@ -221,6 +221,9 @@ class VariantSpec(_Model):
     """Keep a split source's split (a converted 16-bit source is always kept)."""
     digest: str | None = None
     """Set by the operator when it has computed the digest itself; else ``variant_digest``."""
+    spec_index: Annotated[int | None, pydantic.Field(ge=0)] = None
+    """The variant's place in the QuantizedModel's ``spec.variants`` (the operator's build spec
+    holds one variant): messages then name the field the user wrote. Not part of the digest."""
 
     @pydantic.field_validator("name")
     @classmethod
@@ -487,7 +490,7 @@ def variant_digest(spec: BuildSpec, variant: VariantSpec) -> str:
     # A GGUF variant's recipe is dumped without the fields bnb variants brought (format, bnb), so
     # the digests of every GGUF variant built before them stay where they were.
     extra = {"format", "bnb"} if not variant.format.is_bnb else set()
-    recipe = variant.model_dump(mode="json", by_alias=True, exclude={"digest", *extra})
+    recipe = variant.model_dump(mode="json", by_alias=True, exclude={"digest", "spec_index", *extra})
     payload: dict[str, Any] = {
         "source": source_identity(spec.source),
         "convertType": spec.convert_type.value,

@@ -131,3 +131,32 @@ def test_a_second_run_finds_it_published_and_rebuilds_nothing(built: Built) -> N
     assert again.variants[0].sha256 == built.report.variants[0].sha256
     ran = [s.step for s in again.steps if not s.skipped]
     assert ran == [], ran
+
+
+def test_a_qlora_step_trains_adapters_on_the_published_folder(built: Built) -> None:
+    """docs/fine-tuning.md's recipe, one optimizer step: the adapters learn, the 4-bit base stays."""
+    import peft
+
+    folder = Path(built.report.variants[0].path)
+    tokenizer: Any = transformers.AutoTokenizer.from_pretrained(folder)
+    model: Any = transformers.AutoModelForCausalLM.from_pretrained(folder, device_map="cpu")
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lora = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])  # fmt: skip
+    model = peft.get_peft_model(model, lora)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert 0 < sum(p.numel() for p in trainable) < 0.05 * sum(p.numel() for p in model.parameters())
+    base = next(m for m in model.modules() if type(m).__name__ == "Linear4bit")
+    packed = base.weight.data.clone()
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert all(float(p.abs().sum()) == 0.0 for p in lora_b), "peft starts lora_B at zero"
+    batch = tokenizer(evaluate.builtin_text("calibration.txt"), return_tensors="pt").input_ids[:, :64]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert any(float(p.abs().sum()) > 0 for p in lora_b), "the adapters moved"
+    assert torch.equal(base.weight.data, packed), "the 4-bit base is frozen"
+    print(f"\nQLoRA step on the published nf4 folder: loss {loss.item():.3f}, "
+          f"{sum(p.numel() for p in trainable)} trainable parameters")
