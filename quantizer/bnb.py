@@ -145,9 +145,18 @@ def load_causal_lm(folder: Path, **kwargs: Any) -> Any:
 
 
 def load_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer; its absence is the user's to fix (the fetch's ``allowPatterns``)."""
     import transformers
 
-    return transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        said = " ".join(str(exc).split())[:160]
+        raise BnbError(
+            f"transformers cannot load a tokenizer from {folder.name} ({type(exc).__name__}: {said}); "
+            "a bnb variant needs the repository's tokenizer files: fetch them (source.huggingface.allowPatterns "
+            "'*.json', and '*.model' for a SentencePiece tokenizer)"
+        ) from None
 
 
 def quantize(
