@@ -107,6 +107,21 @@ def test_an_unknown_architecture_fails_the_build_permanently_naming_the_format_f
     assert "'not-a-real-arch' is unknown to transformers" in result.reason and "use format gguf" in result.reason
 
 
+def test_a_source_without_tokenizer_files_fails_permanently_naming_allow_patterns(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    safetensors.numpy.save_file({"w": np.zeros((2, 2), dtype=np.float16)}, str(source / "model.safetensors"))
+    variants = [{"name": "nf4", "format": "bnb-nf4"}]
+    build = settings.parse_spec(
+        {"source": {"local": {"path": str(source)}}, "variants": variants, "storageRoot": str(tmp_path / "store")}
+    )
+    runner = pipeline.BuildRunner(build, _NullSink())
+    result = runner.run()
+    assert result.status == "Failed" and runner.permanent and result.failed_step == "reference-hf"
+    assert "source.huggingface.allowPatterns" in (result.reason or ""), result.reason
+
+
 def test_a_bnb_variant_is_sized_at_four_and_a_half_bits_and_its_build_holds_the_16_bit_model() -> None:
     v = spec({"name": "nf4", "format": "bnb-nf4"}).variants[0]
     assert sizing.variant_bytes(v, 8_000_000_000) == 4_500_000_000
