@@ -360,7 +360,7 @@ class BuildRunner:
         is refused here, permanently, naming the first bnb variant's ``format``."""
         self.layout.work.mkdir(parents=True, exist_ok=True)
         index, first = next((i, v) for i, v in enumerate(self.spec.variants) if v.format.is_bnb)
-        field = f"spec.variants[{first.spec_index if first.spec_index is not None else index}].format"
+        field = f"spec.variants[{spec_index(first, index)}].format"
         source_dir, fetch_digest = self._fetch()
         fmt = fetch.detect_format(source_dir)
         self.report.source_format = fmt.value
@@ -805,7 +805,16 @@ class BuildRunner:
         return updated
 
     def _variant_index(self) -> int:
-        return (self._variant[1] - 1) if self._variant else 0
+        """The current variant's place in the user's ``spec.variants`` (the operator's
+        ``specIndex``), else in this build's list."""
+        position = (self._variant[1] - 1) if self._variant else 0
+        return spec_index(self.spec.variants[position], position)
+
+
+def spec_index(variant: settings.VariantSpec, position: int) -> int:
+    """Where ``variant`` is in the QuantizedModel's ``spec.variants``: the operator says
+    (``specIndex``); a build spec written by hand is its own list (``position``)."""
+    return variant.spec_index if variant.spec_index is not None else position
 
 
 def _staged_name(variant: settings.VariantSpec, base: Path, keep_split: bool) -> str:
