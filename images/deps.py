@@ -13,7 +13,8 @@ compiling llama.cpp a second time, plus the converter's and the importance matri
 ``quantizer-cpu`` is the CPU quantizer on Debian 13: torch and numpy come from Debian
 (python3-torch is a CPU-only build; PyPI's x86_64 torch carries ~3 GB of CUDA libraries that its
 libtorch_python links, so they cannot be left out), so pip must not install them, nor accelerate,
-which requires torch and which only the tests' model fixture uses.
+which requires torch and which only the tests' model fixture uses, nor bitsandbytes (it requires
+torch too): bnb variants are built by the CUDA quantizer image, which has both.
 """
 
 import re
@@ -22,7 +23,7 @@ import tomllib
 
 OPERATOR_SKIPS = {"llama-cpp-python", "torch", "safetensors", "modelscope", "modelscope-hub"}
 QUANTIZER_SKIPS = {"llama-cpp-python"}
-QUANTIZER_EXTRAS = {"transformers", "accelerate", "sentencepiece"}
+QUANTIZER_EXTRAS = {"transformers", "accelerate", "bitsandbytes", "sentencepiece"}
 QUANTIZER_CPU_SKIPS = {"llama-cpp-python", "torch", "numpy"}
 QUANTIZER_CPU_EXTRAS = {"transformers", "sentencepiece"}
 

@@ -99,6 +99,9 @@ def variant_spec(variant: api.Variant) -> settings.VariantSpec:
     return settings.VariantSpec(
         name=variant.name,
         type=variant.type,
+        format=variant.format,
+        bnb=None if variant.bnb is None else settings.BnbSettings(
+            double_quant=variant.bnb.double_quant, compute_dtype=variant.bnb.compute_dtype),
         recipe=settings.Recipe(variant.recipe.value) if variant.recipe is not api.Recipe.PASSTHROUGH
         else settings.Recipe.UNIFORM,
         overrides=tuple(settings.TensorOverride(pattern=o.pattern, type=o.type)
@@ -140,11 +143,11 @@ def base_spec(qm: api.QuantizedModel, variant: api.Variant) -> settings.BuildSpe
 def plan_builds(qm: api.QuantizedModel, namespace: str) -> list[Build]:
     """One ``Build`` per declared variant, in spec order, with its digest and result ConfigMap."""
     builds = []
-    for variant in qm.spec.variants:
+    for index, variant in enumerate(qm.spec.variants):
         spec = base_spec(qm, variant)
         digest = settings.variant_digest(spec, spec.variants[0])
         name = f"{qm.metadata.name}-{variant.name}-{digest[:8]}"
-        pinned = spec.variants[0].model_copy(update={"digest": digest})
+        pinned = spec.variants[0].model_copy(update={"digest": digest, "spec_index": index})
         spec = spec.model_copy(update={
             "variants": (pinned,),
             "result_config_map": settings.ResultConfigMap(name=name, namespace=namespace),

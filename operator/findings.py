@@ -40,6 +40,8 @@ class Reason(enum.StrEnum):
     GATE_FAILED = "GateFailed"
     # Serving
     VARIANT_NOT_BUILT = "VariantNotBuilt"
+    NOT_SERVABLE = "NotServable"
+    """The promoted variant is a bnb-nf4/bnb-fp4 folder: llama-server serves GGUF only."""
     NO_MODEL_FACTS = "NoModelFacts"
     DOES_NOT_FIT = "DoesNotFit"
     NO_GPU_NODES = "NoGPUNodes"
@@ -86,11 +88,13 @@ WARNING_REASONS = frozenset({
     Reason.BUILD_FAILED, Reason.REPORT_MISSING, Reason.SECRET_NOT_FOUND, Reason.CONFIG_NOT_FOUND,
     Reason.BUILD_BLOCKED, Reason.GATE_FAILED, Reason.DOES_NOT_FIT, Reason.NO_GPU_NODES, Reason.GPUS_BUSY,
     Reason.INVALID_SPEC, Reason.CONFLICT, Reason.REFUSED, Reason.NO_MODEL_FACTS, Reason.BUILD_UNDERSIZED,
-    Reason.POLICY_VIOLATION, Reason.MEMORY_ABOVE_PLAN, Reason.FEWER_LAYERS_OFFLOADED, Reason.CLAIM_TOO_SMALL})
+    Reason.POLICY_VIOLATION, Reason.MEMORY_ABOVE_PLAN, Reason.FEWER_LAYERS_OFFLOADED, Reason.CLAIM_TOO_SMALL,
+    Reason.NOT_SERVABLE})
 STALLED_REASONS = frozenset({
     Reason.BUILD_FAILED, Reason.REPORT_MISSING, Reason.SECRET_NOT_FOUND, Reason.CONFIG_NOT_FOUND,
     Reason.BUILD_BLOCKED, Reason.GATE_FAILED, Reason.DOES_NOT_FIT, Reason.NO_GPU_NODES, Reason.NO_MODEL_FACTS,
-    Reason.INVALID_SPEC, Reason.CONFLICT, Reason.REFUSED, Reason.POLICY_VIOLATION, Reason.CLAIM_TOO_SMALL})
+    Reason.INVALID_SPEC, Reason.CONFLICT, Reason.REFUSED, Reason.POLICY_VIOLATION, Reason.CLAIM_TOO_SMALL,
+    Reason.NOT_SERVABLE})
 
 
 def reason_of(text: str | None) -> Reason | None:

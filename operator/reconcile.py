@@ -542,6 +542,10 @@ def _unservable(variant: str, state: findings.BuildState, keeps: str) -> finding
                                      f"variant {variant} cannot be built: {state.reason}{keeps}")
     if state.phase is not findings.BuildPhase.SUCCEEDED or state.report is None:
         return findings.ServingState(False, Reason.VARIANT_NOT_BUILT, f"variant {variant} is not built yet{keeps}")
+    if state.report.format != api.VariantFormat.GGUF:
+        # the API refuses it; an object stored before that rule still must not reach llama-server
+        return findings.ServingState(False, Reason.NOT_SERVABLE, f"variant {variant} is format "
+                                     f"{state.report.format}: llama-server serves GGUF only{keeps}")
     if not state.report.gate_passed:
         why = "; ".join(state.report.gate.reasons) if state.report.gate else "quality gate failed"
         return findings.ServingState(False, Reason.GATE_FAILED,

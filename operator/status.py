@@ -36,7 +36,8 @@ def variant_status(state: findings.BuildState) -> api.VariantStatus:
         return base.model_copy(update={"message": message[:1024]})
     metrics = report.metrics
     return base.model_copy(update={
-        "type": report.type, "size_bytes": report.size_bytes, "sha256": report.sha256 or None,
+        "type": report.type, "format": api.VariantFormat(report.format),
+        "size_bytes": report.size_bytes, "sha256": report.sha256 or None,
         "bits_per_weight": round(report.bits_per_weight, 4),
         "kl_divergence": report.kl_divergence if report.kl_divergence is not None
         else (metrics.kl_divergence if metrics else None),

@@ -27,6 +27,7 @@ from typing import Any
 
 import gguf
 from kquant.quantizer import (
+    bnb,
     constants,
     convert,
     evaluate,
@@ -34,6 +35,7 @@ from kquant.quantizer import (
     fetch_modelscope,
     filelock,
     gguf_facts,
+    hf_evaluate,
     imatrix,
     progress,
     publish,
@@ -99,7 +101,7 @@ def is_permanent(exc: BaseException) -> bool:
         return True
     if isinstance(exc, OSError):
         return exc.errno in space.FULL_ERRNOS
-    if isinstance(exc, (BuildError, fetch.FetchError)):
+    if isinstance(exc, (BuildError, fetch.FetchError, bnb.BnbError)):
         return exc.permanent
     return False
 
@@ -149,6 +151,11 @@ class Layout:
     def reference(self) -> Path:
         return self.work / "reference"
 
+    @property
+    def hf_reference(self) -> Path:
+        """The 16-bit safetensors model's log-probabilities, scored by transformers (bnb variants)."""
+        return self.work / "reference-hf"
+
     def metrics(self, variant: str, digest: str) -> Path:
         return self.work / f"metrics-{variant}-{digest}.json"
 
@@ -162,6 +169,15 @@ def check_space(folder: Path, needed: int, what: str, claim: str | None = None) 
     """Refuse to start a write that cannot fit: a clear reason now beats ENOSPC half-way."""
     folder.mkdir(parents=True, exist_ok=True)
     space.check(folder, needed, what, claim)
+
+
+@dataclasses.dataclass(frozen=True)
+class HFPrepared:
+    """What bnb variants are built from: the downloaded safetensors folder and its reference."""
+
+    source: Path
+    digest: str
+    reference: Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,12 +293,20 @@ class BuildRunner:
     def _run(self) -> None:
         # The operator runs one Job per variant; Jobs of one source share the work folder, so the
         # shared steps run under a lock: the first Job does them, the others then find them done.
+        bnb_only = all(v.format.is_bnb for v in self.spec.variants)
         with filelock.exclusive(self.layout.work / ".lock"):
-            src = self.prepare()
-            ref_dir = self._reference(src.base, src.base_digest) if src.quantizable else None
+            # a bnb variant needs no GGUF: nothing is converted or calibrated for it
+            src = None if bnb_only else self.prepare()
+            ref_dir = self._reference(src.base, src.base_digest) if src and src.quantizable else None
+            hf = self._prepare_hf() if any(v.format.is_bnb for v in self.spec.variants) else None
         for index, variant in enumerate(self.spec.variants, start=1):
             self._variant = (variant.name, index)
-            if src.quantizable:
+            if variant.format.is_bnb:
+                assert hf is not None
+                vr = self._bnb_variant(variant, hf)
+            elif src is None:
+                raise AssertionError("a GGUF variant without a prepared GGUF")
+            elif src.quantizable:
                 vr = self._quantized_variant(variant, src, ref_dir)
             else:
                 vr = self._as_is_variant(variant, src.shards, src.base_digest)
@@ -329,6 +353,74 @@ class BuildRunner:
             imatrix.GGUF_ONLY_NOTE,
         )
         return Prepared(model.first, model.shards, base_digest, None, quantizable)
+
+    def _prepare_hf(self) -> HFPrepared:
+        """fetch, then score the 16-bit safetensors model with transformers (bnb variants only).
+
+        A GGUF source or an architecture transformers cannot load without the repository's code
+        is refused here, permanently, naming the first bnb variant's ``format``."""
+        self.layout.work.mkdir(parents=True, exist_ok=True)
+        index, first = next((i, v) for i, v in enumerate(self.spec.variants) if v.format.is_bnb)
+        field = f"spec.variants[{spec_index(first, index)}].format"
+        source_dir, fetch_digest = self._fetch()
+        fmt = fetch.detect_format(source_dir)
+        self.report.source_format = fmt.value
+        if fmt is not fetch.SourceFormat.SAFETENSORS:
+            raise BuildError(
+                f"{field} is {first.format}: bitsandbytes quantizes a 16-bit safetensors "
+                f"model, but the source is {fmt.value}; use format gguf"
+            )
+        try:
+            bnb.check_architecture(source_dir, field)
+        except bnb.BnbError as exc:
+            raise BuildError(str(exc)) from None
+        ev = self.spec.evaluation
+        text = evaluate.dataset_text(ev.dataset, ev.path, "heldout.txt")
+        scoring = evaluate.LlamaEvalSettings.from_spec(ev, self.spec.threads)
+        out = self.layout.hf_reference
+        inputs = {"source": fetch_digest, "text": text_sha(text), "contextSize": ev.context_size,
+                  "chunks": ev.chunks, "tool": "transformers"}  # fmt: skip
+        step = self._step(
+            "reference-hf",
+            steps.StepKind.REFERENCE,
+            inputs,
+            evaluate.reference_outputs(out),
+            lambda p: hf_evaluate.build_reference(source_dir, text, out, scoring, p),
+        )
+        return HFPrepared(source_dir, step.digest, out)
+
+    def _bnb_variant(self, variant: settings.VariantSpec, hf: HFPrepared) -> report.VariantReport:
+        """Quantize with transformers + bitsandbytes into the staging folder, evaluate, publish."""
+        digest = settings.variant_digest(self.spec, variant)
+        published = self._already_published(variant, digest, hf.digest, hf.reference)
+        if published is not None:
+            return published
+        stage = publish.staging_dir(self.layout.root, digest)
+        staged = stage / variant.name
+        planned = bnb.planned_bytes(sum(f.stat().st_size for f in hf.source.glob("*.safetensors")))
+        check_space(stage, planned, f"variant {variant.name}", self.spec.storage_claim)
+
+        def run_quantize(p: steps.Progress) -> None:
+            try:
+                bnb.quantize(hf.source, staged, variant, p)
+            except bnb.BnbError as exc:
+                raise BuildError(f"variants[{self._variant_index()}] ({variant.name}): {exc}",
+                                 permanent=exc.permanent) from None
+
+        q_inputs = {"source": hf.digest, "bnb": bnb.config_kwargs(variant), "tool": bnb.tool_versions()}
+        try:
+            self._step(f"quantize-{variant.name}", steps.StepKind.QUANTIZE, q_inputs, (staged,), run_quantize,
+                       variant=variant.name)
+            base_report = report.VariantReport(
+                name=variant.name, digest=digest, type=variant.format.value, recipe=variant.recipe.value,
+                format=variant.format.value, planned_bytes=planned,
+            )  # fmt: skip
+            return self._evaluate_and_publish(
+                variant, digest, [staged], base_digest=hf.digest, base_report=base_report, ref_dir=hf.reference
+            )
+        except BaseException:
+            publish.discard_staging(self.layout.root, digest)
+            raise
 
     def _fetch(self) -> tuple[Path, str]:
         src = self.spec.source
@@ -568,7 +660,7 @@ class BuildRunner:
             base_report = report.VariantReport(
                 name=variant.name,
                 digest=digest,
-                type=variant.type.value,
+                type=variant.gguf_type.value,
                 recipe=variant.recipe.value,
                 planned_bytes=plan.total_bytes,
             )
@@ -605,7 +697,7 @@ class BuildRunner:
             base_report = report.VariantReport(
                 name=variant.name,
                 digest=digest,
-                type=names.get(ftype or -1, variant.type.value),
+                type=names.get(ftype or -1, variant.gguf_type.value),
                 recipe="as-is",
             )
             return self._evaluate_and_publish(
@@ -630,7 +722,7 @@ class BuildRunner:
             "base": base_digest,
             # the quantize step's stamp: a requantized file (new imatrix, same digest) is re-evaluated
             "quantize": self.layout.stamps.read(f"quantize-{variant.name}"),
-            "reference": None if ref_dir is None else self.layout.stamps.read("reference"),
+            "reference": None if ref_dir is None else self.layout.stamps.read(ref_dir.name),
             "text": text_sha(text),
             # what changes the numbers; the thresholds only change the gate, judged after the step
             "evaluation": ev.model_dump(mode="json", by_alias=True, exclude=GATE_FIELDS),
@@ -638,7 +730,11 @@ class BuildRunner:
         }
 
         def run_evaluate(p: steps.Progress) -> None:
-            metrics = evaluate.evaluate(model, ref_dir, text, scoring, ev, progress=p)
+            if variant.format.is_bnb:
+                assert ref_dir is not None
+                metrics = hf_evaluate.evaluate_folder(model, ref_dir, scoring, ev, p)
+            else:
+                metrics = evaluate.evaluate(model, ref_dir, text, scoring, ev, progress=p)
             metrics_path.write_text(metrics.model_dump_json(by_alias=True))
 
         e = self._step(
@@ -683,7 +779,9 @@ class BuildRunner:
             {"evaluate": e_digest},
             (final,),
             lambda p: result.append(
-                publish.publish(staged, self.layout.root, done_report, parameters=metrics.parameters)
+                publish.publish_folder(staged[0], self.layout.root, done_report, parameters=metrics.parameters)
+                if variant.format.is_bnb
+                else publish.publish(staged, self.layout.root, done_report, parameters=metrics.parameters)
             ),
             variant=variant.name,
         )
@@ -717,7 +815,16 @@ class BuildRunner:
         return updated
 
     def _variant_index(self) -> int:
-        return (self._variant[1] - 1) if self._variant else 0
+        """The current variant's place in the user's ``spec.variants`` (the operator's
+        ``specIndex``), else in this build's list."""
+        position = (self._variant[1] - 1) if self._variant else 0
+        return spec_index(self.spec.variants[position], position)
+
+
+def spec_index(variant: settings.VariantSpec, position: int) -> int:
+    """Where ``variant`` is in the QuantizedModel's ``spec.variants``: the operator says
+    (``specIndex``); a build spec written by hand is its own list (``position``)."""
+    return variant.spec_index if variant.spec_index is not None else position
 
 
 def _staged_name(variant: settings.VariantSpec, base: Path, keep_split: bool) -> str:
@@ -759,6 +866,7 @@ def _expected_errors() -> tuple[type[Exception], ...]:
         convert.ConvertError,
         evaluate.EvaluateError,
         publish.PublishError,
+        bnb.BnbError,
         quantize.QuantizeError,
         imatrix.ImatrixError,
         recipes.RecipeError,

@@ -5,6 +5,7 @@ Layout on the storage volume::
     <root>/<digest>/<variant>.gguf            (or <variant>-00001-of-0000N.gguf ...)
     <root>/<digest>/report.json               written last: its presence means "complete"
     <root>/<digest>/.partial/                 staging: the quantizer writes here first
+    <root>/<digest>/<variant>/                a bnb variant: a Hugging Face folder (publish_folder)
 
 Everything is written into ``.partial/`` (same filesystem, so ``rename`` is atomic) and moved to
 its final name only after the report is complete; a crash, a full disk or a failed check leaves
@@ -14,9 +15,11 @@ nothing under a final name. ``report.json`` moves last, so a reader that sees it
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import logging
 import os
 import shutil
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -129,6 +132,66 @@ def publish(
         done.size_bytes,
         done.bits_per_weight,
     )
+    return done
+
+
+def safetensors_dtypes(path: Path) -> dict[str, int]:
+    """Tensor count per dtype from a safetensors header (8-byte length, then JSON): no weights read."""
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    counts: dict[str, int] = {}
+    for name, entry in header.items():
+        if name != "__metadata__":
+            counts[entry["dtype"]] = counts.get(entry["dtype"], 0) + 1
+    return counts
+
+
+def publish_folder(
+    folder: Path, root: Path, base: report.VariantReport, *, parameters: int | None
+) -> report.VariantReport:
+    """Publish a staged Hugging Face folder (a bnb variant) like ``publish`` does a GGUF file: the
+    report lists every file with its sha256, ``path`` is the folder transformers loads, ``sha256``
+    that of its first weights file, and report.json moves into place last."""
+    final = variant_dir(root, base.digest)
+    stage = staging_dir(root, base.digest)
+    files = sorted(f for f in folder.rglob("*") if f.is_file())
+    weights = [f for f in files if f.suffix == ".safetensors"]
+    if not weights:
+        raise PublishError(f"variant {base.name}: {folder} holds no safetensors")
+    entries = [
+        report.FileEntry(name=str(f.relative_to(folder)), size_bytes=f.stat().st_size, sha256=digest)
+        for f, digest in zip(files, hash_files(files), strict=True)
+    ]
+    by_name = {e.name: e for e in entries}
+    weight_bytes = sum(by_name[str(w.relative_to(folder))].size_bytes for w in weights)
+    types: dict[str, int] = {}
+    for w in weights:
+        for dtype, n in safetensors_dtypes(w).items():
+            types[dtype] = types.get(dtype, 0) + n
+    done = base.model_copy(
+        update={
+            "path": str(final / folder.name),
+            "files": entries,
+            "size_bytes": sum(e.size_bytes for e in entries),
+            "sha256": by_name[str(weights[0].relative_to(folder))].sha256,
+            "bits_per_weight": round(bits_per_weight(weight_bytes, parameters), 4),
+            "tensor_types": dict(sorted(types.items())),
+        }
+    )
+    try:
+        (stage / REPORT_NAME).write_text(done.to_json())
+        shutil.rmtree(final / folder.name, ignore_errors=True)
+        folder.replace(final / folder.name)
+        _fsync_dir(final)
+        (stage / REPORT_NAME).replace(final / REPORT_NAME)
+        _fsync_dir(final)
+    except OSError as exc:
+        shutil.rmtree(final / folder.name, ignore_errors=True)
+        raise PublishError(f"variant {base.name}: writing {final} failed: {exc.strerror or exc}") from None
+    shutil.rmtree(stage, ignore_errors=True)
+    log.info("published %s: %s (%d bytes, %.2f bits per weight)", base.name, done.path, done.size_bytes,
+             done.bits_per_weight)
     return done
 
 

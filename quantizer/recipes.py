@@ -571,7 +571,7 @@ def first_match(name: str, overrides: Sequence[tuple[str, constants.TensorType]]
 def base_job(variant: VariantRecipe, nthread: int = 0) -> quantize_job.QuantizeJob:
     """The job for a uniform variant: its file type, settings and overrides, as given."""
     return quantize_job.QuantizeJob(
-        file_type=variant.type,
+        file_type=variant.gguf_type,
         overrides=tuple((o.pattern, o.type) for o in variant.overrides),
         output_tensor_type=variant.output_tensor_type,
         token_embedding_type=variant.token_embedding_type,
@@ -723,7 +723,7 @@ def plan_variant(
     pinned = pinned_types(tensors, roles, variant)
     choice = plan_dynamic(
         tensors,
-        base=constants.FILE_TYPES[variant.type].base,
+        base=constants.FILE_TYPES[variant.gguf_type].base,
         budget_bytes=budget,
         pinned=pinned,
         roles=roles,

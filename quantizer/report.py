@@ -100,8 +100,11 @@ class VariantReport(_Model):
     digest: str
     type: str
     recipe: str
+    format: str = "gguf"
+    """``gguf``, or ``bnb-nf4`` / ``bnb-fp4`` (a Hugging Face folder that llama-server cannot serve)."""
     path: str = ""
-    """Path of the model file llama.cpp loads (the first shard of a split file)."""
+    """Path of the model file llama.cpp loads (the first shard of a split file); for a bnb variant
+    the folder transformers loads."""
     files: list[FileEntry] = []
     size_bytes: int = 0
     sha256: str = ""

@@ -191,6 +191,35 @@ class Recipe(enum.StrEnum):
     """Per-tensor types by role and sensitivity, fitted to a size budget."""
 
 
+class VariantFormat(enum.StrEnum):
+    """What a variant is written as: a GGUF file llama.cpp serves, or a bitsandbytes 4-bit
+    safetensors folder that transformers loads (for QLoRA fine-tuning; never served here)."""
+
+    GGUF = "gguf"
+    BNB_NF4 = "bnb-nf4"
+    BNB_FP4 = "bnb-fp4"
+
+    @property
+    def is_bnb(self) -> bool:
+        return self is not VariantFormat.GGUF
+
+
+class ComputeDtype(enum.StrEnum):
+    """``bnb_4bit_compute_dtype``: the dtype the 4-bit weights are dequantized to for each matmul."""
+
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+
+class BnbSettings(_Model):
+    """bitsandbytes' 4-bit settings (``BitsAndBytesConfig``) of a ``bnb-*`` variant."""
+
+    double_quant: bool = True
+    """``bnb_4bit_use_double_quant``: quantize the per-block scales too (about 0.37 bits per weight saved)."""
+    compute_dtype: ComputeDtype = ComputeDtype.BFLOAT16
+
+
 class TensorOverride(_Model):
     """A regex over GGUF tensor names (searched, as llama.cpp does) and the type matching tensors
     get; first match wins."""
@@ -220,7 +249,11 @@ class VariantSpec(_Model):
 
     name: str
     """DNS-label style (``q4km``): it names files and appears in status."""
-    type: constants.FileType
+    type: constants.FileType | None = None
+    """The llama.cpp file type; required for a GGUF variant, absent for a bnb one."""
+    format: VariantFormat = VariantFormat.GGUF
+    bnb: BnbSettings | None = None
+    """Only for a ``bnb-*`` format; unset there means the defaults."""
     recipe: Recipe = Recipe.UNIFORM
     overrides: tuple[TensorOverride, ...] = ()
     target_size_gib: Annotated[float | None, pydantic.Field(gt=0, alias="targetSizeGiB")] = None
@@ -236,6 +269,9 @@ class VariantSpec(_Model):
     """Keep a split source's split (a converted 16-bit source is always kept)."""
     digest: str | None = None
     """Set by the operator when it has computed the digest itself; else ``variant_digest``."""
+    spec_index: Annotated[int | None, pydantic.Field(ge=0)] = None
+    """The variant's place in the QuantizedModel's ``spec.variants`` (the operator's build spec
+    holds one variant): messages then name the field the user wrote. Not part of the digest."""
 
     @pydantic.field_validator("name")
     @classmethod
@@ -246,6 +282,12 @@ class VariantSpec(_Model):
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> Self:
+        if self.format.is_bnb:
+            return self._bnb_consistent()
+        if self.type is None:
+            raise ValueError(f"variant {self.name}: type is required for format gguf")
+        if self.bnb is not None:
+            raise ValueError(f"variant {self.name}: bnb settings need format bnb-nf4 or bnb-fp4, not gguf")
         if self.target_size_gib is not None and self.target_bits_per_weight is not None:
             raise ValueError(
                 f"variant {self.name}: set targetSizeGiB ({self.target_size_gib}) or "
@@ -260,9 +302,48 @@ class VariantSpec(_Model):
             )
         return self
 
+    def _bnb_consistent(self) -> Self:
+        """A bnb variant takes none of llama.cpp's settings: name the first one that is set."""
+        gguf_only = gguf_only_fields(self)
+        if gguf_only:
+            raise ValueError(
+                f"variant {self.name}: format {self.format} is a bitsandbytes safetensors folder, so it takes no "
+                f"GGUF settings; remove {', '.join(gguf_only)}"
+            )
+        return self
+
+    @property
+    def gguf_type(self) -> constants.FileType:
+        """``type`` of a GGUF variant (the validator makes it present there)."""
+        if self.type is None:
+            raise ValueError(f"variant {self.name}: format {self.format} has no llama.cpp type")
+        return self.type
+
+    @property
+    def bnb_settings(self) -> BnbSettings:
+        return self.bnb or BnbSettings()
+
     @property
     def target_size_bytes(self) -> int | None:
         return None if self.target_size_gib is None else int(self.target_size_gib * 2**30)
+
+
+def gguf_only_fields(variant: VariantSpec) -> list[str]:
+    """The llama.cpp-only fields ``variant`` sets, named as the user writes them."""
+    checks = {
+        "type": variant.type is not None,
+        "recipe": variant.recipe is not Recipe.UNIFORM,
+        "overrides": bool(variant.overrides),
+        "targetSizeGiB": variant.target_size_gib is not None,
+        "targetBitsPerWeight": variant.target_bits_per_weight is not None,
+        "outputTensorType": variant.output_tensor_type is not None,
+        "tokenEmbeddingType": variant.token_embedding_type is not None,
+        "leaveOutputTensor": variant.leave_output_tensor,
+        "pure": variant.pure,
+        "allowRequantize": variant.allow_requantize,
+        "keepSplit": variant.keep_split,
+    }
+    return [name for name, is_set in checks.items() if is_set]
 
 
 class ReferenceType(enum.StrEnum):
@@ -463,7 +544,10 @@ def variant_digest(spec: BuildSpec, variant: VariantSpec) -> str:
     """
     if variant.digest:
         return variant.digest
-    recipe = variant.model_dump(mode="json", by_alias=True, exclude={"digest"})
+    # A GGUF variant's recipe is dumped without the fields bnb variants brought (format, bnb), so
+    # the digests of every GGUF variant built before them stay where they were.
+    extra = {"format", "bnb"} if not variant.format.is_bnb else set()
+    recipe = variant.model_dump(mode="json", by_alias=True, exclude={"digest", "spec_index", *extra})
     payload: dict[str, Any] = {
         "source": source_identity(spec.source),
         "convertType": spec.convert_type.value,

@@ -273,13 +273,26 @@ def gguf_bytes_from_shapes(
     return int(total)
 
 
+BNB_BITS_PER_WEIGHT = 4.5
+"""A bnb 4-bit folder's bits per weight: 4-bit codes, one scale per 64 weights (quantized again with
+double quantization) and the embeddings, norms and head that bitsandbytes leaves in 16 bits."""
+
+
+def bnb_memory_bytes(parameters: int, bytes_per_weight: float) -> int:
+    """A bnb variant's peak: transformers holds the whole 16-bit model to score the reference (no
+    layer streaming), so the build pod's memory, or its GPUs' with ``device_map="auto"``, must hold it."""
+    return int(parameters * bytes_per_weight)
+
+
 def variant_bytes(variant: settings.VariantSpec, parameters: int) -> int:
     """A variant's file size: its budget when it has one, else parameters at its type's bits per weight."""
+    if variant.format.is_bnb:
+        return int(parameters * BNB_BITS_PER_WEIGHT / 8)
     if variant.target_size_bytes is not None:
         return variant.target_size_bytes
     if variant.target_bits_per_weight is not None:
         return int(parameters * variant.target_bits_per_weight / 8)
-    base = constants.FILE_TYPES[variant.type].base
+    base = constants.FILE_TYPES[variant.gguf_type].base
     bpw = constants.TENSOR_TYPES[base].bits_per_weight
     # _M and _L mixes raise attention and ffn_down a type or two, as llama.cpp's rules do.
     mixed = 1.08 if str(variant.type).endswith(("_M", "_L")) else 1.0
@@ -287,7 +300,9 @@ def variant_bytes(variant: settings.VariantSpec, parameters: int) -> int:
 
 
 def is_slow_type(variant: settings.VariantSpec) -> bool:
-    return str(constants.FILE_TYPES[variant.type].base).startswith("IQ")
+    if variant.format.is_bnb:
+        return False
+    return str(constants.FILE_TYPES[variant.gguf_type].base).startswith("IQ")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,6 +421,25 @@ def cpus_for(parameters: int) -> int:
     return 32
 
 
+def memory_peaks(
+    largest_tensor: int, largest_block: int, calibration_activations: int, logits: int, bnb_bytes: int
+) -> dict[str, int]:
+    """Each step's peak in bytes; ``bnb`` only when a bnb variant is built (``bnb_bytes`` > 0)."""
+    peaks = {
+        # one tensor as float32 plus llama.cpp's output work buffer of the same size
+        "quantize": largest_tensor * 8,
+        # a layer's experts held while stacked, in 16 bits, and the stacked copy
+        "convert": largest_tensor * 2 * 2,
+        # one block in 16 bits, its largest tensor as float32, every sequence's activations in and out
+        "calibrate": largest_block * 2 + largest_tensor * 4 + calibration_activations * 4 * 2,
+        # one chunk's logits for every position (float32), the reference rows, llama.cpp's buffers
+        "evaluate": logits * 4 * 2 + 512 * units.MiB,
+    }
+    if bnb_bytes:
+        peaks["bnb"] = bnb_bytes
+    return peaks
+
+
 def size_build(
     files: Sequence[HubFile],
     config: Mapping[str, Any] | None,
@@ -451,16 +485,11 @@ def size_build(
     claim = subtotal + margin
 
     cal_tokens = calibration.chunks * calibration.context_size
-    peaks = {
-        # one tensor as float32 plus llama.cpp's output work buffer of the same size
-        "quantize": largest_tensor * 8,
-        # a layer's experts held while stacked, in 16 bits, and the stacked copy
-        "convert": largest_tensor * 2 * 2,
-        # one block in 16 bits, its largest tensor as float32, every sequence's activations in and out
-        "calibrate": largest_block * 2 + largest_tensor * 4 + cal_tokens * hidden * 4 * 2,
-        # one chunk's logits for every position (float32), the reference rows, llama.cpp's buffers
-        "evaluate": evaluation.context_size * vocab * 4 * 2 + 512 * units.MiB,
-    }
+    bnb_bytes = (
+        bnb_memory_bytes(parameters, source_bytes_per_weight(config or {})) if any(v.format.is_bnb for v in variants)
+        else 0
+    )  # fmt: skip
+    peaks = memory_peaks(largest_tensor, largest_block, cal_tokens * hidden, evaluation.context_size * vocab, bnb_bytes)
     memory = int((max(peaks.values()) + RUNTIME_BYTES) * MEMORY_HEADROOM)
     cores = cpus if cpus else cpus_for(parameters)
 

@@ -149,6 +149,8 @@ TensorType: TypeAlias = constants.TensorType
 FileType: TypeAlias = constants.FileType
 CacheType: TypeAlias = constants.CacheType
 ReferenceType: TypeAlias = settings.ReferenceType
+VariantFormat: TypeAlias = settings.VariantFormat
+ComputeDtype: TypeAlias = settings.ComputeDtype
 
 
 class Recipe(enum.StrEnum):
@@ -726,16 +728,66 @@ class TensorOverride(_Model):
         return value
 
 
+_IS_BNB = "(has(self.format) && self.format != 'gguf')"
+"""CEL: the variant ``self`` is a bitsandbytes one."""
+
+_GGUF_ONLY_CEL = {
+    "type": "has(self.type)",
+    "recipe": "(has(self.recipe) && self.recipe != 'uniform')",
+    "overrides": "has(self.overrides)",
+    "targetSizeGiB": "has(self.targetSizeGiB)",
+    "targetBitsPerWeight": "has(self.targetBitsPerWeight)",
+    "outputTensorType": "has(self.outputTensorType)",
+    "tokenEmbeddingType": "has(self.tokenEmbeddingType)",
+    "pure": "(has(self.pure) && self.pure)",
+    "leaveOutputTensor": "(has(self.leaveOutputTensor) && self.leaveOutputTensor)",
+    "allowRequantize": "(has(self.allowRequantize) && self.allowRequantize)",
+    "keepSplit": "(has(self.keepSplit) && self.keepSplit)",
+}
+"""llama.cpp-only fields of a variant and the CEL that finds each set (``settings.gguf_only_fields``)."""
+
+_GGUF_ONLY = " || ".join(_GGUF_ONLY_CEL.values())
+_BNB_GGUF_ONLY = (
+    "writes a bitsandbytes safetensors folder, so it takes none of llama.cpp's settings (type, recipe other "
+    "than uniform, overrides, targets, tensor types, pure, leaveOutputTensor, allowRequantize, keepSplit): remove "
+)
+_BNB_GGUF_ONLY_EXPRESSION = (
+    "'format ' + self.format + ' " + _BNB_GGUF_ONLY.replace("'", "\\'") + "' + "
+    + "".join(f"({cel} ? '{name}' : " for name, cel in _GGUF_ONLY_CEL.items())
+    + "''" + ")" * len(_GGUF_ONLY_CEL)
+)
+"""The message naming the first llama.cpp-only field the bnb variant sets."""
+_BNB_SETTINGS_NEED_BNB = "bnb settings apply only to format bnb-nf4 or bnb-fp4; remove bnb or set the format"
+
+
+class BnbSettings(_Model):
+    """bitsandbytes' 4-bit settings (transformers' ``BitsAndBytesConfig``) of a bnb variant."""
+
+    double_quant: bool = pydantic.Field(
+        default=True,
+        description="Quantize the per-block scales as well (`bnb_4bit_use_double_quant`), about 0.4 bits "
+        "per weight less. Defaults to true.",
+    )
+    compute_dtype: ComputeDtype = pydantic.Field(
+        default=ComputeDtype.BFLOAT16,
+        description="The dtype the 4-bit weights are dequantized to for each matmul "
+        "(`bnb_4bit_compute_dtype`), also the dtype LoRA adapters train in. Defaults to bfloat16.",
+    )
+
+
 class Variant(_Model):
     """One quantized file built from the source and measured against it."""
 
     model_config = pydantic.ConfigDict(
         json_schema_extra=_cel_list(
             _cel(
-                "has(self.type) || (has(self.recipe) && self.recipe == 'passthrough')",
-                "type is required unless recipe is passthrough",
+                f"has(self.type) || (has(self.recipe) && self.recipe == 'passthrough') || {_IS_BNB}",
+                "type is required unless recipe is passthrough or format is bnb-nf4/bnb-fp4",
                 ".type",
             ),
+            _cel(f"!{_IS_BNB} || !({_GGUF_ONLY})", "format bnb-nf4/bnb-fp4 " + _BNB_GGUF_ONLY + "them",
+                 ".format", _BNB_GGUF_ONLY_EXPRESSION),
+            _cel(f"!has(self.bnb) || {_IS_BNB}", _BNB_SETTINGS_NEED_BNB, ".bnb"),
             _cel(
                 "!(has(self.targetSizeGiB) && has(self.targetBitsPerWeight))",
                 "set at most one of targetSizeGiB and targetBitsPerWeight",
@@ -783,7 +835,17 @@ class Variant(_Model):
         default=None,
         description="llama.cpp file type (`llama-quantize` target) such as Q4_K_M or IQ1_S. With recipe "
         "dynamic it is the type of the bulk of the weights (MoE experts). Optional only for recipe "
-        "passthrough, where it states the type the file is expected to have.",
+        "passthrough, where it states the type the file is expected to have; unset for a bnb format.",
+    )
+    format: VariantFormat = pydantic.Field(
+        default=VariantFormat.GGUF,
+        description="gguf: a llama.cpp file, servable. bnb-nf4 / bnb-fp4: the 16-bit safetensors model "
+        "quantized by transformers and bitsandbytes to 4 bits (NF4 or FP4) and saved as a Hugging Face "
+        "folder with its quantization_config, for QLoRA fine-tuning; measured by the same gate, never "
+        "served by llama-server. Needs a huggingface source. Defaults to gguf.",
+    )
+    bnb: BnbSettings | None = pydantic.Field(
+        default=None, description="bitsandbytes settings of a bnb format. Unset: their defaults."
     )
     recipe: Recipe = pydantic.Field(
         default=Recipe.UNIFORM,
@@ -833,8 +895,15 @@ class Variant(_Model):
 
     @pydantic.model_validator(mode="after")
     def _consistent(self) -> Self:
+        if self.format.is_bnb:
+            first = self._first_gguf_only_field()
+            if first is not None:
+                raise SpecRuleError("format", f"format {self.format} {_BNB_GGUF_ONLY}{first}")
+            return self
+        if self.bnb is not None:
+            raise SpecRuleError("bnb", _BNB_SETTINGS_NEED_BNB)
         if self.type is None and self.recipe != Recipe.PASSTHROUGH:
-            raise SpecRuleError("type", "type is required unless recipe is passthrough")
+            raise SpecRuleError("type", "type is required unless recipe is passthrough or format is bnb-nf4/bnb-fp4")
         if self.target_size_gib is not None and self.target_bits_per_weight is not None:
             raise SpecRuleError("targetBitsPerWeight", "set at most one of targetSizeGiB and targetBitsPerWeight")
         has_target = self.target_size_gib is not None or self.target_bits_per_weight is not None
@@ -857,14 +926,33 @@ class Variant(_Model):
                 "outputTensorType",
                 "leaveOutputTensor keeps output.weight unquantized, so outputTensorType must be unset",
             )
-        quantizes = per_tensor or has_target or self.pure or self.leave_output_tensor or self.allow_requantize
-        quantizes = quantizes or self.keep_split
-        if self.recipe == Recipe.PASSTHROUGH and quantizes:
+        if self.recipe == Recipe.PASSTHROUGH and self._sets_quantization():
             raise SpecRuleError(
                 "recipe",
                 "recipe passthrough serves the source file as it is, so it takes no quantization settings",
             )
         return self
+
+    def _first_gguf_only_field(self) -> str | None:
+        """The first field of ``_GGUF_ONLY_CEL`` this variant sets, as the user writes it."""
+        set_fields = {
+            "type": self.type is not None, "recipe": self.recipe != Recipe.UNIFORM,
+            "overrides": self.overrides is not None, "targetSizeGiB": self.target_size_gib is not None,
+            "targetBitsPerWeight": self.target_bits_per_weight is not None,
+            "outputTensorType": self.output_tensor_type is not None,
+            "tokenEmbeddingType": self.token_embedding_type is not None, "pure": self.pure,
+            "leaveOutputTensor": self.leave_output_tensor, "allowRequantize": self.allow_requantize,
+            "keepSplit": self.keep_split,
+        }  # fmt: skip
+        return next((name for name in _GGUF_ONLY_CEL if set_fields[name]), None)
+
+    def _sets_quantization(self) -> bool:
+        """Any of llama.cpp's quantization settings besides type and recipe is set."""
+        return (
+            self.overrides is not None or self.output_tensor_type is not None or self.token_embedding_type is not None
+            or self.target_size_gib is not None or self.target_bits_per_weight is not None or self.pure
+            or self.leave_output_tensor or self.allow_requantize or self.keep_split
+        )  # fmt: skip
 
 
 class Evaluation(_Model):
@@ -1214,6 +1302,15 @@ class Serving(PodSettings):
 # spec
 
 
+_SERVING_BNB = (
+    "spec.serving.variant names a bnb-nf4/bnb-fp4 variant, but llama-server serves GGUF only: name a format "
+    "gguf variant (a bnb variant is loaded with transformers for fine-tuning, see docs/fine-tuning.md)"
+)
+_BNB_NEEDS_SAFETENSORS = (
+    "format bnb-nf4/bnb-fp4 quantizes 16-bit safetensors, so it needs spec.source.huggingface, not spec.source.gguf"
+)
+
+
 class QuantizedModelSpec(_Model):
     """What to download, which variants to build, how to judge them and which one to serve."""
 
@@ -1233,6 +1330,17 @@ class QuantizedModelSpec(_Model):
                 "!has(self.source.gguf) || self.variants.all(v, (has(v.recipe) && v.recipe == 'passthrough') "
                 "|| (has(v.allowRequantize) && v.allowRequantize))",
                 "with a gguf source a variant is either recipe passthrough or sets allowRequantize",
+                ".variants",
+            ),
+            _cel(
+                "!has(self.serving) || !self.variants.exists(v, v.name == self.serving.variant && "
+                "has(v.format) && v.format != 'gguf')",
+                _SERVING_BNB,
+                ".serving.variant",
+            ),
+            _cel(
+                "!has(self.source.gguf) || self.variants.all(v, !has(v.format) || v.format == 'gguf')",
+                _BNB_NEEDS_SAFETENSORS,
                 ".variants",
             ),
             _cel(
@@ -1273,6 +1381,10 @@ class QuantizedModelSpec(_Model):
                 "serving.variant",
                 f"{self.serving.variant!r} must name one of spec.variants ({', '.join(names)})",
             )
+        if self.serving is not None and self.variant(self.serving.variant).format.is_bnb:
+            raise SpecRuleError("serving.variant", _SERVING_BNB)
+        if self.source.gguf is not None and any(v.format.is_bnb for v in self.variants):
+            raise SpecRuleError("variants", _BNB_NEEDS_SAFETENSORS)
         passthrough = [v.name for v in self.variants if v.recipe == Recipe.PASSTHROUGH]
         if passthrough and self.source.gguf is None:
             raise SpecRuleError(
@@ -1359,7 +1471,12 @@ class VariantStatus(_Model):
         description="Build digest: hash of source revision, recipe, calibration and quantizer version. "
         "A variant is rebuilt when it changes.",
     )  # fmt: skip
-    type: str | None = pydantic.Field(default=None, max_length=32, description="llama.cpp file type built.")
+    type: str | None = pydantic.Field(
+        default=None, max_length=32, description="llama.cpp file type built (the format for a bnb variant)."
+    )
+    format: VariantFormat | None = pydantic.Field(
+        default=None, description="gguf, or bnb-nf4 / bnb-fp4: a Hugging Face folder that is never served."
+    )
     size_bytes: int | None = pydantic.Field(default=None, ge=0, description="Total bytes of the GGUF file(s).")
     sha256: str | None = pydantic.Field(
         default=None, pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the (first) GGUF file."
@@ -1376,8 +1493,9 @@ class VariantStatus(_Model):
         default=None, description="Whether the quality gate passed; unset until evaluated."
     )
     path: str | None = pydantic.Field(
-        default=None, max_length=1024, description="Path of the GGUF (first shard) on the storage volume."
-    )
+        default=None, max_length=1024,
+        description="Path of the GGUF (first shard) on the storage volume; of the folder for a bnb variant.",
+    )  # fmt: skip
     message: str | None = pydantic.Field(
         default=None, max_length=4096, description="Why the build or the gate failed, if it did."
     )

@@ -142,10 +142,16 @@ def pick_variant(qm: api.QuantizedModel, name: str | None) -> api.Variant:
         names = ", ".join(v.name for v in qm.spec.variants)
         raise common.CommandError(f"{qm.ref} serves no variant; pick one with --variant ({names})")
     try:
-        return qm.spec.variant(wanted)
+        variant = qm.spec.variant(wanted)
     except KeyError:
         names = ", ".join(v.name for v in qm.spec.variants)
         raise common.CommandError(f"--variant is {wanted!r}, but spec.variants has only {names}") from None
+    if variant.format.is_bnb:
+        raise common.CommandError(
+            f"variant {wanted} is format {variant.format}: llama-server serves GGUF only, so it has no offload "
+            "plan (docs/fine-tuning.md says how it is loaded)"
+        )
+    return variant
 
 
 def build_sizing(qm: api.QuantizedModel, files: pathlib.Path, config: pathlib.Path | None,

@@ -245,7 +245,7 @@ def uniform_types(
     specs: Sequence[recipes.TensorSpec], recipe: recipes.VariantRecipe
 ) -> dict[str, constants.TensorType]:
     """An estimate of llama.cpp's own choices for a uniform file type (see the module docstring)."""
-    base = constants.FILE_TYPES[recipe.type].base
+    base = constants.FILE_TYPES[recipe.gguf_type].base
     roles = recipes.roles_for(specs, leave_output_tensor=recipe.leave_output_tensor)
     user = [(o.pattern, o.type) for o in recipe.overrides]
     out_type = T.Q6_K if constants.TENSOR_TYPES[base].bits_per_weight < 6.5 else base

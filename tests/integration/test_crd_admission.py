@@ -111,6 +111,19 @@ def test_base_of_the_table_is_accepted(objects: client.CustomObjectsApi, namespa
     assert created["metadata"]["generation"] == 1
 
 
+def test_a_bnb_variant_beside_the_served_gguf_one_is_accepted(
+    objects: client.CustomObjectsApi, namespace: str
+) -> None:
+    nf4 = {"name": "nf4", "format": "bnb-nf4", "bnb": {"doubleQuant": False, "computeDtype": "float16"}}
+    variants = [*invalid_manifests.BASE["spec"]["variants"], nf4, {"name": "fp4", "format": "bnb-fp4"}]
+    body = invalid_manifests.merge_patch(invalid_manifests.BASE, {"spec": {"variants": variants}})
+    created = _create(objects, namespace, body)
+    model = api.QuantizedModel.model_validate(created)
+    assert model.spec.variant("nf4").format is api.VariantFormat.BNB_NF4
+    assert model.spec.variant("nf4").bnb == api.BnbSettings(double_quant=False, compute_dtype=api.ComputeDtype.FLOAT16)
+    assert model.spec.variant("fp4").bnb is None and model.spec.variant("q8").format is api.VariantFormat.GGUF
+
+
 def test_token_is_refused_even_without_strict_validation(objects: client.CustomObjectsApi, namespace: str) -> None:
     # Clients that do not ask for strict validation get unknown fields silently dropped; a
     # token must not be one of them, so the schema declares the field in order to refuse it.
@@ -148,6 +161,8 @@ def _full_status(generation: int) -> api.QuantizedModelStatus:
                               sha256="b" * 64, bits_per_weight=8.5, kl_divergence=0.014, perplexity=16.46,
                               top1_agreement=0.956, gate_passed=True, path="/models/smollm2/q8.gguf"),
             api.VariantStatus(name="q4km", type="Q4_K_M", size_bytes=105453920, gate_passed=True),
+            api.VariantStatus(name="nf4", type="bnb-nf4", format=api.VariantFormat.BNB_NF4, size_bytes=115404514,
+                              kl_divergence=0.2566, gate_passed=True, path="/var/lib/kquant/698d280430d801ac/nf4"),
         ],
         serving=api.ServingStatus(variant="q4km", size="100.6MiB", gpu_layers=31, total_layers=31,
                                   predicted_gpu_bytes=1 << 30, node_gpu_bytes=80 << 30,

@@ -136,3 +136,13 @@ def test_context_settings_follow_the_serving_spec() -> None:
     ctx = serving.context_settings(qm.spec.serving)
     # llama-server reserves one logits row per slot (--parallel), not a whole ubatch
     assert ctx == memory.ContextSettings(8192, cache_type_k=api.CacheType.Q4_0, outputs=qm.spec.serving.parallel)
+
+
+def test_a_bnb_variant_has_no_offload_plan_and_plan_says_why(tmp_path: pathlib.Path) -> None:
+    body = yaml.safe_load(SMOLLM2.read_text())
+    body["spec"]["variants"].append({"name": "nf4", "format": "bnb-nf4"})
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(yaml.safe_dump(body))
+    result = runner.invoke(cli.app, ["plan", str(manifest), "--gpu", "24GiB", "--variant", "nf4"])
+    assert result.exit_code != 0
+    assert "variant nf4 is format bnb-nf4: llama-server serves GGUF only" in result.output

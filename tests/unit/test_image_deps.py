@@ -25,10 +25,10 @@ def names(image: str) -> set[str]:
 
 def test_cpu_quantizer_leaves_torch_to_debian() -> None:
     cpu = names("quantizer-cpu")
-    assert not cpu & {"torch", "numpy", "accelerate", "llama-cpp-python"}, cpu
+    assert not cpu & {"torch", "numpy", "accelerate", "bitsandbytes", "llama-cpp-python"}, cpu
     # What the converter and the pipeline import besides torch: the rest of the quantizer's list.
     assert {"transformers", "sentencepiece", "safetensors", "gguf", "huggingface-hub"} <= cpu
-    assert names("quantizer") - cpu == {"torch", "numpy", "accelerate"}
+    assert names("quantizer") - cpu == {"torch", "numpy", "accelerate", "bitsandbytes"}
 
 
 def test_operator_image_has_no_torch() -> None:

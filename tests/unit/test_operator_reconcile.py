@@ -133,10 +133,10 @@ def _job(body: dict[str, Any], name: str, **status: Any) -> observed.BuildJob:
     return observed.build_job({"metadata": _owned(body, name=name, uid="job-uid"), "status": status})
 
 
-def _report(build: builds.Build, gate: bool = True, facts: dict[str, Any] | None = None) -> str:
+def _report(build: builds.Build, gate: bool = True, facts: dict[str, Any] | None = None, fmt: str = "gguf") -> str:
     variant = report.VariantReport(name=build.variant, digest=build.digest, type="Q8_0", recipe="uniform",
                                    size_bytes=144_000_000, path=f"/var/lib/kquant/{build.digest}/q8.gguf",
-                                   gate_passed=gate, facts=facts,
+                                   gate_passed=gate, facts=facts, format=fmt,
                                    gate=report.Gate(passed=gate, reasons=[] if gate else ["KL 0.2 > 1e-06"]))
     return report.BuildReport(status=report.BuildStatus.SUCCEEDED, quantizer_version="0",
                               variants=[variant]).to_json()
@@ -293,6 +293,33 @@ def test_a_variant_that_failed_its_gate_is_never_served() -> None:
     assert serving["reason"] == Reason.GATE_FAILED and "q8 failed its quality gate" in serving["message"]
     assert not any(kind == "Deployment" for kind, _ in recorder.made)
     assert Reason.GATE_FAILED in recorder.warnings()
+
+
+def test_serving_a_bnb_variant_is_an_invalid_spec_that_says_llama_server_serves_gguf_only() -> None:
+    body = _body(variants=[{"name": "q8", "type": "Q8_0"}, {"name": "nf4", "format": "bnb-nf4"}])
+    body["spec"]["serving"]["variant"] = "nf4"
+    recorder = Recorder()
+    # no sizing fixture: it parses the model, which is the step that refuses it
+    result = reconcile.reconcile(recorder, body, observed.Children(), reconcile.ClusterView(nodes=[], pods=[]))
+    assert result.written is not None
+    ready = _condition(result.written.status, "Ready")
+    assert ready["reason"] == Reason.INVALID_SPEC
+    assert "spec.serving.variant" in ready["message"] and "llama-server serves GGUF only" in ready["message"]
+    assert not any(kind in ("Job", "Deployment") for kind, _ in recorder.made)
+
+
+def test_a_built_bnb_variant_shows_its_format_and_is_never_rolled_out() -> None:
+    """A report that says bnb for the served name (an object stored before the CEL rule, or a
+    variant whose format was edited) never reaches llama-server."""
+    body = _body()
+    build = _build(body)
+    recorder = Recorder()
+    result = _pass(recorder, body, _built(body, build, fmt="bnb-nf4"))
+    assert result.written is not None
+    assert result.written.status["variants"][0]["format"] == "bnb-nf4"
+    serving = _condition(result.written.status, "Serving")
+    assert serving["reason"] == Reason.NOT_SERVABLE and "llama-server serves GGUF only" in serving["message"]
+    assert not any(kind == "Deployment" for kind, _ in recorder.made)
 
 
 def _gpu_node(gib: int) -> dict[str, Any]:

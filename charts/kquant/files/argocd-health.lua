@@ -6,7 +6,7 @@ local hs = {}
 local needs_a_person = {
   BuildFailed = true, ReportMissing = true, SecretNotFound = true, ConfigNotFound = true, BuildBlocked = true,
   GateFailed = true, DoesNotFit = true, NoGPUNodes = true, InvalidSpec = true, NoModelFacts = true,
-  Conflict = true, Refused = true, PolicyViolation = true, ClaimTooSmall = true,
+  Conflict = true, Refused = true, PolicyViolation = true, ClaimTooSmall = true, NotServable = true,
 }
 
 if obj.status == nil then
