@@ -205,10 +205,11 @@ def convert(
         rc = proc.wait()
     written = sorted(staging.glob("*.gguf"))
     if rc != 0 or not written:
+        free = space.free_bytes(folder.parent)  # before the partial file gives its space back
         shutil.rmtree(staging, ignore_errors=True)
         for line in tail:
             log.error("convert: %s", line)
-        if any("No space left on device" in line for line in tail):
+        if any(space.says_full(line, free) for line in tail):
             raise space.NoSpaceError(space.full_message(folder, needed_bytes, f"the {outtype.value} GGUF", claim))
         raise ConvertError(f"convert_hf_to_gguf.py failed on {hf_dir} (exit {rc}): {last_error(tail, rc)}")
     shutil.rmtree(folder, ignore_errors=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -78,3 +79,19 @@ def full_message(folder: Path, needed: int | None, what: str, claim: str | None 
 
 def is_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in FULL_ERRNOS
+
+
+_FULL_PHRASES = ("No space left on device", "Not enough free space to write")
+"""Python's ENOSPC text, and numpy's when ``tofile`` cannot preallocate the bytes it will write."""
+_SHORT_WRITE = re.compile(r"(\d+) requested and (\d+) written")
+"""numpy's ``tofile`` on a volume that filled mid-write: no errno, only the two counts."""
+
+
+def says_full(line: str, free: int) -> bool:
+    """Whether a writer's error line means the volume is full. A short write (gguf-py writes
+    tensors with numpy's ``tofile``) counts as full when the bytes it could not write would not
+    fit the ``free`` bytes the volume has, read before the partial file is removed."""
+    if any(phrase in line for phrase in _FULL_PHRASES):
+        return True
+    short = _SHORT_WRITE.search(line)
+    return bool(short) and int(short[1]) - int(short[2]) > free

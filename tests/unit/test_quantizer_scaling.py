@@ -103,3 +103,19 @@ def test_calibration_windows_are_cut_like_llama_imatrix() -> None:
     assert windows == [[1, 10, 11, 12], [1, 14, 15, 16]]
     assert imatrix._windows(_Tokenizer(), [text], chunks=1, context_size=4) == [[1, 10, 11, 12]]
     assert imatrix._windows(_Tokenizer(), ["a b"], chunks=3, context_size=8) == [[1, 10, 11]]
+
+
+@pytest.mark.parametrize(
+    ("line", "free", "full"),
+    [
+        ("OSError: [Errno 28] No space left on device", 10**12, True),
+        # numpy's tofile when it cannot preallocate what it will write
+        ("OSError: Not enough free space to write 37748736 bytes after offset 12288", 10**12, True),
+        # numpy's tofile on a volume that filled mid-write: full when the rest would not fit
+        ("OSError: 37748736 requested and 1048576 written", 4096, True),
+        ("OSError: 37748736 requested and 1048576 written", 10**12, False),
+        ("ValueError: unknown tensor type", 0, False),
+    ],
+)
+def test_a_writers_error_line_says_the_volume_is_full(line: str, free: int, full: bool) -> None:
+    assert space.says_full(line, free) is full
