@@ -94,4 +94,6 @@ def says_full(line: str, free: int) -> bool:
     if any(phrase in line for phrase in _FULL_PHRASES):
         return True
     short = _SHORT_WRITE.search(line)
-    return bool(short) and int(short[1]) - int(short[2]) > free
+    if short is None:
+        return False
+    return int(short[1]) - int(short[2]) > free
