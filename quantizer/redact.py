@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import traceback
 
 MASK = "[redacted]"
 
@@ -76,11 +77,38 @@ class Formatter(logging.Formatter):
 
 
 def install(root: logging.Logger | None = None) -> None:
-    """Put the redacting formatter on every handler of ``root`` (the root logger by default),
-    keeping each handler's format string."""
+    """Redact every log record where it is made (a record factory), so that a library's own
+    handler that does not propagate (modelscope_hub and transformers add one) writes no secret
+    either; and put the redacting formatter on every handler of ``root`` (the root logger by
+    default), keeping each handler's format string."""
+    _redact_records()
     logger = root or logging.getLogger()
     for handler in logger.handlers:
         current = handler.formatter
         fmt = current._fmt if current is not None else None  # the only way to copy it
         datefmt = current.datefmt if current is not None else None
         handler.setFormatter(Formatter(fmt, datefmt))
+
+
+def _redact_records() -> None:
+    """Wrap the process's log-record factory once: each new record carries its message, and its
+    traceback, already redacted."""
+    make = logging.getLogRecordFactory()
+    if getattr(make, "redacts", False):
+        return
+
+    def redacting(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except (TypeError, ValueError):  # arguments that do not fit: the handler reports it
+            return record
+        if (clean := redact(message)) != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[0] is not None:
+            # Formatters print exc_text when it is set: the traceback, redacted, in its place.
+            record.exc_text = redact("".join(traceback.format_exception(*record.exc_info))).rstrip("\n")
+        return record
+
+    redacting.redacts = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(redacting)

@@ -16,7 +16,9 @@ TOKEN = fake_tokens.hub_token()
 @pytest.fixture(autouse=True)
 def _clean() -> Iterator[None]:
     redact.forget_all()
+    factory = logging.getLogRecordFactory()
     yield
+    logging.setLogRecordFactory(factory)
     redact.forget_all()
 
 
@@ -70,6 +72,31 @@ def test_log_formatter_masks_messages_and_tracebacks() -> None:
     text = stream.getvalue()
     assert text.startswith("ERROR fetch failed with [redacted]")  # the format string is kept
     assert "plain-secret-42" not in text and "ValueError" in text
+
+
+def test_a_librarys_own_handler_that_does_not_propagate_writes_no_secret() -> None:
+    """modelscope_hub and transformers add their own handler with propagate off: the root's
+    formatter never sees their records, so the records are redacted where they are made."""
+    redact.remember("plain-secret-42")
+    redact.install(logging.getLogger("test.redact.root"))
+    stream = io.StringIO()
+    library = logging.getLogger("test.redact.library")
+    handler = logging.StreamHandler(stream)  # added after install: no redacting formatter on it
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    library.addHandler(handler)
+    library.propagate = False
+    try:
+        library.warning("retrying with token %s", "plain-secret-42")
+        try:
+            raise ConnectionError(f"Authorization: Bearer {TOKEN} refused")
+        except ConnectionError:
+            library.exception("download failed")
+        library.warning("%d files", "not a number")  # a broken call still reaches the handler
+    finally:
+        library.removeHandler(handler)
+    text = stream.getvalue()
+    assert "retrying with token [redacted]" in text and "ConnectionError" in text
+    assert "plain-secret-42" not in text and TOKEN not in text
 
 
 def test_configmap_sink_masks_what_it_writes() -> None:
