@@ -62,57 +62,47 @@ class _Model(pydantic.BaseModel):
     )
 
 
-class HuggingFaceSource(_Model):
-    """A repository on the Hugging Face hub (or a server that speaks its API)."""
+class _RepoSource(_Model):
+    """What a hub repository source has whatever hub serves it: its name and what may be fetched."""
 
     repo: str
     """``owner/name``."""
-    revision: str = "main"
-    """A branch, tag or commit; a 40-hex commit makes the build reproducible."""
     allow_patterns: tuple[str, ...] | None = None
     """Glob patterns of the files to download (``*.safetensors``, ``*UD-IQ1_S*``); all files if unset."""
+    allow_code_files: bool = False
+    """Fetch ``*.py`` and other programs too (they are still never run)."""
+    allow_pickles: bool = False
+    """Fetch pickles (``pytorch_model.bin``, ``*.pt``, ``*.ckpt``): loading one can run code."""
+
+    @pydantic.field_validator("repo")
+    @classmethod
+    def _repo_shape(cls, value: str) -> str:
+        if not _REPO_RE.match(value):
+            raise ValueError(f"repo is {value!r}, but it must look like 'owner/name'")
+        return value
+
+
+class HuggingFaceSource(_RepoSource):
+    """A repository on the Hugging Face hub (or a server that speaks its API)."""
+
+    revision: str = "main"
+    """A branch, tag or commit; a 40-hex commit makes the build reproducible."""
     endpoint: str | None = None
     """Hub base URL; defaults to ``HF_ENDPOINT`` or https://huggingface.co. The token comes only
     from the ``HF_TOKEN`` environment variable, never from the spec. Part of every digest and
     key (``origin``): the same repo@revision from a mirror is another source."""
-    allow_code_files: bool = False
-    """Fetch ``*.py`` and other programs too (they are still never run)."""
-    allow_pickles: bool = False
-    """Fetch pickles (``pytorch_model.bin``, ``*.pt``, ``*.ckpt``): loading one can run code."""
-
-    @pydantic.field_validator("repo")
-    @classmethod
-    def _repo_shape(cls, value: str) -> str:
-        if not _REPO_RE.match(value):
-            raise ValueError(f"repo is {value!r}, but it must look like 'owner/name'")
-        return value
 
 
-class ModelScopeSource(_Model):
+class ModelScopeSource(_RepoSource):
     """A repository on ModelScope (or a server that speaks its ``/api/v1`` API), fetched with the
     ``modelscope`` package's own client: the same trust rules as ``HuggingFaceSource``."""
 
-    repo: str
-    """``owner/name``."""
     revision: str = MODELSCOPE_REVISION
     """A branch or tag; ModelScope's file API takes it as written."""
-    allow_patterns: tuple[str, ...] | None = None
-    """Glob patterns of the files to download; all files if unset."""
     endpoint: str | None = None
     """ModelScope base URL; https://www.modelscope.cn if unset. The token comes only from the
     ``MODELSCOPE_API_TOKEN`` environment variable, never from the spec. Always part of the
     digest (``source_identity``)."""
-    allow_code_files: bool = False
-    """Fetch ``*.py`` and other programs too (they are still never run)."""
-    allow_pickles: bool = False
-    """Fetch pickles (``pytorch_model.bin``, ``*.pt``, ``*.ckpt``): loading one can run code."""
-
-    @pydantic.field_validator("repo")
-    @classmethod
-    def _repo_shape(cls, value: str) -> str:
-        if not _REPO_RE.match(value):
-            raise ValueError(f"repo is {value!r}, but it must look like 'owner/name'")
-        return value
 
     @property
     def url(self) -> str:
